@@ -1,0 +1,277 @@
+"""Configuration of one target-training task and of how a controller drives it.
+
+`QANConfig` is the single source of truth for the trainer, the environment, the Ray actors and the
+CLI. Every field is validated in `validate()`; bad input raises `ValueError` naming the value, the
+rule and the fix. Presets (`TASK_PRESETS`) fill in dataset/model/optimizer for a task name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+MODELS = ("mlp", "lenet", "wrn")
+OPTIMIZERS = ("sgd", "adam")
+ACTION_MODES = ("lr", "minibatch")
+REWARDS = ("log_loss", "val_loss", "time_to_target")
+MM_REFERENCES = ("final", "trajectory")
+
+# Task presets: a name the user types -> the fields it sets. Anything given explicitly wins.
+TASK_PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: scikit-learn's 8x8 digits (1,797 images, no download), a small MLP.
+    "digits-mlp": dict(
+        dataset="digits", model="mlp", hidden=(64,), optimizer="sgd", lr=0.05, momentum=0.9,
+        batch_size=32, epochs_per_episode=8.0, control_interval=10,
+    ),
+    "mnist-mlp": dict(
+        dataset="mnist", model="mlp", hidden=(256,), optimizer="sgd", lr=0.05, momentum=0.9,
+        batch_size=64, epochs_per_episode=3.0, control_interval=100,
+    ),
+    "mnist-lenet": dict(
+        dataset="mnist", model="lenet", optimizer="sgd", lr=0.05, momentum=0.0,
+        batch_size=64, epochs_per_episode=3.0, control_interval=100,
+    ),
+    "fashion-mnist-lenet": dict(
+        dataset="fashion-mnist", model="lenet", optimizer="sgd", lr=0.05, momentum=0.9,
+        batch_size=64, epochs_per_episode=5.0, control_interval=100,
+    ),
+    "cifar10-wrn": dict(
+        dataset="cifar10", model="wrn", wrn_depth=16, wrn_width=4, optimizer="sgd", lr=0.1,
+        momentum=0.9, nesterov=True, weight_decay=5e-4, batch_size=128, epochs_per_episode=10.0,
+        control_interval=195, augment=True,
+    ),
+    # Reproduction presets of Fu et al. (2016), with the corrections of shared/QAN.md: the action
+    # really reaches the optimizer, optimizer state persists, float32 states, greedy evaluation.
+    "paper-mnist-lr": dict(
+        dataset="mnist", model="lenet", optimizer="sgd", lr=0.05, momentum=0.0, batch_size=10,
+        epochs_per_episode=20.0, control_interval=100, action_mode="lr",
+        lr_factors=(0.97, 1.0), restart_lr=0.05, mm_coef=0.005, mm_active_fraction=0.5,
+    ),
+    "paper-mnist-minibatch": dict(
+        dataset="mnist", model="lenet", optimizer="sgd", lr=0.05, momentum=0.0, batch_size=128,
+        epochs_per_episode=20.0, control_interval=1, action_mode="minibatch",
+        mm_coef=0.005, mm_active_fraction=0.5,
+    ),
+    "paper-cifar-wrn": dict(
+        dataset="cifar10", model="wrn", wrn_depth=40, wrn_width=4, optimizer="sgd", lr=0.1,
+        momentum=0.9, nesterov=True, weight_decay=5e-4, batch_size=128, epochs_per_episode=200.0,
+        control_interval=391, augment=True, action_mode="lr", lr_factors=(0.97, 1.0),
+        restart_lr=0.1,
+    ),
+}
+
+
+@dataclass
+class QANConfig:
+    """One target-training task plus the control problem over it (see shared/QAN.md)."""
+
+    task: str = "digits-mlp"
+    """Preset name (keys of TASK_PRESETS); fills the fields below that are not given."""
+    dataset: str = "digits"
+    """digits (embedded, no download) | mnist | fashion-mnist | cifar10."""
+    data_root: str | None = None
+    """Folder holding torchvision's on-disk dataset files; required for all but digits."""
+    download: bool = False
+    """Let torchvision download the dataset into data_root (only when the user asks)."""
+    val_fraction: float = 0.2
+    """Share of the training split held out for validation (fixed by data_seed)."""
+    data_seed: int = 0
+    """Seed of the train/validation/test split; the same for every episode."""
+    max_train_samples: int | None = None
+    """Cap on training samples (None = all); handy for quick runs on big datasets."""
+    augment: bool = False
+    """Random flip + pad-4 crop on the device (CIFAR-10)."""
+
+    model: str = "mlp"
+    """mlp | lenet (the paper's MNIST CNN) | wrn (WideResNet-depth-width)."""
+    hidden: tuple[int, ...] = (64,)
+    """Hidden layer widths of the MLP."""
+    wrn_depth: int = 16
+    """WideResNet depth (6n+4)."""
+    wrn_width: int = 4
+    """WideResNet widening factor k."""
+
+    optimizer: str = "sgd"
+    """sgd | adam."""
+    lr: float = 0.05
+    """Initial learning rate of every episode."""
+    momentum: float = 0.9
+    """SGD momentum (0 = plain SGD)."""
+    nesterov: bool = False
+    """Nesterov momentum (SGD only; needs momentum > 0)."""
+    weight_decay: float = 0.0
+    """L2 weight decay."""
+    batch_size: int = 32
+    """Mini-batch size."""
+    epochs_per_episode: float = 8.0
+    """Length of one episode (one training run from a fresh init), in epochs."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on the CPU)."""
+
+    action_mode: str = "lr"
+    """lr: multiplicative LR actions | minibatch: pick the class emphasised in the next batches."""
+    control_interval: int = 10
+    """Mini-batches between two controller decisions (the paper used 1)."""
+    lr_factors: tuple[float, ...] = (0.5, 0.9, 1.0, 1.1, 2.0)
+    """Multiplicative LR actions (action i multiplies the LR by lr_factors[i])."""
+    restart_lr: float | None = None
+    """If set, one more action resets the LR to this value (the paper's 'restart')."""
+    lr_min: float = 1e-5
+    """Lower clamp of the LR."""
+    lr_max: float = 1.0
+    """Upper clamp of the LR."""
+    focus_share: float = 20 / 128
+    """Minibatch mode: share of a batch drawn from the chosen class (paper: 20 of 128)."""
+
+    reward: str = "log_loss"
+    """log_loss: -(log L_t - log L_{t-1}) on training loss | val_loss: same on validation loss |
+    time_to_target: -1/steps per step until val accuracy >= target_accuracy."""
+    reward_scale: float = 1.0
+    """Multiplies every reward (not the divergence penalty)."""
+    target_accuracy: float = 0.95
+    """Validation accuracy that ends a time_to_target episode (and is reported by evaluate)."""
+    divergence_factor: float = 10.0
+    """Loss above divergence_factor x the first loss (or NaN/inf) ends the episode."""
+    divergence_penalty: float = 5.0
+    """Reward given on divergence is -divergence_penalty."""
+
+    mm_coef: float = 0.0
+    """Meta-momentum pull W <- W + c (W* - W) after each step (0 = off; paper 0.001-0.01)."""
+    mm_active_fraction: float = 0.5
+    """Meta-momentum is active during this first fraction of every episode."""
+    mm_reference: str = "final"
+    """W*: 'final' weights of a reference run, or its weights at the same 'trajectory' step."""
+
+    monitored_layers: tuple[str, ...] = ()
+    """Names of Linear/Conv modules whose weights are observed (empty = every one)."""
+    val_max_samples: int = 5000
+    """Validation samples used at each control point (all if fewer)."""
+
+    seed: int = 0
+    """Seed of episode 0's init and batch order; episode e uses seed + e unless reset(seed=)."""
+    device: str = "auto"
+    """auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N."""
+
+    # --- derived helpers -------------------------------------------------------------------
+    @property
+    def num_actions(self) -> int:
+        if self.action_mode == "minibatch":
+            return 10
+        return len(self.lr_factors) + (1 if self.restart_lr is not None else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> QANConfig:
+        return from_dict({**self.to_dict(), **changes})
+
+    def validate(self) -> QANConfig:  # noqa: C901 - a flat list of rules reads best
+        def bad(name: str, value: Any, rule: str, fix: str) -> ValueError:
+            return ValueError(f"`{name}` is {value!r}; {rule}. {fix}")
+
+        if self.dataset not in DATASETS:
+            raise bad("dataset", self.dataset, f"it must be one of {DATASETS}",
+                      "Pick one of those, or use --task digits-mlp for the embedded default.")
+        if self.model not in MODELS:
+            raise bad("model", self.model, f"it must be one of {MODELS}", "Try --model mlp.")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", self.optimizer, f"it must be one of {OPTIMIZERS}",
+                      "Try --optimizer sgd.")
+        if self.action_mode not in ACTION_MODES:
+            raise bad("action_mode", self.action_mode, f"it must be one of {ACTION_MODES}",
+                      "Try --action-mode lr.")
+        if self.reward not in REWARDS:
+            raise bad("reward", self.reward, f"it must be one of {REWARDS}",
+                      "Try --reward log_loss.")
+        if self.mm_reference not in MM_REFERENCES:
+            raise bad("mm_reference", self.mm_reference, f"it must be one of {MM_REFERENCES}",
+                      "Try --mm-reference final.")
+        if self.dataset != "digits" and not self.data_root:
+            raise bad("data_root", self.data_root, f"dataset {self.dataset!r} is read from disk",
+                      "Pass --data-root DIR (add --download to let torchvision fetch it).")
+        if self.model == "wrn" and (self.wrn_depth < 10 or (self.wrn_depth - 4) % 6):
+            raise bad("wrn_depth", self.wrn_depth, "it must be 6n+4 with n >= 1",
+                      "Try 10, 16, 28 or 40.")
+        if self.model == "lenet" and self.dataset in ("digits", "cifar10"):
+            raise bad("model", self.model, "the paper's LeNet expects 28x28 grey images",
+                      "Use mnist/fashion-mnist, or --model mlp / wrn.")
+        for name in ("control_interval", "batch_size", "wrn_width", "val_max_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                hint = 50 if name == "control_interval" else 32
+                raise bad(name, value, "it must be an integer >= 1",
+                          f"Try --{name.replace('_', '-')} {hint}.")
+        if any(h < 1 for h in self.hidden):
+            raise bad("hidden", self.hidden, "every width must be >= 1", "Try --hidden 64.")
+        if not (self.epochs_per_episode > 0 and math.isfinite(self.epochs_per_episode)):
+            raise bad("epochs_per_episode", self.epochs_per_episode, "it must be > 0",
+                      "Try --epochs-per-episode 8.")
+        if not (0 < self.val_fraction < 1):
+            raise bad("val_fraction", self.val_fraction, "it must lie in (0, 1)", "Try 0.2.")
+        if not (self.lr_min > 0 and self.lr_max > 0):
+            raise bad("lr_min/lr_max", (self.lr_min, self.lr_max), "both must be > 0",
+                      "Try --lr-min 1e-5 --lr-max 1.")
+        if self.lr_min > self.lr_max:
+            raise bad("lr_min/lr_max", (self.lr_min, self.lr_max),
+                      "lr_min must not exceed lr_max (the bounds are reversed)",
+                      f"Swap them: --lr-min {self.lr_max} --lr-max {self.lr_min}.")
+        if not (self.lr_min <= self.lr <= self.lr_max):
+            raise bad("lr", self.lr, f"it must lie in [lr_min, lr_max] = [{self.lr_min}, "
+                      f"{self.lr_max}]", "Change --lr or the bounds.")
+        if self.restart_lr is not None and not (self.lr_min <= self.restart_lr <= self.lr_max):
+            raise bad("restart_lr", self.restart_lr, "it must lie in [lr_min, lr_max]",
+                      "Change --restart-lr or the bounds.")
+        if not self.lr_factors or any(not (f > 0) for f in self.lr_factors):
+            raise bad("lr_factors", self.lr_factors,
+                      "they must be a non-empty list of factors > 0", "Try 0.5,0.9,1,1.1,2.")
+        if self.momentum < 0 or (self.nesterov and self.momentum == 0):
+            raise bad("momentum", self.momentum, "it must be >= 0 (> 0 with nesterov)",
+                      "Try --momentum 0.9.")
+        if not (0 < self.focus_share < 1):
+            raise bad("focus_share", self.focus_share, "it must lie in (0, 1)", "Try 0.15625.")
+        if not (0 <= self.mm_coef < 1):
+            raise bad("mm_coef", self.mm_coef, "it must lie in [0, 1)",
+                      "Try --mm-coef 0.005, or 0 to switch meta-momentum off.")
+        if not (0 <= self.mm_active_fraction <= 1):
+            raise bad("mm_active_fraction", self.mm_active_fraction, "it must lie in [0, 1]",
+                      "Try 0.5.")
+        if not (0 < self.target_accuracy <= 1):
+            raise bad("target_accuracy", self.target_accuracy, "it must lie in (0, 1]",
+                      "Try 0.95.")
+        if self.divergence_factor <= 1:
+            raise bad("divergence_factor", self.divergence_factor, "it must be > 1", "Try 10.")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise bad("device", self.device, "it must be auto, cpu, cuda or cuda:N",
+                      "Try --device auto.")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(QANConfig)}
+
+
+def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConfig:
+    """Build a validated config: preset of `task` first, then the given values.
+
+    Unknown keys raise (a typo would otherwise be silently ignored). Keys whose value is None are
+    treated as "not given" except for the fields whose default is None.
+    """
+    given = {**(values or {}), **overrides}
+    unknown = sorted(set(given) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys are {sorted(_FIELDS)}. "
+                         "Check the spelling (use underscores, e.g. control_interval).")
+    task = given.get("task") or QANConfig.task
+    if task not in TASK_PRESETS:
+        raise ValueError(f"`task` is {task!r}; it must be one of {sorted(TASK_PRESETS)}. "
+                         "Try --task digits-mlp (the embedded default, no download).")
+    merged: dict[str, Any] = dict(TASK_PRESETS[task])
+    merged.update({k: v for k, v in given.items()
+                   if v is not None or _FIELDS[k].default is None})
+    merged["task"] = task
+    for key in ("hidden", "lr_factors", "monitored_layers"):
+        if key in merged and not isinstance(merged[key], tuple):
+            merged[key] = tuple(merged[key])
+    return QANConfig(**merged).validate()

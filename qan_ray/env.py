@@ -1,0 +1,89 @@
+"""TargetTrainingEnv: the QAN control problem as a gymnasium environment.
+
+One episode = one training run of the target network from a fresh init (`epochs_per_episode`);
+one step = `control_interval` mini-batches at the hyperparameters the action set. The observation
+is the permutation-invariant weight statistics plus training signals (qan_ray.features). Divergence
+(NaN/inf or loss > divergence_factor x L_0) ends the episode with -divergence_penalty; it never
+raises. Constructed from a plain config dict, so RLlib can build it by name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from qan_ray.config import QANConfig, from_dict
+from qan_ray.control import apply_action
+from qan_ray.features import observation, observation_size, signal_vector
+from qan_ray.rewards import step_reward
+from qan_ray.trainer import TargetTrainer, reference_run
+
+# Every entry is a symlog statistic, a log loss/LR, an accuracy, a fraction or a count of
+# non-finite entries: far inside this bound.
+OBS_BOUND = 1e6
+
+
+class TargetTrainingEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: dict[str, Any] | QANConfig | None = None):
+        super().__init__()
+        cfg = config if isinstance(config, QANConfig) else from_dict(dict(config or {}))
+        self.cfg = cfg
+        self.trainer = TargetTrainer(cfg)
+        if cfg.mm_coef > 0:
+            self.trainer.set_reference(reference_run(cfg, self.trainer.device))
+        size = observation_size(self.trainer.model, cfg.monitored_layers)
+        self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (size,), np.float32)
+        self.action_space = gym.spaces.Discrete(cfg.num_actions)
+        self.total_steps = math.ceil(self.trainer.total_batches / cfg.control_interval)
+        self.episodes_started = 0
+        self._last: dict[str, float] = {}
+
+    # --- gymnasium API -----------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        episode_seed = seed if seed is not None else self.cfg.seed + self.episodes_started
+        self.episodes_started += 1
+        tr = self.trainer
+        tr.reset(episode_seed)
+        val_loss, val_acc = tr.evaluate("val")
+        self._t = 0
+        self._last = {"train_loss": tr.initial_loss, "val_loss": val_loss, "val_accuracy": val_acc}
+        return self._observe(tr.initial_loss, val_loss, val_acc), self._info(diverged=False)
+
+    def step(self, action):
+        tr, cfg = self.trainer, self.cfg
+        apply_action(tr, int(action))
+        train_loss = tr.train(min(cfg.control_interval, tr.total_batches - tr.step))
+        self._t += 1
+        if tr.diverged(train_loss):
+            nan = float("nan")
+            self._last = {"train_loss": train_loss, "val_loss": nan, "val_accuracy": 0.0}
+            obs = self._observe(train_loss, nan, 0.0)
+            return obs, -cfg.divergence_penalty, True, False, self._info(diverged=True)
+        val_loss, val_acc = tr.evaluate("val")
+        reward, reached = step_reward(
+            cfg.reward, prev_train=self._last["train_loss"], train=train_loss,
+            prev_val=self._last["val_loss"], val=val_loss, val_accuracy=val_acc,
+            target_accuracy=cfg.target_accuracy, total_steps=self.total_steps,
+            scale=cfg.reward_scale)
+        self._last = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
+        terminated = tr.done or (cfg.reward == "time_to_target" and reached)
+        obs = self._observe(train_loss, val_loss, val_acc)
+        return obs, float(reward), bool(terminated), False, self._info(diverged=False)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _observe(self, train_loss: float, val_loss: float, val_acc: float) -> np.ndarray:
+        tr = self.trainer
+        signals = signal_vector(tr.lr, self.cfg.lr, train_loss, tr.initial_loss, val_loss,
+                                val_acc, tr.progress)
+        return observation(tr.model, signals, self.cfg.monitored_layers)
+
+    def _info(self, diverged: bool) -> dict[str, Any]:
+        tr = self.trainer
+        return {"lr": tr.lr, "step": self._t, "batches": tr.step, "diverged": diverged,
+                **self._last}

@@ -1,0 +1,96 @@
+"""Target networks: an MLP, the paper's LeNet-style MNIST CNN and WideResNet WRN-d-k."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LeNet(nn.Module):
+    """Fu et al. (2016) MNIST net: conv32 5x5 tanh, maxpool, conv64 5x5 tanh, maxpool, FC200 tanh,
+    FC10 (28x28 input -> 24 -> 12 -> 8 -> 4)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
+        super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5), nn.Tanh(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5), nn.Tanh(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 200), nn.Tanh(), nn.Linear(200, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _WideBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(torch.relu(self.bn2(y)))
+        return y + (self.shortcut(o) if self.shortcut is not None else x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis 2016), pre-activation blocks; depth = 6n + 4."""
+
+    def __init__(self, depth: int = 16, width: int = 4, in_channels: int = 3,
+                 num_classes: int = 10):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for stage, cout in enumerate(widths[1:]):
+            for i in range(n):
+                blocks.append(_WideBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.blocks(self.conv(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:
+    """The target network named by cfg.model for inputs of shape (C, H, W)."""
+    c, h, w = input_shape
+    if cfg.model == "mlp":
+        return MLP(c * h * w, tuple(cfg.hidden), num_classes)
+    if cfg.model == "lenet":
+        return LeNet(c, num_classes, h)
+    if cfg.model == "wrn":
+        return WideResNet(cfg.wrn_depth, cfg.wrn_width, c, num_classes)
+    raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet or wrn. Try --model mlp.")

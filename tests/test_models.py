@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import torch
+
+from qan_ray.config import from_dict
+from qan_ray.models import LeNet, WideResNet, build_model
+
+
+def test_wideresnet_10_1_output_shape_and_depth():
+    net = WideResNet(depth=10, width=1)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    convs = [m for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 7  # 1 stem + 3 stages x n=1 block x 2 convs
+
+
+def test_lenet_matches_the_paper_layers():
+    net = LeNet()
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert [m.out_channels for m in net.features if isinstance(m, torch.nn.Conv2d)] == [32, 64]
+    assert net.classifier[1].in_features == 64 * 4 * 4 and net.classifier[1].out_features == 200
+
+
+def test_build_model_mlp_from_config():
+    net = build_model(from_dict(hidden=(16, 8)), (1, 8, 8))
+    widths = [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 8, 10]
