@@ -275,3 +275,64 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
         if key in merged and not isinstance(merged[key], tuple):
             merged[key] = tuple(merged[key])
     return QANConfig(**merged).validate()
+
+
+def field_docs() -> dict[str, str]:
+    """The one-line docstring under each QANConfig field (the CLI's help text)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(QANConfig)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def add_config_arguments(parser, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per QANConfig field (mirrors the dataclass 1:1); defaults come from the preset
+    of --task, so every flag defaults to None here ("not given")."""
+    docs = field_docs()
+    group = parser.add_argument_group("task and control (QANConfig; unset = the --task preset)")
+    for f in dataclasses.fields(QANConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": docs.get(f.name, "")}
+        if kind == "bool":
+            kwargs["action"] = argparse_bool()
+        elif kind.startswith("tuple"):
+            item = {"int": int, "float": float}.get(kind[6:kind.index(",")], str)
+            kwargs["type"] = _csv(item)
+            kwargs["metavar"] = "A,B,..."
+        else:
+            base = kind.split(" |")[0]
+            kwargs["type"] = {"int": int, "float": float}.get(base, str)
+        if f.name == "task":
+            kwargs["choices"] = sorted(TASK_PRESETS)
+        group.add_argument(flag, **kwargs)
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def _csv(item):
+    def parse(text: str) -> tuple:
+        return tuple(item(t) for t in text.split(",") if t.strip())
+    parse.__name__ = f"comma-separated {item.__name__}s"
+    return parse
+
+
+def config_from_args(args, **overrides: Any) -> QANConfig:
+    """QANConfig from parsed CLI args (flags left unset fall back to the task preset)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(QANConfig)
+             if getattr(args, f.name, None) is not None}
+    return from_dict({**given, **overrides})

@@ -87,3 +87,22 @@ class TargetTrainingEnv(gym.Env):
         tr = self.trainer
         return {"lr": tr.lr, "step": self._t, "batches": tr.step, "diverged": diverged,
                 **self._last}
+
+
+def keep_action(cfg: QANConfig) -> int:
+    """The action that leaves the LR unchanged (factor 1.0), or 0 when there is none."""
+    return cfg.lr_factors.index(1.0) if 1.0 in cfg.lr_factors else 0
+
+
+def rollout(env: TargetTrainingEnv, act, seed: int) -> list[dict[str, Any]]:
+    """One episode with `act(obs, info) -> action`; one record per control step (step 0 is the
+    state after reset, with action -1). The same loop serves controllers and baselines."""
+    obs, info = env.reset(seed=seed)
+    records = [{"step": 0, "action": -1, "reward": 0.0, **info}]
+    done = False
+    while not done:
+        action = int(act(obs, info))
+        obs, reward, terminated, truncated, info = env.step(action)
+        records.append({**info, "action": action, "reward": float(reward)})
+        done = terminated or truncated
+    return records

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -148,27 +149,37 @@ class TargetTrainer:
         """Train `num_batches` mini-batches at the current hyperparameters; return their mean
         loss (the one host read of this call). NaN/inf is returned, never raised."""
         model, opt, data = self.model, self.optimizer, self.data
+        augment, channels_last = self.cfg.augment, self._channels_last
+        autocast = self._autocast
+        use_mm = self.cfg.mm_coef > 0 and bool(self._reference)
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(num_batches):
             idx = self._next_indices()
             x, y = data.x_train[idx], data.y_train[idx]
-            if self.cfg.augment:
+            if augment:
                 x = augment_batch(x, self.gen)
-            if self._channels_last:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            with autocast():
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            target = self._mm_target()
-            if target is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(self._mm_params, target, self.cfg.mm_coef)
-            loss_sum += loss.detach().float()
+            if use_mm:
+                target = self._mm_target()
+                if target is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(self._mm_params, target, self.cfg.mm_coef)
+            loss_sum += loss.detach()
             self.step += 1
         return float(loss_sum) / max(1, num_batches)
+
+    def _autocast(self):
+        """bf16 autocast on CUDA; no context at all on the CPU (it costs per step there)."""
+        if self.use_amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def _loss_acc(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -179,7 +190,7 @@ class TargetTrainer:
             xb, yb = x[i:i + EVAL_BATCH], y[i:i + EVAL_BATCH]
             if self._channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            with self._autocast():
                 out = self.model(xb)
             loss += F.cross_entropy(out.float(), yb, reduction="sum")
             correct += (out.argmax(1) == yb).sum()
