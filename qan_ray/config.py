@@ -279,11 +279,16 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
 
 def field_docs() -> dict[str, str]:
     """The one-line docstring under each QANConfig field (the CLI's help text)."""
+    return field_docs_of(QANConfig)
+
+
+def field_docs_of(cls) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (parsed from its source)."""
     import ast
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(QANConfig)))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):

@@ -1,0 +1,215 @@
+"""Trainer actors: Ray actors that each own one target-network training run on their device.
+
+`TrainerActor` wraps a `TargetTrainingEnv` (and so a `TargetTrainer`) inside a Ray actor. It asks
+Ray for GPUs when configured (`gpus_per_actor`, fractions allowed) and picks CUDA only when
+`torch.cuda.is_available()` says so inside the actor -- a declared GPU resource is not proof of a
+usable GPU. Per control step one small float32 vector (plus a few floats of info) crosses the
+process boundary.
+
+`ActorEnv` is the gymnasium environment RLlib's EnvRunners step: a thin proxy that forwards
+reset/step to its TrainerActor. If the actor dies (node lost, OOM, `ray.kill`), the proxy starts a
+replacement and ends the running episode as truncated; finished episodes are already in the
+replay buffer and nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import ray
+
+from qan_ray.env import OBS_BOUND
+
+ACTOR_NAMESPACE = "qan"
+
+
+@dataclass
+class ActorResources:
+    """What each trainer actor asks Ray for."""
+
+    cpus_per_actor: float = 1.0
+    """CPUs per trainer actor (fractions allowed)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per trainer actor (fractions allowed, e.g. 0.25 packs four actors on one GPU)."""
+    torch_threads: int = 1
+    """torch intra-op threads inside the actor (1 avoids oversubscribing a node's cores)."""
+
+    def validate(self) -> ActorResources:
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            raise ValueError(f"`cpus_per_actor`/`gpus_per_actor` are {self.cpus_per_actor!r}/"
+                             f"{self.gpus_per_actor!r}; they must be >= 0. Try --gpus-per-actor "
+                             "0.5 on GPU nodes, 0 on CPU-only clusters.")
+        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            raise ValueError(f"`gpus_per_actor` is {self.gpus_per_actor}; above 1 it must be a "
+                             "whole number (Ray's rule). Try 1 or 2.")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor}
+
+
+class _TrainerActor:
+    """Owns one TargetTrainingEnv on its device; steps it on request."""
+
+    def __init__(self, env_config: dict[str, Any], torch_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        from qan_ray.env import TargetTrainingEnv
+
+        self.env = TargetTrainingEnv(env_config)
+
+    def spec(self) -> dict[str, Any]:
+        return {"obs_size": int(self.env.observation_space.shape[0]),
+                "num_actions": int(self.env.action_space.n),
+                "total_steps": self.env.total_steps}
+
+    def reset(self, seed: int | None = None):
+        obs, info = self.env.reset(seed=seed)
+        return obs, {**info, "wall_time": time.time()}
+
+    def step(self, action: int):
+        obs, reward, terminated, truncated, info = self.env.step(int(action))
+        return obs, reward, terminated, truncated, {**info, "wall_time": time.time()}
+
+    def location(self) -> dict[str, Any]:
+        """Where this actor runs and on what device (for placement checks)."""
+        import torch
+
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "hostname": socket.gethostname(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_available": torch.cuda.is_available(),
+                "device": str(self.env.trainer.device), "pid": os.getpid(),
+                "resources": ctx.get_assigned_resources()}
+
+
+TrainerActor = ray.remote(_TrainerActor)
+
+_INFO_KEYS = ("step", "lr", "train_loss", "val_loss", "val_accuracy", "batches", "diverged",
+              "wall_time")
+
+
+def _row(info: dict[str, Any], action: int, reward: float, obs, actor: str) -> dict[str, Any]:
+    """One control step for the Parquet log; `obs` (the state the action was chosen in) is kept
+    only until the driver drains it and computes the acting module's Q-values."""
+    return {**{k: info.get(k) for k in _INFO_KEYS}, "action": action, "reward": reward,
+            "obs": obs, "actor": actor}
+
+
+def drain_finished_episodes(env_runner) -> list[list[dict[str, Any]]]:
+    """Run on an RLlib EnvRunner: pop the finished episodes of its ActorEnvs and attach the
+    acting module's Q-values to every step (one batched forward pass per episode)."""
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    module = env_runner.module
+    vector_env = env_runner.env.unwrapped
+    out = []
+    for env in getattr(vector_env, "envs", [vector_env]):
+        env = env.unwrapped
+        episodes, env.finished = env.finished, []
+        for rows in episodes:
+            acted = [r for r in rows if r["obs"] is not None]
+            if acted and module is not None:
+                obs = torch.as_tensor(np.stack([r["obs"] for r in acted]), dtype=torch.float32)
+                with torch.no_grad():
+                    q = module.compute_q_values({Columns.OBS: obs})["qf_preds"]
+                for r, qv in zip(acted, q.numpy()):
+                    r["q_values"] = qv.astype(np.float32).tolist()
+            for r in rows:
+                r.pop("obs", None)
+            out.append(rows)
+    return out
+
+
+def start_trainer_actor(env_config: dict[str, Any], resources: ActorResources,
+                        name: str | None = None):
+    """A TrainerActor with the configured resources (named in the `qan` namespace if given)."""
+    opts = resources.options()
+    if name:
+        opts.update(name=name, namespace=ACTOR_NAMESPACE)
+    return TrainerActor.options(**opts).remote(env_config, resources.torch_threads)
+
+
+class ActorEnv(gym.Env):
+    """gymnasium env proxy to a TrainerActor; built by RLlib EnvRunners from `env_config`:
+    {"qan": QANConfig dict, "resources": ActorResources dict, "run": run name}."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, env_config: dict[str, Any]):
+        super().__init__()
+        self._qan = dict(env_config.get("qan", {}))
+        self._resources = ActorResources(**env_config.get("resources", {})).validate()
+        worker = getattr(env_config, "worker_index", 0)
+        vector = getattr(env_config, "vector_index", 0)
+        self.name = f"trainer-{env_config.get('run', 'qan')}-{worker}-{vector}"
+        # Each sub-env gets its own episode seeds: seed + 10,000 x (actor slot).
+        slot = worker * 1000 + vector
+        self._qan["seed"] = int(self._qan.get("seed", 0)) + 10_000 * slot
+        self.replacements = 0
+        self._rows: list[dict[str, Any]] = []  # control steps of the running episode
+        self.finished: list[list[dict[str, Any]]] = []  # finished episodes, drained by the driver
+        self._actor = self._start()
+        spec = ray.get(self._actor.spec.remote())
+        self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (spec["obs_size"],),
+                                                np.float32)
+        self.action_space = gym.spaces.Discrete(spec["num_actions"])
+        self._last_obs = np.zeros(spec["obs_size"], np.float32)
+
+    def _start(self):
+        for attempt in range(20):  # a killed actor's name is released asynchronously
+            try:
+                return start_trainer_actor(self._qan, self._resources, self.name)
+            except ValueError:
+                time.sleep(0.25 * (attempt + 1))
+        return start_trainer_actor(self._qan, self._resources, None)
+
+    def _replace(self) -> None:
+        self.replacements += 1
+        self._actor = self._start()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        try:
+            obs, info = ray.get(self._actor.reset.remote(seed))
+        except ray.exceptions.RayActorError:
+            self._replace()
+            obs, info = ray.get(self._actor.reset.remote(seed))
+        self._last_obs = obs
+        self._rows = [_row(info, -1, 0.0, obs=None, actor=self.name)]
+        return obs, {**info, "actor": self.name}
+
+    def step(self, action):
+        try:
+            obs, reward, terminated, truncated, info = ray.get(self._actor.step.remote(action))
+        except ray.exceptions.RayActorError:
+            # The trainer died mid-episode: replace it and end this episode as truncated (its
+            # earlier transitions stay valid; the next reset starts on the new actor).
+            self._replace()
+            self._finish()
+            return self._last_obs, 0.0, False, True, {"actor_replaced": True, "actor": self.name}
+        self._rows.append(_row(info, int(action), float(reward), obs=self._last_obs,
+                               actor=self.name))
+        self._last_obs = obs
+        if terminated or truncated:
+            self._finish()
+        return obs, reward, terminated, truncated, {**info, "actor": self.name}
+
+    def _finish(self) -> None:
+        if len(self._rows) > 1:
+            self.finished.append(self._rows)
+        self._rows = []
+
+    def close(self) -> None:
+        try:
+            ray.kill(self._actor)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass

@@ -1,0 +1,329 @@
+"""Meta-training: RLlib's DQN (new API stack) learns a controller from trainer actors.
+
+Pattern (see shared/RAY_NOTES.md, "pattern 1"): each of `num_actors` remote RLlib EnvRunners
+(0 CPUs: they only wait) builds one `ActorEnv`, a proxy to its own `TrainerActor`, which owns the
+target-network training on its device (GPU when the cluster has one). EnvRunners step their proxies
+in parallel, so the N trainings run concurrently; RLlib's DQN learner (`DQNConfig`, replay buffer,
+target network, epsilon schedule) learns from the transitions. The same code runs on a laptop and
+on a cluster (`RAY_ADDRESS`): only resources differ.
+
+`qan train` writes, under --out:
+  checkpoint/       RLlib Algorithm checkpoint (resume with --resume)
+  controller/       exported Q-network (qnet.pt, torch.load(weights_only=True)) + spec.json
+  steps/            Parquet log, one row per control step, one part file per flushed episode
+  progress.json     episodes done, iterations, run name (the resume point)
+  learning_curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qan_ray.actors import ActorResources
+from qan_ray.config import QANConfig, add_config_arguments, config_from_args, from_dict
+from qan_ray.records import append_parts, read_parts
+
+
+@dataclass
+class MetaConfig:
+    """How the controller is meta-trained (RLlib DQN and the actors)."""
+
+    episodes: int = 20
+    """Target-network training runs (episodes) to learn from, over all actors."""
+    num_actors: int = 2
+    """Trainer actors (= RLlib EnvRunners), each running its own episodes in parallel."""
+    cpus_per_actor: float = 1.0
+    """CPUs per trainer actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per trainer actor (fractions allowed); 0 on CPU-only clusters."""
+    learner_gpus: float = 0.0
+    """GPUs for the DQN learner (0 = CPU; the Q-network is tiny)."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Hidden widths of the controller's Q-MLP (policies/qnet.py)."""
+    dqn_lr: float = 1e-3
+    """Adam learning rate of the DQN learner (paper: 2.5e-4 with far more episodes)."""
+    gamma: float = 0.95
+    """Discount factor."""
+    train_batch_size: int = 32
+    """Transitions per DQN update."""
+    replay_capacity: int = 20_000
+    """Replay buffer capacity in transitions (the original hard-coded 1,000)."""
+    learning_starts: int = 100
+    """Sampled control steps before the first DQN update."""
+    training_intensity: float = 16.0
+    """Replayed / sampled transitions (RLlib's training_intensity; sets the update rate)."""
+    target_update_freq: int = 200
+    """Sampled steps between target-network syncs."""
+    epsilon_final: float = 0.05
+    """Final exploration epsilon (linear decay from 1.0)."""
+    explore_fraction: float = 0.5
+    """Share of the total control steps over which epsilon decays."""
+    double_q: bool = True
+    """Double Q-learning."""
+    n_step: int = 1
+    """n-step returns."""
+    seed: int = 0
+    """Seed of RLlib (exploration, replay sampling)."""
+
+    def validate(self) -> MetaConfig:
+        for name in ("episodes", "num_actors", "train_batch_size", "replay_capacity"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` is {value!r}; it must be an integer >= 1. "
+                                 f"Try --{name.replace('_', '-')} 2.")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"`gamma` is {self.gamma}; it must lie in (0, 1]. Try 0.95.")
+        if self.training_intensity <= 0:
+            raise ValueError(f"`training_intensity` is {self.training_intensity}; it must be > 0"
+                             ". Try 16.")
+        ActorResources(self.cpus_per_actor, self.gpus_per_actor).validate()
+        return self
+
+
+def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episode: int):
+    """The real RLlib `DQNConfig` over `num_actors` ActorEnvs."""
+    from ray.rllib.algorithms.dqn import DQNConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from policies.rllib_module import QMLPModule
+    from qan_ray.actors import ActorEnv
+
+    total_steps = meta.episodes * steps_per_episode
+    explore_steps = max(1, int(meta.explore_fraction * total_steps))
+    resources = {"cpus_per_actor": meta.cpus_per_actor, "gpus_per_actor": meta.gpus_per_actor}
+    return (
+        DQNConfig()
+        .environment(ActorEnv, env_config={"qan": qan.to_dict(), "resources": resources,
+                                           "run": run})
+        .framework("torch")
+        .env_runners(num_env_runners=meta.num_actors, num_envs_per_env_runner=1,
+                     num_cpus_per_env_runner=0, rollout_fragment_length=steps_per_episode)
+        .learners(num_learners=0, num_gpus_per_learner=meta.learner_gpus)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=QMLPModule),
+                   model_config={"qan_hidden": list(meta.hidden)})
+        .training(lr=meta.dqn_lr, gamma=meta.gamma,
+                  train_batch_size_per_learner=meta.train_batch_size, n_step=meta.n_step,
+                  double_q=meta.double_q, dueling=False,
+                  num_steps_sampled_before_learning_starts=meta.learning_starts,
+                  target_network_update_freq=meta.target_update_freq,
+                  training_intensity=meta.training_intensity,
+                  replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
+                                        "capacity": meta.replay_capacity},
+                  epsilon=[(0, 1.0), (explore_steps, meta.epsilon_final)])
+        .reporting(min_sample_timesteps_per_iteration=1, min_time_s_per_iteration=0)
+        .debugging(seed=meta.seed)
+    )
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MetaTrainer:
+    """Owns the RLlib Algorithm, the Parquet log and the checkpoint of one `qan train` run."""
+
+    def __init__(self, qan: QANConfig, meta: MetaConfig, out: str | os.PathLike,
+                 resume: bool = False, log=print):
+        import ray
+
+        from qan_ray.env import TargetTrainingEnv
+
+        self.qan, self.meta, self.out, self.log = qan, meta.validate(), Path(out), log
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not ray.is_initialized():
+            ray.init(namespace="qan", log_to_driver=False)  # RAY_ADDRESS joins a cluster
+        probe = TargetTrainingEnv(qan.replace(device="cpu", mm_coef=0.0))
+        self.steps_per_episode = probe.total_steps
+        self.obs_size = int(probe.observation_space.shape[0])
+        self.feature_names = _feature_names(probe)
+        del probe
+        self.progress = {"episodes": 0, "iterations": 0, "run": self.out.name or "qan",
+                         "started": time.time()}
+        progress_file = self.out / "progress.json"
+        if resume:
+            if not (self.out / "checkpoint").is_dir() or not progress_file.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint/ + progress.json under "
+                                        f"{str(self.out)!r}. Start without --resume, or pass the "
+                                        "--out of the interrupted run.")
+            from ray.rllib.algorithms.algorithm import Algorithm
+
+            self.progress.update(json.loads(progress_file.read_text()))
+            self.algo = Algorithm.from_checkpoint(str((self.out / "checkpoint").resolve()))
+            log(f"resumed from {self.out / 'checkpoint'} at episode {self.progress['episodes']}")
+        else:
+            if (self.out / "steps").exists() and any((self.out / "steps").iterdir()):
+                raise ValueError(f"--out {str(self.out)!r} already holds a run; pass --resume to "
+                                 "continue it, or choose a new --out (nothing was overwritten).")
+            cfg = build_dqn_config(qan, meta, self._run_tag(), self.steps_per_episode)
+            self.algo = cfg.build_algo()
+        (self.out / "config.json").write_text(json.dumps(
+            {"qan": qan.to_dict(), "meta": dataclasses.asdict(meta)}, indent=2))
+
+    def _run_tag(self) -> str:
+        return f"{self.progress['run']}-{os.getpid()}"
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        target = self.meta.episodes
+        start_eps, t0 = self.progress["episodes"], time.time()
+        self.log(f"meta-training: {target} episodes of {self.steps_per_episode} control steps on "
+                 f"{self.meta.num_actors} trainer actors -> {self.out}")
+        result: dict[str, Any] = {}
+        while self.progress["episodes"] < target:
+            result = self.algo.train()
+            self.progress["iterations"] += 1
+            finished = self.drain()
+            if finished:
+                self._flush(finished, result, start_eps, t0)
+                self.save()
+        self.save()
+        self.export_controller()
+        return result
+
+    def drain(self) -> list[list[dict[str, Any]]]:
+        from qan_ray.actors import drain_finished_episodes
+
+        per_runner = self.algo.env_runner_group.foreach_env_runner(
+            drain_finished_episodes, local_env_runner=False)
+        return [ep for eps in per_runner for ep in eps]
+
+    def _flush(self, episodes, result, start_eps: int, t0: float) -> None:
+        rows = []
+        for ep_rows in episodes:
+            ep = self.progress["episodes"]
+            self.progress["episodes"] += 1
+            for r in ep_rows:
+                rows.append({**r, "episode": ep, "run": self.progress["run"]})
+            self._print_episode(ep, ep_rows, start_eps, t0)
+        append_parts(self.out / "steps", rows)
+
+    def _print_episode(self, ep: int, rows, start_eps: int, t0: float) -> None:
+        done = self.progress["episodes"] - start_eps
+        left = self.meta.episodes - self.progress["episodes"]
+        eta = (time.time() - t0) / max(1, done) * max(0, left)
+        lrs = [r["lr"] for r in rows if r.get("lr") is not None]
+        ret = sum(r["reward"] for r in rows)
+        diverged = any(r.get("diverged") for r in rows)
+        acc = rows[-1].get("val_accuracy") or 0.0
+        self.log(f"episode {ep + 1:>4}/{self.meta.episodes}  return {ret:8.3f}  val acc "
+                 f"{acc:6.3f}  lr {lrs[0]:.3g} -> min {min(lrs):.3g} max {max(lrs):.3g} final "
+                 f"{lrs[-1]:.3g}{'  DIVERGED' if diverged else ''}  ETA {eta:5.0f}s")
+
+    # --- outputs -------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.algo.save_to_path(str((self.out / "checkpoint").resolve()))
+        tmp = self.out / "progress.json.tmp"
+        tmp.write_text(json.dumps(self.progress, indent=2))
+        os.replace(tmp, self.out / "progress.json")
+
+    def export_controller(self) -> Path:
+        from ray.rllib.core import DEFAULT_MODULE_ID
+
+        from policies.qnet import Controller, export_qnet, plain_qnet
+        from qan_ray.control import action_labels
+
+        state = self.algo.get_module(DEFAULT_MODULE_ID).get_state()
+        net = plain_qnet(self.obs_size, tuple(self.meta.hidden), self.qan.num_actions)
+        net.load_state_dict(export_qnet(state))
+        spec = {
+            "obs_size": self.obs_size, "num_actions": self.qan.num_actions,
+            "hidden": list(self.meta.hidden), "action_labels": action_labels(self.qan),
+            "action_mode": self.qan.action_mode, "qan": self.qan.to_dict(),
+            "meta": dataclasses.asdict(self.meta), "feature_names": self.feature_names,
+            "episodes": self.progress["episodes"], "commit": _git_commit(),
+            "command": " ".join(["qan", *sys.argv[1:]]) if sys.argv else "",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        folder = Controller(net, spec).save(self.out / "controller")
+        try:
+            from qan_ray.plots import plot_learning_curve
+
+            plot_learning_curve(read_parts(self.out / "steps"), self.out / "learning_curve.png")
+        except Exception as err:  # noqa: BLE001 - a figure must never lose a trained controller
+            self.log(f"(learning-curve figure skipped: {err})")
+        return folder
+
+    def stop(self) -> None:
+        self.algo.stop()
+
+
+def _feature_names(env) -> list[str]:
+    from qan_ray.features import feature_names
+
+    return feature_names(env.trainer.model, env.cfg.monitored_layers)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+def add_meta_arguments(p: argparse.ArgumentParser) -> None:
+    from qan_ray.config import _csv, field_docs_of
+
+    docs = field_docs_of(MetaConfig)
+    group = p.add_argument_group("meta-training (MetaConfig)")
+    for f in dataclasses.fields(MetaConfig):
+        kind = str(f.type)
+        kw: dict[str, Any] = {"dest": f"meta_{f.name}", "default": None,
+                              "help": docs.get(f.name, "")}
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("tuple"):
+            kw["type"], kw["metavar"] = _csv(int), "A,B,..."
+        else:
+            kw["type"] = {"int": int, "float": float}[kind]
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "seed":
+            flag = "--meta-seed"
+        elif f.name == "hidden":
+            flag = "--q-hidden"
+        group.add_argument(flag, **kw)
+
+
+def meta_from_args(args: argparse.Namespace) -> MetaConfig:
+    given = {f.name: getattr(args, f"meta_{f.name}") for f in dataclasses.fields(MetaConfig)
+             if getattr(args, f"meta_{f.name}", None) is not None}
+    return MetaConfig(**given).validate()
+
+
+def configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder (checkpoint, controller, logs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("--preset", default=None,
+                   help="alias of --task for the paper presets (paper-mnist-lr, ...)")
+    add_meta_arguments(p)
+    add_config_arguments(p)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.preset:
+        args.task = args.preset
+    out = Path(args.out)
+    if args.resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        qan = from_dict(saved["qan"])
+        meta = MetaConfig(**{**saved["meta"], "hidden": tuple(saved["meta"]["hidden"])})
+        if args.meta_episodes:
+            meta = dataclasses.replace(meta, episodes=args.meta_episodes)
+    else:
+        qan = config_from_args(args)
+        meta = meta_from_args(args)
+    trainer = MetaTrainer(qan, meta, out, resume=args.resume)
+    start = time.time()
+    trainer.train()
+    trainer.stop()
+    print(f"done in {time.time() - start:.0f}s: controller {out / 'controller'}, log "
+          f"{out / 'steps'}, checkpoint {out / 'checkpoint'}, figure {out / 'learning_curve.png'}")
+    return 0
+
