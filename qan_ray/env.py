@@ -85,8 +85,11 @@ class TargetTrainingEnv(gym.Env):
 
     def _info(self, diverged: bool) -> dict[str, Any]:
         tr = self.trainer
-        return {"lr": tr.lr, "step": self._t, "batches": tr.step, "diverged": diverged,
+        info = {"lr": tr.lr, "step": self._t, "batches": tr.step, "diverged": diverged,
                 **self._last}
+        if self.cfg.action_mode == "minibatch":  # samples per class in the batches just used
+            info["composition"] = tr.batch_composition()
+        return info
 
 
 def keep_action(cfg: QANConfig) -> int:

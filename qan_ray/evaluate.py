@@ -1,0 +1,227 @@
+"""`qan evaluate`: a controller, greedy (epsilon 0), against baselines on the same trainer.
+
+Every method runs through the same `TargetTrainingEnv` (so the same `TargetTrainer`, features and
+validation at the same control points); only who sets the learning rate differs:
+- qan: the controller's greedy action at each control point;
+- fixed@LR for every LR of a grid, then the best of them ("best fixed" by mean final val accuracy);
+- step (x0.1 at 50% and 75%) and cosine, both from the best fixed LR (the strongest start we know).
+In minibatch mode the baselines draw ordinary uniform batches at fixed/step/cosine LRs.
+
+Evaluation seeds (1,000,000 + i) never occur in meta-training (seed + 10,000 x actor + episode).
+Meta-momentum is off at evaluation unless --ablate-meta-momentum adds a "qan+mm" run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from qan_ray.config import QANConfig, add_config_arguments, from_dict
+from qan_ray.control import baseline_schedule
+from qan_ray.env import TargetTrainingEnv, keep_action, rollout
+from qan_ray.records import write_table
+
+EVAL_SEED_BASE = 1_000_000
+DEFAULT_GRID_FACTORS = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+def run_controller(env: TargetTrainingEnv, controller, seed: int) -> list[dict[str, Any]]:
+    """One greedy (epsilon 0) episode of `controller` on `env`."""
+    return rollout(env, lambda obs, info: controller.act(obs), seed)
+
+
+def run_schedule(env: TargetTrainingEnv, name: str, lr: float, seed: int) -> list[dict]:
+    """A baseline schedule on the same env: set the LR at each control point, keep-action."""
+    sched = baseline_schedule(name, lr)
+    keep = keep_action(env.cfg)
+
+    def act(obs, info):
+        env.trainer.set_lr(sched(env.trainer.progress))
+        return keep
+
+    return rollout(env, act, seed)
+
+
+def batches_to_target(recs: list[dict], target: float) -> int | None:
+    for r in recs:
+        if r.get("val_accuracy") is not None and r["val_accuracy"] >= target:
+            return int(r["batches"])
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
+             target_accuracy: float | None = None, ablate_mm: float = 0.0,
+             log=print) -> dict[str, Any]:
+    """Run everything; return {"summary": rows, "curves": rows, "target": float, ...}."""
+    cfg = cfg.replace(mm_coef=0.0)
+    baseline_cfg = cfg.replace(action_mode="lr") if cfg.action_mode == "minibatch" else cfg
+    if 1.0 not in baseline_cfg.lr_factors:
+        baseline_cfg = baseline_cfg.replace(lr_factors=(*baseline_cfg.lr_factors, 1.0))
+    seed_list = [EVAL_SEED_BASE + i for i in range(seeds)]
+    grid = tuple(sorted(lr_grid or {round(cfg.lr * f, 6) for f in DEFAULT_GRID_FACTORS}))
+    grid = tuple(lr for lr in grid if cfg.lr_min <= lr <= cfg.lr_max)
+    runs: dict[str, list[dict]] = {}  # method -> per-seed result dicts
+    curves: list[dict] = []
+
+    def record(method: str, seed: int, recs: list[dict], env, seconds: float) -> None:
+        _, test_acc = env.trainer.evaluate("test")
+        diverged = any(r.get("diverged") for r in recs)
+        runs.setdefault(method, []).append({
+            "method": method, "seed": seed, "final_val_accuracy": recs[-1]["val_accuracy"],
+            "test_accuracy": test_acc, "wall_s": seconds, "diverged": diverged, "recs": recs})
+        for r in recs:
+            curves.append({"method": method, "seed": seed, "batches": r["batches"],
+                           "val_accuracy": r["val_accuracy"], "val_loss": r["val_loss"],
+                           "train_loss": r["train_loss"], "lr": r["lr"], "action": r["action"],
+                           "composition": r.get("composition")})
+
+    def timed(fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        return out, time.perf_counter() - t
+
+    env = TargetTrainingEnv(cfg)
+    if env.observation_space.shape[0] != controller.obs_size:
+        raise ValueError(f"the controller expects {controller.obs_size} features but task "
+                         f"{cfg.task!r} gives {env.observation_space.shape[0]}; evaluate on the "
+                         "task (and model) it was trained on.")
+    benv = env if baseline_cfg is cfg else TargetTrainingEnv(baseline_cfg)
+    for seed in seed_list:
+        recs, sec = timed(run_controller, env, controller, seed)
+        record("qan", seed, recs, env, sec)
+    log(f"qan: final val acc {_mean_std([r['final_val_accuracy'] for r in runs['qan']])[0]:.4f}")
+    if ablate_mm > 0:
+        mm_env = TargetTrainingEnv(cfg.replace(mm_coef=ablate_mm))
+        for seed in seed_list:
+            recs, sec = timed(run_controller, mm_env, controller, seed)
+            record("qan+mm", seed, recs, mm_env, sec)
+    for lr in grid:
+        for seed in seed_list:
+            recs, sec = timed(run_schedule, benv, "fixed", lr, seed)
+            record(f"fixed@{lr:g}", seed, recs, benv, sec)
+        log(f"fixed@{lr:g}: final val acc "
+            f"{_mean_std([r['final_val_accuracy'] for r in runs[f'fixed@{lr:g}']])[0]:.4f}")
+    best_lr = max(grid, key=lambda lr: _mean_std(
+        [r["final_val_accuracy"] for r in runs[f"fixed@{lr:g}"]])[0])
+    for name in ("step", "cosine"):
+        for seed in seed_list:
+            recs, sec = timed(run_schedule, benv, name, best_lr, seed)
+            record(f"{name}@{best_lr:g}", seed, recs, benv, sec)
+    baselines = [m for m in runs if not m.startswith("qan")]
+    best_baseline = max(baselines, key=lambda m: _mean_std(
+        [r["final_val_accuracy"] for r in runs[m]])[0])
+    target = target_accuracy if target_accuracy is not None else _mean_std(
+        [r["final_val_accuracy"] for r in runs[best_baseline]])[0]
+    summary = []
+    for method, rs in runs.items():
+        val_m, val_s = _mean_std([r["final_val_accuracy"] for r in rs])
+        test_m, test_s = _mean_std([r["test_accuracy"] for r in rs])
+        btt = [batches_to_target(r["recs"], target) for r in rs]
+        reached = [b for b in btt if b is not None]
+        summary.append({
+            "method": method, "val_acc_mean": val_m, "val_acc_std": val_s,
+            "test_acc_mean": test_m, "test_acc_std": test_s,
+            "batches_to_target_mean": statistics.mean(reached) if reached else None,
+            "reached_target": len(reached), "runs": len(rs),
+            "wall_s_mean": statistics.mean(r["wall_s"] for r in rs),
+            "diverged": sum(r["diverged"] for r in rs),
+            "best_fixed": method == f"fixed@{best_lr:g}", "best_baseline": method == best_baseline,
+        })
+    return {"summary": summary, "curves": curves, "target": target, "best_lr": best_lr,
+            "best_baseline": best_baseline, "seeds": seed_list,
+            "batches_per_epoch": env.trainer.batches_per_epoch,
+            "total_batches": env.trainer.total_batches}
+
+
+def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:
+    lines = [
+        f"task `{cfg.task}`, action mode `{cfg.action_mode}`, {len(result['seeds'])} seeds "
+        f"({result['seeds'][0]}..), {result['total_batches']} mini-batches per run, "
+        f"target val accuracy {result['target']:.4f} (best baseline: {result['best_baseline']})",
+        "",
+        "| method | val acc (mean +- std) | test acc (mean +- std) | batches to target "
+        "(reached) | wall s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(result["summary"], key=lambda r: (not r["method"].startswith("qan"),
+                                                       -r["val_acc_mean"])):
+        btt = ("-" if r["batches_to_target_mean"] is None
+               else f"{r['batches_to_target_mean']:.0f}")
+        mark = " (best)" if r["best_baseline"] else ""
+        lines.append(f"| {r['method']}{mark} | {r['val_acc_mean']:.4f} +- {r['val_acc_std']:.4f}"
+                     f" | {r['test_acc_mean']:.4f} +- {r['test_acc_std']:.4f} | {btt} "
+                     f"({r['reached_target']}/{r['runs']}) | {r['wall_s_mean']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict[str, Any], cfg: QANConfig, out: Path,
+                  training_steps: Path | None = None) -> dict[str, Path]:
+    from qan_ray import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.md").write_text("# qan evaluate\n\n" + markdown_table(result, cfg))
+    files = {"table": out / "evaluation.md",
+             "summary": write_table(out / "evaluation.parquet", result["summary"]),
+             "curves": write_table(out / "curves.parquet", [
+                 {k: v for k, v in r.items() if k != "composition"} for r in result["curves"]])}
+    files["accuracy"] = plots.plot_accuracy_curves(
+        result["curves"], out / "accuracy_vs_epoch.png", result["target"],
+        result["batches_per_epoch"])
+    files["lr"] = plots.plot_lr(result["curves"], out / "lr_over_time.png")
+    if cfg.action_mode == "minibatch":
+        files["class_shares"] = plots.plot_class_shares(result["curves"], out / "class_shares.png")
+    if training_steps is not None and training_steps.is_dir():
+        from qan_ray.records import read_parts
+
+        files["learning_curve"] = plots.plot_learning_curve(
+            read_parts(training_steps), out / "learning_curve.png")
+    return files
+
+
+def configure_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--controller", default="builtin",
+                   help="controller folder (a `qan train --out` folder or its controller/), or "
+                        "'builtin'")
+    p.add_argument("--seeds", type=int, default=3, help="evaluation seeds per method")
+    p.add_argument("--out", required=True, help="folder for the table, Parquet and figures")
+    p.add_argument("--lr-grid", default=None, help="fixed-LR grid, comma-separated (default: "
+                   "the task LR x 0.2, 0.5, 1, 2, 4)")
+    p.add_argument("--ablate-meta-momentum", type=float, default=0.0, metavar="COEF",
+                   help="also run the controller with meta-momentum at this coefficient")
+    add_config_arguments(p)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from policies.qnet import load_controller
+    from qan_ray.config import _FIELDS
+
+    if args.seeds < 1:
+        raise ValueError(f"`--seeds` is {args.seeds}; it must be >= 1. Try --seeds 3.")
+    controller = load_controller(args.controller)
+    trained = dict(controller.spec.get("qan", {}))
+    flags = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
+    cfg = from_dict({**trained, **flags}) if trained else from_dict(flags)
+    grid = tuple(float(x) for x in args.lr_grid.split(",")) if args.lr_grid else ()
+    out = Path(args.out)
+    print(f"evaluating controller {args.controller} on {cfg.task} ({args.seeds} seeds) -> {out}")
+    result = evaluate(controller, cfg, args.seeds, grid, ablate_mm=args.ablate_meta_momentum)
+    steps = None
+    ctrl_path = Path(args.controller)
+    for candidate in (ctrl_path / "steps", ctrl_path.parent / "steps"):
+        if candidate.is_dir():
+            steps = candidate
+    files = write_outputs(result, cfg, out, steps)
+    print(markdown_table(result, cfg))
+    print("figures: " + ", ".join(str(p) for k, p in files.items() if str(p).endswith(".png")))
+    return 0

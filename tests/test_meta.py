@@ -1,0 +1,175 @@
+"""Integration tests: RLlib's real DQN learner over real Ray trainer actors (one Ray session)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qan_ray.config import from_dict
+from qan_ray.records import STEP_SCHEMA, read_parts
+
+pytestmark = pytest.mark.ray
+
+QAN = from_dict(task="digits-mlp", epochs_per_episode=1.0)  # 35 batches -> 4 control steps
+
+
+def _meta(**kw):
+    from qan_ray.meta import MetaConfig
+
+    base = dict(episodes=4, num_actors=2, cpus_per_actor=0.5, learning_starts=8,
+                training_intensity=16.0, hidden=(16, 16))
+    return MetaConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(ray_session, tmp_path_factory):
+    from qan_ray.meta import MetaTrainer
+
+    out = tmp_path_factory.mktemp("meta") / "run"
+    mt = MetaTrainer(QAN, _meta(), out, log=lambda *_: None)
+    yield mt
+    mt.stop()
+
+
+def _learner_state(algo):
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    return algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+
+
+def test_one_dqn_iteration_consumes_transitions_from_two_actors(run):
+    algo = run.algo
+    before = {k: np.array(v) for k, v in _learner_state(algo).items()}
+    episodes = []
+    result = {}
+    while len(episodes) < 2 or result.get("learners", {}).get("default_policy", {}).get(
+            "qf_loss") is None:
+        result = algo.train()
+        episodes += run.drain()
+    run._flush(episodes, result, 0, 0.0)
+    actors = {rows[-1]["actor"] for rows in episodes}
+    assert len(actors) == 2  # both trainer actors delivered finished episodes
+    sampled = result["env_runners"]["num_env_steps_sampled_lifetime"]
+    assert sampled >= 2 * run.steps_per_episode
+    assert result["learners"]["__all_modules__"]["num_module_steps_trained_lifetime"] > 0
+    after = _learner_state(algo)
+    changed = [k for k in before if not k.startswith("_target")
+               and not np.allclose(before[k], np.asarray(after[k]))]
+    assert changed  # the learner updated the Q-network
+    runner_states = algo.env_runner_group.foreach_env_runner(
+        lambda er: er.module.get_state(), local_env_runner=False)
+    assert len(runner_states) == 2
+    for state in runner_states:  # ...and the new weights reached the acting EnvRunners
+        for k, v in state.items():
+            assert np.allclose(np.asarray(v), np.asarray(after[k]))
+
+
+def test_parquet_log_has_schema_and_one_row_per_control_step(run):
+    run.train()  # up to meta.episodes, flushing each finished episode
+    table = read_parts(run.out / "steps")
+    assert table.schema == STEP_SCHEMA
+    rows = table.to_pylist()
+    episodes = sorted({r["episode"] for r in rows})
+    assert episodes == list(range(run.progress["episodes"]))
+    assert run.progress["episodes"] >= 4
+    for ep in episodes:
+        steps = sorted(r["step"] for r in rows if r["episode"] == ep)
+        assert steps == list(range(run.steps_per_episode + 1))  # step 0 = state after reset
+    acted = [r for r in rows if r["action"] >= 0]
+    assert all(len(r["q_values"]) == QAN.num_actions for r in acted)
+    assert all(r["action"] < QAN.num_actions and r["lr"] > 0 for r in acted)
+
+
+def test_exported_controller_matches_rllib_q_values(run):
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.columns import Columns
+
+    from policies.qnet import load_controller
+
+    run.export_controller()
+    ctrl = load_controller(run.out)
+    assert ctrl.spec["obs_size"] == run.obs_size and ctrl.spec["hidden"] == [16, 16]
+    obs = np.random.default_rng(0).normal(size=(5, run.obs_size)).astype(np.float32)
+    module = run.algo.get_module(DEFAULT_MODULE_ID)
+    with torch.no_grad():
+        q = module.compute_q_values({Columns.OBS: torch.from_numpy(obs)})["qf_preds"].numpy()
+    assert np.allclose(ctrl.q_values(obs), q, atol=1e-5)
+    assert [ctrl.act(o) for o in obs] == list(q.argmax(axis=1))
+    assert (run.out / "learning_curve.png").stat().st_size > 0
+
+
+def test_killed_actor_is_replaced_and_finished_episodes_survive(run):
+    import ray
+
+    from qan_ray.actors import ACTOR_NAMESPACE
+
+    logged_before = read_parts(run.out / "steps").num_rows
+    names = [r["actor"] for r in read_parts(run.out / "steps").to_pylist()]
+    victim_name = sorted(set(names))[0]
+    victim = ray.get_actor(victim_name, namespace=ACTOR_NAMESPACE)
+    ray.kill(victim, no_restart=True)
+    run.meta.episodes = run.progress["episodes"] + 3
+    run.train()
+    assert read_parts(run.out / "steps").num_rows > logged_before
+    replacements = run.algo.env_runner_group.foreach_env_runner(
+        lambda er: er.env.unwrapped.envs[0].unwrapped.replacements, local_env_runner=False)
+    assert sorted(replacements) == [0, 1]
+    replacement = ray.get_actor(victim_name, namespace=ACTOR_NAMESPACE)
+    assert replacement._actor_id != victim._actor_id
+
+
+def test_resume_continues_the_episode_count(run):
+    from qan_ray.meta import MetaTrainer
+
+    run.save()
+    done = run.progress["episodes"]
+    rows_before = read_parts(run.out / "steps").num_rows
+    run.stop()
+    resumed = MetaTrainer(QAN, _meta(episodes=done + 2), run.out, resume=True,
+                          log=lambda *_: None)
+    try:
+        assert resumed.progress["episodes"] == done
+        result = resumed.train()
+        assert resumed.progress["episodes"] >= done + 2
+        assert result["env_runners"]["num_episodes_lifetime"] >= done + 2  # RLlib's own count
+        rows = read_parts(run.out / "steps").to_pylist()
+        assert len(rows) > rows_before
+        assert max(r["episode"] for r in rows) == resumed.progress["episodes"] - 1
+    finally:
+        run.algo = resumed.algo  # the fixture's teardown stops the live algorithm
+
+
+def test_fresh_run_refuses_to_overwrite_an_existing_log(run):
+    from qan_ray.meta import MetaTrainer
+
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        MetaTrainer(QAN, _meta(), run.out, log=lambda *_: None)
+
+
+def test_actor_env_replaces_an_actor_killed_mid_episode(ray_session):
+    import ray
+
+    from qan_ray.actors import ActorEnv
+
+    env = ActorEnv({"qan": QAN.to_dict(), "resources": {"cpus_per_actor": 0.5}, "run": "kill"})
+    env.reset(seed=1)
+    env.step(2)
+    ray.kill(env._actor, no_restart=True)
+    obs, reward, terminated, truncated, info = env.step(2)
+    assert truncated and not terminated and info["actor_replaced"] and reward == 0.0
+    assert env.replacements == 1
+    assert len(env.finished) == 1 and len(env.finished[0]) == 2  # reset row + the one step
+    obs, info = env.reset(seed=1)  # the new actor serves the next episode
+    obs, reward, terminated, truncated, info = env.step(2)
+    assert not truncated and info["step"] == 1 and np.isfinite(obs).all()
+    env.close()
+
+
+def test_meta_config_rejects_bad_values():
+    from qan_ray.meta import MetaConfig
+
+    with pytest.raises(ValueError, match="`num_actors` is 0; it must be an integer >= 1"):
+        MetaConfig(num_actors=0).validate()
+    with pytest.raises(ValueError, match="`gpus_per_actor` is 1.5"):
+        MetaConfig(gpus_per_actor=1.5).validate()
