@@ -107,7 +107,9 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
         .framework("torch")
         .env_runners(num_env_runners=meta.num_actors, num_envs_per_env_runner=1,
                      num_cpus_per_env_runner=0, rollout_fragment_length=steps_per_episode)
-        .learners(num_learners=0, num_gpus_per_learner=meta.learner_gpus)
+        # A GPU learner runs as its own actor (the driver usually sits on a CPU head node).
+        .learners(num_learners=1 if meta.learner_gpus > 0 else 0,
+                  num_gpus_per_learner=meta.learner_gpus)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=QMLPModule),
                    model_config={"qan_hidden": list(meta.hidden)})
         .training(lr=meta.dqn_lr, gamma=meta.gamma,

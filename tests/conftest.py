@@ -31,7 +31,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
-                 object_store_memory=256 * 1024**2, log_to_driver=False)
+        # address="local": always a fresh instance of our own, never a `ray start` head that an
+        # end-to-end test (or a developer) left running on this machine.
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+                 object_store_memory=256 * 1024**2, log_to_driver=False, namespace="qan")
     yield ray
     ray.shutdown()
