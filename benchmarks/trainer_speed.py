@@ -3,8 +3,8 @@
 Evidence: mini-batches per second of `TargetTrainer.train(k)` against a bare loop doing the same
 work on the same device -- same model class and init, same data tensors, same batch size, same
 optimizer, an on-device permutation per epoch and an on-device running loss (the way a careful
-PyTorch loop avoids a host sync per step). The two alternate in rounds so drift hits both; we report
-mean and std over rounds and ratio = mean trainer speed / mean bare speed.
+PyTorch loop avoids a host sync per step). The two alternate in rounds so drift hits both; we
+report mean and std over rounds and ratio = mean trainer speed / mean bare speed.
 
     python benchmarks/trainer_speed.py [--task digits-mlp] [--batches 400] [--rounds 7]
 """

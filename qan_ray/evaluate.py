@@ -60,75 +60,105 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
-             target_accuracy: float | None = None, ablate_mm: float = 0.0,
-             log=print) -> dict[str, Any]:
-    """Run everything; return {"summary": rows, "curves": rows, "target": float, ...}."""
-    cfg = cfg.replace(mm_coef=0.0)
-    baseline_cfg = cfg.replace(action_mode="lr") if cfg.action_mode == "minibatch" else cfg
-    if 1.0 not in baseline_cfg.lr_factors:
-        baseline_cfg = baseline_cfg.replace(lr_factors=(*baseline_cfg.lr_factors, 1.0))
-    seed_list = [EVAL_SEED_BASE + i for i in range(seeds)]
+class Runs:
+    """Episodes of several methods on one task: method -> per-seed results, plus step curves."""
+
+    def __init__(self) -> None:
+        self.by_method: dict[str, list[dict]] = {}
+        self.curves: list[dict] = []
+
+    def add(self, method: str, seed: int, recs: list[dict], env, seconds: float) -> None:
+        _, test_acc = env.trainer.evaluate("test")
+        self.by_method.setdefault(method, []).append({
+            "method": method, "seed": seed, "final_val_accuracy": recs[-1]["val_accuracy"],
+            "test_accuracy": test_acc, "wall_s": seconds,
+            "diverged": any(r.get("diverged") for r in recs), "recs": recs})
+        for r in recs:
+            self.curves.append({"method": method, "seed": seed, "batches": r["batches"],
+                                "val_accuracy": r["val_accuracy"], "val_loss": r["val_loss"],
+                                "train_loss": r["train_loss"], "lr": r["lr"],
+                                "action": r["action"], "composition": r.get("composition")})
+
+    def mean_final(self, method: str) -> float:
+        return _mean_std([r["final_val_accuracy"] for r in self.by_method[method]])[0]
+
+    def merged(self, other: Runs) -> Runs:
+        out = Runs()
+        out.by_method = {**self.by_method, **other.by_method}
+        out.curves = self.curves + other.curves
+        return out
+
+
+def _timed(fn, *a):
+    t = time.perf_counter()
+    out = fn(*a)
+    return out, time.perf_counter() - t
+
+
+def eval_seeds(n: int) -> list[int]:
+    return [EVAL_SEED_BASE + i for i in range(n)]
+
+
+def baseline_config(cfg: QANConfig) -> QANConfig:
+    """Baselines: uniform batches (lr mode), a keep action available, meta-momentum off."""
+    base = cfg.replace(action_mode="lr", mm_coef=0.0)
+    if 1.0 not in base.lr_factors:
+        base = base.replace(lr_factors=(*base.lr_factors, 1.0))
+    return base
+
+
+def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
+                  log=print) -> tuple[Runs, float]:
+    """fixed@LR over the grid, then step and cosine from the best fixed LR. Returns the runs and
+    the best fixed LR."""
+    bcfg = baseline_config(cfg)
     grid = tuple(sorted(lr_grid or {round(cfg.lr * f, 6) for f in DEFAULT_GRID_FACTORS}))
     grid = tuple(lr for lr in grid if cfg.lr_min <= lr <= cfg.lr_max)
-    runs: dict[str, list[dict]] = {}  # method -> per-seed result dicts
-    curves: list[dict] = []
+    if not grid:
+        raise ValueError(f"the LR grid is empty inside [lr_min, lr_max] = [{cfg.lr_min}, "
+                         f"{cfg.lr_max}]. Pass --lr-grid with values in that range.")
+    env, runs = TargetTrainingEnv(bcfg), Runs()
+    for lr in grid:
+        for seed in eval_seeds(seeds):
+            recs, sec = _timed(run_schedule, env, "fixed", lr, seed)
+            runs.add(f"fixed@{lr:g}", seed, recs, env, sec)
+        log(f"fixed@{lr:g}: final val acc {runs.mean_final(f'fixed@{lr:g}'):.4f}")
+    best_lr = max(grid, key=lambda lr: runs.mean_final(f"fixed@{lr:g}"))
+    for name in ("step", "cosine"):
+        for seed in eval_seeds(seeds):
+            recs, sec = _timed(run_schedule, env, name, best_lr, seed)
+            runs.add(f"{name}@{best_lr:g}", seed, recs, env, sec)
+        log(f"{name}@{best_lr:g}: final val acc {runs.mean_final(f'{name}@{best_lr:g}'):.4f}")
+    return runs, best_lr
 
-    def record(method: str, seed: int, recs: list[dict], env, seconds: float) -> None:
-        _, test_acc = env.trainer.evaluate("test")
-        diverged = any(r.get("diverged") for r in recs)
-        runs.setdefault(method, []).append({
-            "method": method, "seed": seed, "final_val_accuracy": recs[-1]["val_accuracy"],
-            "test_accuracy": test_acc, "wall_s": seconds, "diverged": diverged, "recs": recs})
-        for r in recs:
-            curves.append({"method": method, "seed": seed, "batches": r["batches"],
-                           "val_accuracy": r["val_accuracy"], "val_loss": r["val_loss"],
-                           "train_loss": r["train_loss"], "lr": r["lr"], "action": r["action"],
-                           "composition": r.get("composition")})
 
-    def timed(fn, *a):
-        t = time.perf_counter()
-        out = fn(*a)
-        return out, time.perf_counter() - t
-
-    env = TargetTrainingEnv(cfg)
+def run_controller_seeds(controller, cfg: QANConfig, seeds: int = 3, method: str = "qan",
+                         mm_coef: float = 0.0) -> Runs:
+    """Greedy controller episodes on the evaluation seeds (meta-momentum off unless given)."""
+    env = TargetTrainingEnv(cfg.replace(mm_coef=mm_coef))
     if env.observation_space.shape[0] != controller.obs_size:
         raise ValueError(f"the controller expects {controller.obs_size} features but task "
                          f"{cfg.task!r} gives {env.observation_space.shape[0]}; evaluate on the "
                          "task (and model) it was trained on.")
-    benv = env if baseline_cfg is cfg else TargetTrainingEnv(baseline_cfg)
-    for seed in seed_list:
-        recs, sec = timed(run_controller, env, controller, seed)
-        record("qan", seed, recs, env, sec)
-    log(f"qan: final val acc {_mean_std([r['final_val_accuracy'] for r in runs['qan']])[0]:.4f}")
-    if ablate_mm > 0:
-        mm_env = TargetTrainingEnv(cfg.replace(mm_coef=ablate_mm))
-        for seed in seed_list:
-            recs, sec = timed(run_controller, mm_env, controller, seed)
-            record("qan+mm", seed, recs, mm_env, sec)
-    for lr in grid:
-        for seed in seed_list:
-            recs, sec = timed(run_schedule, benv, "fixed", lr, seed)
-            record(f"fixed@{lr:g}", seed, recs, benv, sec)
-        log(f"fixed@{lr:g}: final val acc "
-            f"{_mean_std([r['final_val_accuracy'] for r in runs[f'fixed@{lr:g}']])[0]:.4f}")
-    best_lr = max(grid, key=lambda lr: _mean_std(
-        [r["final_val_accuracy"] for r in runs[f"fixed@{lr:g}"]])[0])
-    for name in ("step", "cosine"):
-        for seed in seed_list:
-            recs, sec = timed(run_schedule, benv, name, best_lr, seed)
-            record(f"{name}@{best_lr:g}", seed, recs, benv, sec)
-    baselines = [m for m in runs if not m.startswith("qan")]
-    best_baseline = max(baselines, key=lambda m: _mean_std(
-        [r["final_val_accuracy"] for r in runs[m]])[0])
-    target = target_accuracy if target_accuracy is not None else _mean_std(
-        [r["final_val_accuracy"] for r in runs[best_baseline]])[0]
+    runs = Runs()
+    for seed in eval_seeds(seeds):
+        recs, sec = _timed(run_controller, env, controller, seed)
+        runs.add(method, seed, recs, env, sec)
+    return runs
+
+
+def summarise(runs: Runs, target_accuracy: float | None = None) -> dict[str, Any]:
+    """Per-method table rows; the target defaults to the best baseline's mean final accuracy."""
+    baselines = [m for m in runs.by_method if not m.startswith("qan")]
+    best_baseline = max(baselines, key=runs.mean_final)
+    fixed = [m for m in baselines if m.startswith("fixed@")]
+    best_fixed = max(fixed, key=runs.mean_final) if fixed else None
+    target = target_accuracy if target_accuracy is not None else runs.mean_final(best_baseline)
     summary = []
-    for method, rs in runs.items():
+    for method, rs in runs.by_method.items():
         val_m, val_s = _mean_std([r["final_val_accuracy"] for r in rs])
         test_m, test_s = _mean_std([r["test_accuracy"] for r in rs])
-        btt = [batches_to_target(r["recs"], target) for r in rs]
-        reached = [b for b in btt if b is not None]
+        reached = [b for b in (batches_to_target(r["recs"], target) for r in rs) if b is not None]
         summary.append({
             "method": method, "val_acc_mean": val_m, "val_acc_std": val_s,
             "test_acc_mean": test_m, "test_acc_std": test_s,
@@ -136,12 +166,26 @@ def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, .
             "reached_target": len(reached), "runs": len(rs),
             "wall_s_mean": statistics.mean(r["wall_s"] for r in rs),
             "diverged": sum(r["diverged"] for r in rs),
-            "best_fixed": method == f"fixed@{best_lr:g}", "best_baseline": method == best_baseline,
+            "best_fixed": method == best_fixed, "best_baseline": method == best_baseline,
         })
-    return {"summary": summary, "curves": curves, "target": target, "best_lr": best_lr,
-            "best_baseline": best_baseline, "seeds": seed_list,
-            "batches_per_epoch": env.trainer.batches_per_epoch,
-            "total_batches": env.trainer.total_batches}
+    return {"summary": summary, "curves": runs.curves, "target": target,
+            "best_baseline": best_baseline, "best_fixed": best_fixed}
+
+
+def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
+             target_accuracy: float | None = None, ablate_mm: float = 0.0,
+             log=print) -> dict[str, Any]:
+    """Controller (and optionally controller + meta-momentum) vs all baselines, same seeds."""
+    runs = run_controller_seeds(controller, cfg, seeds)
+    log(f"qan: final val acc {runs.mean_final('qan'):.4f}")
+    if ablate_mm > 0:
+        runs = runs.merged(run_controller_seeds(controller, cfg, seeds, "qan+mm", ablate_mm))
+    baselines, best_lr = run_baselines(cfg, seeds, lr_grid, log)
+    result = summarise(runs.merged(baselines), target_accuracy)
+    tr = TargetTrainingEnv(baseline_config(cfg)).trainer
+    result.update(best_lr=best_lr, seeds=eval_seeds(seeds),
+                  batches_per_epoch=tr.batches_per_epoch, total_batches=tr.total_batches)
+    return result
 
 
 def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:

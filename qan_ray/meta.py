@@ -117,7 +117,10 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
                   double_q=meta.double_q, dueling=False,
                   num_steps_sampled_before_learning_starts=meta.learning_starts,
                   target_network_update_freq=meta.target_update_freq,
-                  training_intensity=meta.training_intensity,
+                  # RLlib's ratio counts a local EnvRunner that does not sample here:
+                  # passing R * N / (N + 1) gives the replay ratio R we ask for.
+                  training_intensity=meta.training_intensity * meta.num_actors
+                  / (meta.num_actors + 1),
                   replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
                                         "capacity": meta.replay_capacity},
                   epsilon=[(0, 1.0), (explore_steps, meta.epsilon_final)])

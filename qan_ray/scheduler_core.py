@@ -1,0 +1,194 @@
+"""The decision core of `QANScheduler`: small pure functions over plain values (no Ray here).
+
+`qan_ray.scheduler.QANScheduler` only wires these to Tune's hooks; everything it decides is
+decided here, so it is unit-tested without a Ray session (tests/test_scheduler.py).
+
+Vocabulary:
+- a *result* is the flat dict a trial reported to Tune for one training iteration;
+- the trainable-side helper (`qan_ray.tune.QANReporter`) puts the controller's observation under
+  `OBS_KEY`, the LR it trained with under `LR_REPORTED_KEY`, and, when it reads the control
+  channel, the version of the hyperparameters it applied under `VERSION_KEY`;
+- the *score* of a metric value is `sign(mode) * value`, so every comparison maximises, and a
+  NaN/inf value scores -inf (worst), never raises.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+OBS_KEY = "qan_obs"
+"""Result key of the controller observation (list of float32, `features.observation`)."""
+VERSION_KEY = "qan_version"
+"""Result key: version of the control-channel hyperparameters the trainable trained with."""
+LR_REPORTED_KEY = "qan_lr"
+"""Result key: the LR the trainable trained this iteration with."""
+
+CONTINUE, PAUSE, STOP, NOOP = "CONTINUE", "PAUSE", "STOP", "NOOP"  # TrialScheduler's constants
+
+
+def sign(mode: str) -> float:
+    """+1 for mode 'max', -1 for 'min': score = sign * value is always maximised."""
+    if mode == "max":
+        return 1.0
+    if mode == "min":
+        return -1.0
+    raise ValueError(f"`mode` is {mode!r}; it must be 'min' or 'max'. Pass mode='max' for an "
+                     "accuracy, mode='min' for a loss (to QANScheduler or tune.TuneConfig).")
+
+
+def is_finite(value: Any) -> bool:
+    """True for a real, finite number (bool excluded); False for None, NaN, inf, strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(float(value))
+
+
+def score(value: Any, mode: str) -> float:
+    """sign(mode) * value; NaN, inf, None or a non-number scores -inf (the worst)."""
+    s = sign(mode)
+    return s * float(value) if is_finite(value) else -math.inf
+
+
+def improved(best: float, value: Any, mode: str) -> bool:
+    """Whether `value` beats the best score so far (`best` is a score, -inf when none yet)."""
+    return score(value, mode) > best
+
+
+def missing_keys(result: dict[str, Any], metric: str | None, obs_key: str = OBS_KEY
+                 ) -> list[str]:
+    """The keys QANScheduler needs that `result` lacks (metric first), in a fixed order."""
+    need = [k for k in (metric, obs_key) if k]
+    return [k for k in need if k not in result]
+
+
+def missing_message(missing: list[str], trial_id: str, present: list[str]) -> str:
+    """The error/warning text for a result without the metric or the observation."""
+    return (f"trial {trial_id} reported a result without {missing}, which QANScheduler needs "
+            f"(it has {sorted(present)[:12]}...). Report them with the helper: "
+            "`tune.report({**metrics, **reporter.metrics(model, ...)})` from qan_ray.tune, or "
+            "pass QANScheduler(on_missing='warn') to warn once and let such trials CONTINUE.")
+
+
+def clean_observation(values: Any, obs_size: int) -> np.ndarray:
+    """A reported observation as float32 of length `obs_size`; NaN/inf entries become 0 and their
+    count is added to the last entry (the `nonfinite` signal of `features.observation`)."""
+    obs = np.asarray(values, dtype=np.float32).reshape(-1)
+    if obs.shape[0] != obs_size:
+        raise ValueError(f"the reported observation has {obs.shape[0]} values but the controller "
+                         f"expects {obs_size}. Use a controller trained on the same model "
+                         "architecture and monitored layers (see its spec.json), or train one "
+                         "with `qan train` on your task.")
+    bad = ~np.isfinite(obs)
+    if bad.any():
+        obs = np.where(bad, np.float32(0.0), obs)
+        obs[-1] = obs[-1] + np.float32(bad.sum())
+    return obs
+
+
+def control_due(iteration: int, control_every: int) -> bool:
+    """Act after every `control_every`-th training iteration (1, 2, ... are iterations)."""
+    return iteration >= 1 and iteration % control_every == 0
+
+
+def result_is_fresh(reported_version: Any, published_version: int, iteration: int,
+                    acted_iteration: int) -> bool:
+    """Whether a result was trained with the hyperparameters of QAN's last action, so the
+    controller may act on it. A result from before that (a repeat after a PBT rollback, an
+    iteration already in flight) must not trigger a second action on top of the first.
+    With the channel, the trainable reports the version it applied; without it (restart
+    fallback) the iteration must be newer than the one acted on."""
+    if reported_version is not None:
+        return int(reported_version) >= published_version
+    return iteration > acted_iteration
+
+
+def choose_action(q_values: Any, fallback: int) -> int:
+    """Greedy action: argmax of the Q-values, ignoring NaN; `fallback` if none is finite."""
+    q = np.asarray(q_values, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(q)
+    if not finite.any():
+        return int(fallback)
+    return int(np.argmax(np.where(finite, q, -np.inf)))
+
+
+def should_act(decision: str, due: bool, fresh: bool, metric_finite: bool) -> bool:
+    """QAN acts only when the stopper lets the trial go on (CONTINUE, or PAUSE: it resumes with
+    the new hyperparameters), it is a control step, the result reflects QAN's last action, and
+    the metric is finite (a diverged trial is the stopper's business, not the controller's)."""
+    return decision in (CONTINUE, PAUSE) and due and fresh and metric_finite
+
+
+def merge_decision(stopper_decision: str, via_channel: bool, changed: bool) -> str:
+    """The decision returned to Tune. With the control channel a change needs no restart. Without
+    it (the trainable does not poll the channel) a change is applied by `trial.set_config` +
+    PAUSE (restart from the last checkpoint). STOP, PAUSE and NOOP of the stopper always win."""
+    if stopper_decision != CONTINUE or via_channel or not changed:
+        return stopper_decision
+    return PAUSE
+
+
+def keep_action(lr_factors: tuple[float, ...]) -> int:
+    """The action that leaves the LR unchanged (factor 1.0), or 0 if there is none."""
+    return lr_factors.index(1.0) if 1.0 in lr_factors else 0
+
+
+@dataclass
+class TrialState:
+    """What QAN keeps per trial (keyed by trial id); JSON-serialisable via to_dict/from_dict."""
+
+    lr: float
+    """The LR QAN last published (the trial's current LR)."""
+    initial_lr: float
+    """The trial's LR when it was added (the `log_lr_vs_initial` signal's reference)."""
+    version: int = 0
+    """Version of the published hyperparameters; 0 = nothing published beyond the config."""
+    best: float = -math.inf
+    """Best score (sign * metric) seen so far."""
+    last_iteration: int = 0
+    """Training iteration of the last result seen."""
+    acted_iteration: int = 0
+    """Training iteration of the last result QAN acted on."""
+    via_channel: bool = False
+    """The trainable reads the control channel (it reports VERSION_KEY)."""
+    history: list[list[float]] = field(default_factory=list)
+    """[iteration, action, lr_after] per action taken, in order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "initial_lr": self.initial_lr, "version": self.version,
+                "best": self.best if math.isfinite(self.best) else None,
+                "last_iteration": self.last_iteration, "acted_iteration": self.acted_iteration,
+                "via_channel": self.via_channel, "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialState:
+        best = d.get("best")
+        return cls(lr=float(d["lr"]), initial_lr=float(d["initial_lr"]),
+                   version=int(d.get("version", 0)),
+                   best=-math.inf if best is None else float(best),
+                   last_iteration=int(d.get("last_iteration", 0)),
+                   acted_iteration=int(d.get("acted_iteration", 0)),
+                   via_channel=bool(d.get("via_channel", False)),
+                   history=[list(h) for h in d.get("history", [])])
+
+    def record_action(self, iteration: int, action: int, lr: float) -> None:
+        self.history.append([int(iteration), int(action), float(lr)])
+        self.lr = float(lr)
+        self.version += 1
+        self.acted_iteration = int(iteration)
+
+
+def initial_lr_of(config: dict[str, Any], lr_key: str, trial_id: str) -> float:
+    """The trial's LR from its config; a clear error if it is missing or not a positive number."""
+    if lr_key not in config:
+        raise ValueError(f"trial {trial_id}'s config has no {lr_key!r} (keys: "
+                         f"{sorted(config)}). QANScheduler(lr_key={lr_key!r}) controls that key:"
+                         " add it to param_space, or pass the key your trainable reads as lr_key.")
+    lr = config[lr_key]
+    if not is_finite(lr) or float(lr) <= 0:
+        raise ValueError(f"trial {trial_id}'s {lr_key!r} is {lr!r}; it must be a number > 0. "
+                         "Sample it from e.g. tune.loguniform(1e-3, 1).")
+    return float(lr)
