@@ -15,8 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "episode": ("qan_ray.demo", "run the QAN environment with a fixed-LR or random controller"),
     "train": ("qan_ray.meta", "meta-train a controller: RLlib DQN over Ray trainer actors"),
     "evaluate": ("qan_ray.evaluate", "greedy controller vs fixed/step/cosine baselines, seeds"),
-    #"tune": ("qan_ray.compare", "one Ray Tune experiment with a chosen scheduler"),
-    #"compare": ("qan_ray.compare", "QAN vs ASHA/PBT/... on the same task, seeds and budget"),
+    "tune": ("qan_ray.compare", "one Ray Tune experiment with a chosen scheduler"),
+    "compare": ("qan_ray.compare", "QAN vs ASHA/PBT/... on the same task, seeds and budget"),
 }
 
 

@@ -1,5 +1,12 @@
-"""`qan episode` (and the interim `make demo`): the QAN environment driven by a fixed-LR and a
-random controller on the embedded digits task, with their episode returns and accuracies."""
+"""`make demo` (the main job on the embedded default) and `qan episode`.
+
+`make demo`: a short `qan train` (RLlib DQN over 2 trainer actors) on the embedded digits task,
+`qan evaluate` of the result against the baselines (table + figures), then `qan compare` of QAN,
+ASHA, PBT and FIFO in Ray Tune. Everything lands under runs/demo/. A few minutes on 2 CPUs.
+
+`qan episode`: the QAN environment driven by a fixed-LR and a random controller, with their
+episode returns and accuracies (no Ray, no learning: a smoke test of the environment).
+"""
 
 from __future__ import annotations
 
@@ -47,10 +54,39 @@ def run_episode(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_OUT = "runs/demo"
+
+
+def demo_commands(out: str = DEMO_OUT) -> list[list[str]]:
+    """The demo's steps, as `qan` argument lists (printed before they run)."""
+    steps = [
+        ["train", "--task", "digits-mlp", "--episodes", "12", "--num-actors", "2",
+         "--out", f"{out}/train"],
+        ["evaluate", "--controller", f"{out}/train", "--seeds", "3", "--out", f"{out}/evaluate"],
+    ]
+    from qan_ray.cli import COMMANDS
+
+    if "compare" in COMMANDS:
+        steps.append(["compare", "--task", "digits-mlp", "--seeds", "1",
+                      "--policy", f"{out}/train", "--out", f"{out}/compare"])
+    return steps
+
+
 def main() -> int:
+    import shutil
+    import time
+
     from qan_ray.cli import main as cli_main
 
-    return cli_main(["episode"])
+    shutil.rmtree(DEMO_OUT, ignore_errors=True)  # the demo's own folder only
+    start = time.time()
+    for argv in demo_commands():
+        print(f"\n$ qan {' '.join(argv)}", flush=True)
+        rc = cli_main(argv)
+        if rc:
+            return rc
+    print(f"\ndemo done in {time.time() - start:.0f}s; outputs under {DEMO_OUT}/")
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,31 +28,53 @@ GROUPINGS = ("filter", "in_channel", "kernel")
 SIGNAL_NAMES = ("log10_lr", "log_train_loss", "log_train_loss_vs_initial", "log_val_loss",
                 "val_accuracy", "progress", "log_lr_vs_initial", "nonfinite")
 PER_LAYER = len(STAT_NAMES) * (1 + len(GROUPINGS) * len(SUMMARY_NAMES))  # 192
-_QUANTILES = torch.tensor([0.25, 0.5, 0.75])
+
+
+def _sorted_quantile(xs: torch.Tensor, q: float) -> torch.Tensor:
+    """Linear-interpolation quantile (torch.quantile's default) of rows already sorted along
+    dim 1. Positions come from the shape (host metadata): no device sync."""
+    pos = q * (xs.shape[1] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, xs.shape[1] - 1)
+    return xs[:, lo] + (xs[:, hi] - xs[:, lo]) * (pos - lo)
 
 
 def group_stats(x: torch.Tensor) -> torch.Tensor:
     """The paper's g(x) for each row of x (G, n) -> (G, 12), computed in float32."""
     x = x.float()
+    xs = torch.sort(x, dim=1).values
     mean = x.mean(dim=1)
-    q = torch.quantile(x, _QUANTILES.to(x.device), dim=1).T  # (G, 3)
     centred = x - mean[:, None]
-    var = centred.pow(2).mean(dim=1)
+    c2 = centred * centred
+    var = c2.mean(dim=1)
     std = var.sqrt()
     safe = std > 1e-12
-    denom = torch.where(safe, std, torch.ones_like(std))
-    z = centred / denom[:, None]
-    skew = torch.where(safe, z.pow(3).mean(dim=1), torch.zeros_like(std))
-    kurt = torch.where(safe, z.pow(4).mean(dim=1) - 3.0, torch.zeros_like(std))
-    moments = [x.pow(k).mean(dim=1) for k in range(1, 6)]
-    return torch.stack([mean, q[:, 0], q[:, 1], q[:, 2], std, skew, kurt, *moments], dim=1)
+    denom = torch.where(safe, var, torch.ones_like(var))
+    skew = torch.where(safe, (c2 * centred).mean(dim=1) / (denom * denom.sqrt()),
+                       torch.zeros_like(std))
+    kurt = torch.where(safe, (c2 * c2).mean(dim=1) / (denom * denom) - 3.0, torch.zeros_like(std))
+    x2 = x * x
+    x3 = x2 * x
+    moments = [mean, x2.mean(dim=1), x3.mean(dim=1), (x2 * x2).mean(dim=1),
+               (x3 * x2).mean(dim=1)]
+    quartiles = [_sorted_quantile(xs, q) for q in (0.25, 0.5, 0.75)]
+    return torch.stack([mean, *quartiles, std, skew, kurt, *moments], dim=1)
+
+
+def _single_stats(x: torch.Tensor) -> torch.Tensor:
+    """group_stats of one-element groups (a Linear layer's 'kernels'), in closed form."""
+    zero = torch.zeros_like(x)
+    x2 = x * x
+    return torch.stack([x, x, x, x, zero, zero, zero, x, x2, x2 * x, x2 * x2, x2 * x2 * x], dim=1)
 
 
 def _summarise(stats: torch.Tensor) -> torch.Tensor:
     """(G, 12) per-group statistics -> (60,) mean/median/std/max/min over the groups."""
+    s = stats.T.contiguous()  # (12, G): reductions along contiguous rows (a selection for the
+    # median, not a sort: 8x faster for the G = out*in per-kernel groups of a Linear layer)
     return torch.cat([
-        stats.mean(dim=0), stats.median(dim=0).values, stats.std(dim=0, correction=0),
-        stats.max(dim=0).values, stats.min(dim=0).values,
+        s.mean(dim=1), s.median(dim=1).values, s.std(dim=1, correction=0), s.amax(dim=1),
+        s.amin(dim=1),
     ])
 
 
@@ -65,7 +87,8 @@ def layer_features(weight: torch.Tensor) -> torch.Tensor:
         group_stats(w3.reshape(1, -1))[0],
         _summarise(group_stats(w3.reshape(out_ch, -1))),
         _summarise(group_stats(w3.transpose(0, 1).reshape(in_ch, -1))),
-        _summarise(group_stats(w3.reshape(out_ch * in_ch, -1))),
+        _summarise(_single_stats(w3.reshape(-1)) if w3.shape[2] == 1
+                   else group_stats(w3.reshape(out_ch * in_ch, -1))),
     ]
     return torch.cat(parts)
 

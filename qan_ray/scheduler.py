@@ -256,11 +256,8 @@ class QANScheduler(FIFOScheduler):
         """Per-trial QAN state as JSON at `checkpoint_path` (atomic); the stopper's own state,
         if it implements save(), next to it (`<path>.stopper`)."""
         self._write_state(checkpoint_path)
-        if self.stopper is not None:
-            try:
-                self.stopper.save(checkpoint_path + ".stopper")
-            except NotImplementedError:
-                pass
+        if _implements(self.stopper, "save"):
+            self.stopper.save(checkpoint_path + ".stopper")
 
     def restore(self, checkpoint_path: str) -> None:
         data = json.loads(Path(checkpoint_path).read_text())
@@ -268,11 +265,8 @@ class QANScheduler(FIFOScheduler):
         self._metric = self._metric or data.get("metric")
         self._mode = self._mode or data.get("mode")
         stopper_file = checkpoint_path + ".stopper"
-        if self.stopper is not None and os.path.exists(stopper_file):
-            try:
-                self.stopper.restore(stopper_file)
-            except NotImplementedError:
-                pass
+        if _implements(self.stopper, "restore") and os.path.exists(stopper_file):
+            self.stopper.restore(stopper_file)
 
     # --- public read-only view -------------------------------------------------------------------
     def trial_state(self, trial_id: str) -> TrialState:
@@ -377,6 +371,14 @@ class QANScheduler(FIFOScheduler):
         tmp = f"{path}.tmp"
         Path(tmp).write_text(json.dumps(data))
         os.replace(tmp, path)
+
+
+def _implements(stopper: Any, method: str) -> bool:
+    """Whether the stopper overrides TrialScheduler's abstract save/restore (ASHA does, FIFO,
+    HyperBand and PBT do not)."""
+    if stopper is None:
+        return False
+    return getattr(type(stopper), method) is not getattr(TrialScheduler, method)
 
 
 def _check_pbt_mutations(stopper: Any, lr_key: str) -> None:

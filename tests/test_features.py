@@ -75,3 +75,10 @@ def test_observation_fixed_length_float32_and_flags_nonfinite():
 def test_monitored_layers_unknown_name_is_a_clear_error():
     with pytest.raises(ValueError, match=r"`monitored_layers` names \['fc9'\].*Valid names"):
         weight_features(nn.Sequential(nn.Linear(3, 2)), ("fc9",))
+
+
+def test_single_element_groups_closed_form_matches_group_stats():
+    from qan_ray.features import _single_stats
+
+    x = torch.randn(50)
+    assert torch.allclose(_single_stats(x), group_stats(x[:, None]), atol=1e-6)
