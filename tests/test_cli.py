@@ -1,0 +1,88 @@
+"""End-to-end: the `qan` CLI in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from policies.qnet import Controller, plain_qnet
+from qan_ray.config import from_dict
+from qan_ray.env import TargetTrainingEnv
+
+pytestmark = pytest.mark.e2e
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def qan(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qan_ray.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+
+
+def test_help_lists_the_subcommands():
+    out = qan("--help")
+    assert out.returncode == 0
+    for command in ("train", "evaluate", "episode"):
+        assert command in out.stdout
+
+
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path):
+    out = qan("episode", "--control-interval", "0")
+    assert out.returncode == 2
+    assert "`control_interval` is 0; it must be an integer >= 1. Try --control-interval 50." in (
+        out.stderr)
+    assert "Traceback" not in out.stderr
+    out = qan("evaluate", "--controller", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
+    assert out.returncode == 2 and "has no spec.json + qnet.pt" in out.stderr
+
+
+def test_episode_prints_both_controllers():
+    out = qan("episode", "--episodes", "1", "--epochs-per-episode", "1")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.startswith(("fixed", "random"))]
+    assert [r[0] for r in rows] == ["fixed", "random"]
+    assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)  # val accuracy column
+
+
+def _keep_controller(folder: Path, cfg) -> Path:
+    """A controller whose greedy action is always 'keep' (factor 1.0)."""
+    env = TargetTrainingEnv(cfg)
+    n = env.observation_space.shape[0]
+    net = plain_qnet(n, (8,), cfg.num_actions)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net[-1].bias[cfg.lr_factors.index(1.0)] = 1.0
+    spec = {"obs_size": n, "num_actions": cfg.num_actions, "hidden": [8],
+            "qan": cfg.to_dict(), "action_mode": "lr"}
+    return Controller(net, spec).save(folder)
+
+
+def test_evaluate_keep_controller_equals_the_fixed_baseline_exactly(tmp_path):
+    # Same trainer code for QAN and the baselines: a controller that always keeps the LR must
+    # reproduce the fixed-LR baseline at that LR bit for bit.
+    cfg = from_dict(task="digits-mlp", epochs_per_episode=1.0)
+    ctrl = _keep_controller(tmp_path / "ctrl", cfg)
+    out = qan("evaluate", "--controller", str(ctrl), "--seeds", "2", "--lr-grid", "0.05,0.1",
+              "--out", str(tmp_path / "eval"))
+    assert out.returncode == 0, out.stderr
+    summary = {r["method"]: r for r in pq.read_table(tmp_path / "eval" /
+                                                     "evaluation.parquet").to_pylist()}
+    best = "0.1" if summary["fixed@0.1"]["best_fixed"] else "0.05"
+    assert set(summary) == {"qan", "fixed@0.05", "fixed@0.1", f"step@{best}", f"cosine@{best}"}
+    assert summary["qan"]["val_acc_mean"] == summary["fixed@0.05"]["val_acc_mean"]
+    assert summary["qan"]["test_acc_mean"] == summary["fixed@0.05"]["test_acc_mean"]
+    curves = pq.read_table(tmp_path / "eval" / "curves.parquet").to_pylist()
+    q = [(r["seed"], r["batches"], r["val_accuracy"]) for r in curves if r["method"] == "qan"]
+    f = [(r["seed"], r["batches"], r["val_accuracy"]) for r in curves
+         if r["method"] == "fixed@0.05"]
+    assert q == f and len(q) == 2 * 5  # 2 seeds x (reset + 4 control steps)
+    for name in ("evaluation.md", "accuracy_vs_epoch.png", "lr_over_time.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert "| qan |" in out.stdout and "figures:" in out.stdout
