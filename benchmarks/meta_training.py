@@ -72,11 +72,15 @@ def main() -> None:
     ap.add_argument("--eval-seeds", type=int, default=3)
     ap.add_argument("--num-actors", type=int, default=2)
     ap.add_argument("--reward", default="log_loss")
+    ap.add_argument("--signals-only", action="store_true",
+                    help="ablation: observe training signals only, no weight statistics")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = from_dict(task=args.task, data_root=args.data_root, reward=args.reward)
-    tag = f"{args.task}-{args.reward}"
+    cfg = from_dict(task=args.task, data_root=args.data_root, reward=args.reward,
+                    weight_features=not args.signals_only)
+    tag = f"{args.task}-{args.reward}" + ("-signals" if args.signals_only else "") + (
+        f"-{args.episodes}ep" if args.episodes != 20 else "")
     out = args.out or RESULTS / f"meta_training_{tag}.md"
     t0 = time.time()
     print(f"[{tag}] baselines on {args.eval_seeds} evaluation seeds ...", flush=True)
@@ -122,7 +126,8 @@ def main() -> None:
         statistics.mean(q_btt) < statistics.mean(best_btt)) and statistics.mean(
         f["val_acc"] for f in finals) >= target
     lines = [
-        f"# Meta-training benchmark: {args.task} (reward {args.reward})",
+        f"# Meta-training benchmark: {args.task} (reward {args.reward}, observation "
+        f"{'training signals only' if args.signals_only else 'weight statistics + signals'})",
         "",
         f"- {args.meta_seeds} meta-training seeds x {args.episodes} episodes, {args.num_actors} "
         f"trainer actors, greedy evaluation every {args.eval_every} episodes on "

@@ -98,6 +98,10 @@ class QANConfig:
     """sgd | adam."""
     lr: float = 0.05
     """Initial learning rate of every episode."""
+    lr_init_range: tuple[float, ...] | None = None
+    """If set (LOW,HIGH), each episode starts at an LR drawn log-uniformly from it (seeded by the
+    episode seed) instead of `lr`, so a controller learns to correct bad initial LRs (as Tune's
+    sampled trials need)."""
     momentum: float = 0.9
     """SGD momentum (0 = plain SGD)."""
     nesterov: bool = False
@@ -145,6 +149,9 @@ class QANConfig:
     mm_reference: str = "final"
     """W*: 'final' weights of a reference run, or its weights at the same 'trajectory' step."""
 
+    weight_features: bool = True
+    """Observe the weight statistics (the paper's state); False = training signals only (an
+    ablation that asks how much the weights tell the controller)."""
     monitored_layers: tuple[str, ...] = ()
     """Names of Linear/Conv modules whose weights are observed (empty = every one)."""
     val_max_samples: int = 5000
@@ -221,6 +228,11 @@ class QANConfig:
         if not (self.lr_min <= self.lr <= self.lr_max):
             raise bad("lr", self.lr, f"it must lie in [lr_min, lr_max] = [{self.lr_min}, "
                       f"{self.lr_max}]", "Change --lr or the bounds.")
+        if self.lr_init_range is not None and not (
+                len(self.lr_init_range) == 2
+                and self.lr_min <= self.lr_init_range[0] <= self.lr_init_range[1] <= self.lr_max):
+            raise bad("lr_init_range", self.lr_init_range, "it must be LOW,HIGH with lr_min <= "
+                      "LOW <= HIGH <= lr_max", "Try --lr-init-range 0.001,1, or leave it unset.")
         if self.restart_lr is not None and not (self.lr_min <= self.restart_lr <= self.lr_max):
             raise bad("restart_lr", self.restart_lr, "it must lie in [lr_min, lr_max]",
                       "Change --restart-lr or the bounds.")
@@ -271,8 +283,8 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
     merged.update({k: v for k, v in given.items()
                    if v is not None or _FIELDS[k].default is None})
     merged["task"] = task
-    for key in ("hidden", "lr_factors", "monitored_layers"):
-        if key in merged and not isinstance(merged[key], tuple):
+    for key in ("hidden", "lr_factors", "monitored_layers", "lr_init_range"):
+        if merged.get(key) is not None and not isinstance(merged[key], tuple):
             merged[key] = tuple(merged[key])
     return QANConfig(**merged).validate()
 

@@ -36,11 +36,12 @@ class TargetTrainingEnv(gym.Env):
         self.trainer = TargetTrainer(cfg)
         if cfg.mm_coef > 0:
             self.trainer.set_reference(reference_run(cfg, self.trainer.device))
-        size = observation_size(self.trainer.model, cfg.monitored_layers)
+        size = observation_size(self.trainer.model, cfg.monitored_layers, cfg.weight_features)
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (size,), np.float32)
         self.action_space = gym.spaces.Discrete(cfg.num_actions)
         self.total_steps = math.ceil(self.trainer.total_batches / cfg.control_interval)
         self.episodes_started = 0
+        self.initial_lr = cfg.lr
         self._last: dict[str, float] = {}
 
     # --- gymnasium API -----------------------------------------------------------------------
@@ -50,6 +51,11 @@ class TargetTrainingEnv(gym.Env):
         self.episodes_started += 1
         tr = self.trainer
         tr.reset(episode_seed)
+        self.initial_lr = self.cfg.lr
+        if self.cfg.lr_init_range is not None:  # log-uniform start LR, seeded by the episode
+            low, high = (math.log(x) for x in self.cfg.lr_init_range)
+            u = np.random.default_rng(episode_seed).uniform(low, high)
+            self.initial_lr = tr.set_lr(math.exp(u))
         val_loss, val_acc = tr.evaluate("val")
         self._t = 0
         self._last = {"train_loss": tr.initial_loss, "val_loss": val_loss, "val_accuracy": val_acc}
@@ -79,9 +85,10 @@ class TargetTrainingEnv(gym.Env):
     # --- helpers -------------------------------------------------------------------------------
     def _observe(self, train_loss: float, val_loss: float, val_acc: float) -> np.ndarray:
         tr = self.trainer
-        signals = signal_vector(tr.lr, self.cfg.lr, train_loss, tr.initial_loss, val_loss,
+        signals = signal_vector(tr.lr, self.initial_lr, train_loss, tr.initial_loss, val_loss,
                                 val_acc, tr.progress)
-        return observation(tr.model, signals, self.cfg.monitored_layers)
+        return observation(tr.model, signals, self.cfg.monitored_layers,
+                           self.cfg.weight_features)
 
     def _info(self, diverged: bool) -> dict[str, Any]:
         tr = self.trainer

@@ -118,10 +118,11 @@ def weight_features(model: nn.Module, names: tuple[str, ...] = ()) -> torch.Tens
     return symlog(torch.cat(feats))
 
 
-def feature_names(model: nn.Module, names: tuple[str, ...] = ()) -> list[str]:
+def feature_names(model: nn.Module, names: tuple[str, ...] = (),
+                  with_weights: bool = True) -> list[str]:
     """Human-readable name of every entry of the observation vector (same order)."""
     out: list[str] = []
-    for layer, _ in monitored_modules(model, names):
+    for layer, _ in monitored_modules(model, names) if with_weights else []:
         out += [f"{layer}.all.{s}" for s in STAT_NAMES]
         for grouping in GROUPINGS:
             out += [f"{layer}.{grouping}.{summ}.{s}" for summ in SUMMARY_NAMES for s in STAT_NAMES]
@@ -142,16 +143,23 @@ def signal_vector(lr: float, initial_lr: float, train_loss: float, initial_loss:
     ]
 
 
-def observation(model: nn.Module, signals: list[float], names: tuple[str, ...] = ()):
+def observation(model: nn.Module, signals: list[float], names: tuple[str, ...] = (),
+                with_weights: bool = True):
     """Full observation as a float32 numpy vector. Non-finite entries become 0 and set the
     `nonfinite` flag (last entry) to their count, so the controller can see it happened."""
-    w = weight_features(model, names)
-    vec = torch.cat([w, torch.tensor(signals, dtype=torch.float32, device=w.device)])
+    sig = torch.tensor(signals, dtype=torch.float32)
+    if with_weights:
+        w = weight_features(model, names)
+        vec = torch.cat([w, sig.to(w.device)])
+    else:
+        vec = sig
     bad = ~torch.isfinite(vec)
     vec = torch.where(bad, torch.zeros_like(vec), vec)
     vec[-1] = bad.sum().float()
     return vec.cpu().numpy()
 
 
-def observation_size(model: nn.Module, names: tuple[str, ...] = ()) -> int:
-    return PER_LAYER * len(monitored_modules(model, names)) + len(SIGNAL_NAMES)
+def observation_size(model: nn.Module, names: tuple[str, ...] = (),
+                     with_weights: bool = True) -> int:
+    layers = len(monitored_modules(model, names)) if with_weights else 0
+    return PER_LAYER * layers + len(SIGNAL_NAMES)

@@ -268,7 +268,7 @@ class MetaTrainer:
 def _feature_names(env) -> list[str]:
     from qan_ray.features import feature_names
 
-    return feature_names(env.trainer.model, env.cfg.monitored_layers)
+    return feature_names(env.trainer.model, env.cfg.monitored_layers, env.cfg.weight_features)
 
 
 # --- CLI -------------------------------------------------------------------------------------

@@ -71,3 +71,10 @@ def test_reward_functions():
     with pytest.raises(ValueError, match="`reward` is 'x'"):
         step_reward("x", prev_train=1, train=1, prev_val=1, val=1, val_accuracy=0,
                     target_accuracy=1, total_steps=1)
+
+
+def test_signals_only_observation_ablation():
+    env = TargetTrainingEnv({"weight_features": False})
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.shape == (8,) and obs.shape == (8,)
+    assert obs[0] == pytest.approx(np.log10(0.05))  # log10 LR comes first
