@@ -145,7 +145,8 @@ def main() -> None:
         " |",
         "|---|---|---|---|",
         f"| qan (greedy) | {_ms([f['val_acc'] for f in finals])} | "
-        f"{_ms([f['test_acc'] for f in finals])} | {_ms(q_btt)} |",
+        f"{_ms([f['test_acc'] for f in finals])} | {_ms(q_btt)} "
+        f"({sum(f['reached'] for f in finals)}/{args.meta_seeds * args.eval_seeds}) |",
     ]
     for m, rs in sorted(base_runs.by_method.items(), key=lambda kv: -base[kv[0]]):
         lines.append(f"| {m} | {_ms([r['final_val_accuracy'] for r in rs])} | "
