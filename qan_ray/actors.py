@@ -39,19 +39,29 @@ class ActorResources:
     """GPUs per trainer actor (fractions allowed, e.g. 0.25 packs four actors on one GPU)."""
     torch_threads: int = 1
     """torch intra-op threads inside the actor (1 avoids oversubscribing a node's cores)."""
+    resources: dict[str, float] | None = None
+    """Custom Ray resources per actor, e.g. {"trainer_node": 1} to keep trainers on nodes started
+    with `ray start --resources='{"trainer_node": N}'` (None = no custom resources)."""
 
     def validate(self) -> ActorResources:
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             raise ValueError(f"`cpus_per_actor`/`gpus_per_actor` are {self.cpus_per_actor!r}/"
                              f"{self.gpus_per_actor!r}; they must be >= 0. Try --gpus-per-actor "
                              "0.5 on GPU nodes, 0 on CPU-only clusters.")
+        bad = {k: v for k, v in (self.resources or {}).items() if not v >= 0}
+        if bad:
+            raise ValueError(f"`resources` has {bad!r}; custom resource amounts must be >= 0. "
+                             "Try {\"trainer_node\": 1}.")
         if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
             raise ValueError(f"`gpus_per_actor` is {self.gpus_per_actor}; above 1 it must be a "
                              "whole number (Ray's rule). Try 1 or 2.")
         return self
 
     def options(self) -> dict[str, Any]:
-        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor}
+        opts: dict[str, Any] = {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        return opts
 
 
 class _TrainerActor:
@@ -66,9 +76,13 @@ class _TrainerActor:
         self.env = TargetTrainingEnv(env_config)
 
     def spec(self) -> dict[str, Any]:
-        return {"obs_size": int(self.env.observation_space.shape[0]),
-                "num_actions": int(self.env.action_space.n),
-                "total_steps": self.env.total_steps}
+        from qan_ray.features import feature_names
+
+        env = self.env
+        return {"obs_size": int(env.observation_space.shape[0]),
+                "num_actions": int(env.action_space.n), "total_steps": env.total_steps,
+                "feature_names": feature_names(env.trainer.model, env.cfg.monitored_layers,
+                                               env.cfg.weight_features)}
 
     def reset(self, seed: int | None = None):
         obs, info = self.env.reset(seed=seed)

@@ -144,17 +144,20 @@ class MetaTrainer:
                  resume: bool = False, log=print):
         import ray
 
-        from qan_ray.env import TargetTrainingEnv
+        from qan_ray.actors import start_trainer_actor
 
         self.qan, self.meta, self.out, self.log = qan, meta.validate(), Path(out), log
         self.out.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
             ray.init(namespace="qan", log_to_driver=False)  # RAY_ADDRESS joins a cluster
-        probe = TargetTrainingEnv(qan.replace(device="cpu", mm_coef=0.0))
-        self.steps_per_episode = probe.total_steps
-        self.obs_size = int(probe.observation_space.shape[0])
-        self.feature_names = _feature_names(probe)
-        del probe
+        # Probe the task where trainers run (the data may only exist on worker nodes).
+        probe = start_trainer_actor(qan.replace(mm_coef=0.0).to_dict(), ActorResources(
+            meta.cpus_per_actor, meta.gpus_per_actor))
+        spec = ray.get(probe.spec.remote())
+        ray.kill(probe)
+        self.steps_per_episode = spec["total_steps"]
+        self.obs_size = spec["obs_size"]
+        self.feature_names = spec["feature_names"]
         self.progress = {"episodes": 0, "iterations": 0, "run": self.out.name or "qan",
                          "started": time.time()}
         progress_file = self.out / "progress.json"
@@ -263,12 +266,6 @@ class MetaTrainer:
 
     def stop(self) -> None:
         self.algo.stop()
-
-
-def _feature_names(env) -> list[str]:
-    from qan_ray.features import feature_names
-
-    return feature_names(env.trainer.model, env.cfg.monitored_layers, env.cfg.weight_features)
 
 
 # --- CLI -------------------------------------------------------------------------------------
