@@ -96,7 +96,9 @@ case $cmd in
         ;;
 esac
 
-runtime_env='{"env_vars": {"PYTHONUNBUFFERED": "1"}, "excludes": [".git", ".venv", "runs"]'
+# Never upload the venv, .git, run folders or datasets, even where .gitignore is not honoured
+# (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1); tests/test_cluster_e2e.py checks the package.
+runtime_env='{"env_vars": {"PYTHONUNBUFFERED": "1"}, "excludes": [".git", ".venv", "runs", "/data"]'
 if [[ -n ${QAN_PIP:-} ]]; then
     pip_json=""
     IFS=';' read -r -a pip_reqs <<<"$QAN_PIP"
