@@ -56,14 +56,14 @@ def steps_per_second(cfg, num_actors: int, iterations: int) -> float:
 
 
 def overhead(cfg, seed: int) -> tuple[float, float]:
-    """(fixed-schedule seconds, controlled seconds) for one episode of `cfg`."""
+    """(fixed-schedule seconds, controlled seconds) for one episode of `cfg`, init included."""
     env = TargetTrainingEnv(cfg)
     net = plain_qnet(env.observation_space.shape[0], (64, 64), cfg.num_actions)
     ctrl = Controller(net, {"obs_size": env.observation_space.shape[0],
                             "num_actions": cfg.num_actions})
     tr = env.trainer
-    tr.reset(seed)
     start = time.perf_counter()
+    tr.reset(seed)  # both paths pay for a fresh init, as every episode does
     while not tr.done:
         tr.set_lr(cfg.lr)
         tr.train(min(cfg.control_interval, tr.total_batches - tr.step))
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--task", default="digits-mlp")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=6)
-    ap.add_argument("--intervals", default="10,50,200")
+    ap.add_argument("--intervals", default="10,50,140,280")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -103,6 +103,12 @@ def main() -> None:
         if interval == cfg.control_interval:
             default_overhead = statistics.mean(pct)
         print(lines[-1], flush=True)
+    lines += ["", "The cost of a control point (weight statistics of every monitored layer, a "
+              "validation pass, the Q-network) is fixed; the training it is compared with grows "
+              "with the interval. On this toy task a mini-batch takes well under 1 ms on the CPU, "
+              "so the overhead only falls under 10% at intervals of a few hundred mini-batches; "
+              "for real networks (ms per batch on a GPU) the same fixed cost is spread over "
+              "far more work."]
     # (1) scaling
     rates = {}
     for n in (1, 2):
