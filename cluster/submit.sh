@@ -3,7 +3,7 @@
 #
 #   cluster/submit.sh train   --task digits-mlp --episodes 20 --num-actors 4
 #   cluster/submit.sh tune    --task digits-mlp --scheduler qan
-#   cluster/submit.sh compare --task digits-mlp --seeds 3
+#   cluster/submit.sh compare --task digits-mlp --seeds 0,1,2
 #
 # The job API must be reachable on RAY_ADDRESS; it is never exposed publicly, so open a tunnel
 # first: `ray dashboard cluster/aws.yaml` (ray up clusters) or

@@ -16,12 +16,15 @@ that finished its budget.
 
 Scheduler names: fifo, asha, hyperband, median, pbt, pb2, qan, and qan+STOPPER (QAN sets the LR,
 STOPPER in asha|hyperband|median|pbt decides STOP/CONTINUE; with pbt, PBT explores momentum).
+A QAN name may end in @POLICY (builtin or a controller folder) to override --policy, so one
+comparison can hold several controllers: qan,qan@builtin,asha,...
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -167,6 +170,17 @@ def epoch_budget(counter, budget: float):
     return EpochBudget()
 
 
+def quiet_tune() -> None:
+    """Our own lines only: no Tune progress tables (verbose=0 with the classic reporter), no
+    per-exploit INFO lines of PBT, no warnings about result files of cloned trials."""
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune.logger").setLevel(logging.ERROR)
+
+
 def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -184,7 +198,11 @@ def make_scheduler(name: str, proto: Protocol):
         PopulationBasedTraining,
     )
 
+    name, _, policy = name.partition("@")  # qan@builtin, qan+asha@runs/ctrl/controller
     base, _, stopper = name.partition("+")
+    if policy and base != "qan":
+        raise ValueError(f"scheduler {name}@{policy}: only QAN schedulers take a policy "
+                         "(qan@builtin, qan+asha@DIR).")
     if base not in BASE_SCHEDULERS or (stopper and (base != "qan" or stopper not in STOPPERS)):
         raise ValueError(f"scheduler {name!r} is unknown; use one of {BASE_SCHEDULERS} or "
                          f"qan+STOPPER with STOPPER in {STOPPERS} (e.g. qan+asha).")
@@ -214,7 +232,7 @@ def make_scheduler(name: str, proto: Protocol):
     if base == "qan":
         from qan_ray.scheduler import QANScheduler
 
-        return QANScheduler(policy=proto.policy, control_every=proto.control_every,
+        return QANScheduler(policy=policy or proto.policy, control_every=proto.control_every,
                             stopper=stopping(stopper, qan=True) if stopper else None)
     return stopping(base)
 
@@ -240,7 +258,13 @@ def param_space(proto: Protocol) -> dict[str, Any]:
             "seed": tune.randint(0, 1_000_000)}
 
 
-def run_experiment(name: str, proto: Protocol, seed: int, storage: Path,
+def storage_uri(storage: str | Path) -> str:
+    """Tune's storage_path: a cloud URI (s3://, gs://, ...) as given, a local path absolute."""
+    text = str(storage)
+    return text if "://" in text else str(Path(text).resolve())
+
+
+def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
                    log=print) -> dict[str, Any]:
     """One Tune experiment with scheduler `name`; returns the summary row and the trace rows."""
     import ray
@@ -251,11 +275,13 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: Path,
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
+    quiet_tune()
     scheduler = make_scheduler(name, proto)
     counter = epoch_counter()
     trainable = tune.with_resources(trainable_for(proto.task_config.get("task", "digits-mlp")),
                                     {"cpu": proto.cpus_per_trial, "gpu": proto.gpus_per_trial})
-    exp_name = f"{proto.task_config.get('task')}-{name.replace('+', '-')}-s{seed}-{time.time_ns()}"
+    tag = re.sub(r"[^A-Za-z0-9_.]+", "-", name)
+    exp_name = f"{proto.task_config.get('task')}-{tag}-s{seed}-{time.time_ns()}"
     tuner = tune.Tuner(
         trainable, param_space=param_space(proto),
         tune_config=tune.TuneConfig(
@@ -264,7 +290,7 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: Path,
                                              max_concurrent=proto.max_concurrent),
             reuse_actors=True),
         run_config=tune.RunConfig(
-            name=exp_name, storage_path=str(storage.resolve()), verbose=0,
+            name=exp_name, storage_path=storage_uri(storage), verbose=0,
             stop=epoch_budget(counter, proto.budget), callbacks=[counter],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=0)))
@@ -358,8 +384,10 @@ def plot(runs: list[dict[str, Any]], summaries: list[dict[str, Any]], path: Path
     for t in sorted({s["target_accuracy"] for s in summaries}):
         ax.axhline(t, color="grey", linestyle=":", linewidth=1)
     finite = [y for r in runs for _, y in best_curve(r["rows"]) if math.isfinite(y)]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 0.02), min(1.0, max(finite) + 0.01))
+    targets = [s["target_accuracy"] for s in summaries]
+    if finite:  # zoom on the region around the targets; curves enter it from below
+        low = min(finite) if not targets else max(min(finite), min(targets) - 0.08)
+        ax.set_ylim(max(0.0, low - 0.01), min(1.0, max(finite) + 0.01))
     ax.set_xlabel("cumulative training epochs (all trials, arrival order)")
     ax.set_ylabel("best validation accuracy so far")
     ax.legend()
@@ -372,7 +400,8 @@ def plot(runs: list[dict[str, Any]], summaries: list[dict[str, Any]], path: Path
 
 
 def compare(names: list[str], proto: Protocol, seeds: list[int], out: Path,
-            target_fraction: float = 1.0, log=print) -> dict[str, Any]:
+            target_fraction: float = 1.0, log=print,
+            storage: str | Path | None = None) -> dict[str, Any]:
     """Run every scheduler on every seed; write compare.md, compare.parquet, trace.parquet and
     compare.png under `out`; return the table rows and the Markdown."""
     from qan_ray.records import write_table
@@ -386,7 +415,7 @@ def compare(names: list[str], proto: Protocol, seeds: list[int], out: Path,
     runs = []
     for seed in seeds:
         for name in names:
-            runs.append(run_experiment(name, proto, seed, out / "ray", log=log))
+            runs.append(run_experiment(name, proto, seed, storage or out / "ray", log=log))
     summaries = add_targets(runs, target_fraction)
     rows = table_rows(summaries, names)
     note = (f"{target_fraction:g} x the best baseline's best validation accuracy, per seed "
@@ -417,6 +446,9 @@ def _add_protocol_arguments(p: argparse.ArgumentParser) -> None:
                    help="QAN controller: builtin or a `qan train` controller folder")
     g.add_argument("--control-every", type=int, default=1, help="QAN acts every n epochs")
     g.add_argument("--out", default="runs/compare", help="output folder")
+    g.add_argument("--storage-path", default=None,
+                   help="Ray Tune storage (trial checkpoints): a path every node can write or a "
+                        "cloud URI such as s3://bucket/qan (default: OUT/ray)")
     add_config_arguments(p, skip=SKIP_FLAGS)
 
 
@@ -463,7 +495,7 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"qan tune: {args.scheduler} on {proto.task_config['task']}, {proto.samples} trials x "
           f"{proto.epochs} epochs, LR in [{proto.lr_low:g}, {proto.lr_high:g}], seed {args.seed}")
     out = Path(args.out)
-    run = run_experiment(args.scheduler, proto, args.seed, out / "ray")
+    run = run_experiment(args.scheduler, proto, args.seed, args.storage_path or out / "ray")
     by_trial: dict[str, dict[str, Any]] = {}
     for r in run["rows"]:
         t = by_trial.setdefault(r["trial"], {"first_lr": r["lr"], "best": -math.inf})
@@ -498,7 +530,8 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"qan compare: {names} on {proto.task_config['task']}, seeds {seeds}, "
           f"{proto.samples} trials x {proto.epochs} epochs (budget {proto.budget} epochs), "
           f"{proto.max_concurrent} concurrent")
-    result = compare(names, proto, seeds, out, target_fraction=args.target_fraction)
+    result = compare(names, proto, seeds, out, target_fraction=args.target_fraction,
+                     storage=args.storage_path)
     print(result["markdown"])
     print(f"wrote {out / 'compare.md'}, {out / 'compare.parquet'}, {out / 'trace.parquet'}, "
           f"{out / 'compare.png'}")

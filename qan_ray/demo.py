@@ -58,18 +58,17 @@ DEMO_OUT = "runs/demo"
 
 
 def demo_commands(out: str = DEMO_OUT) -> list[list[str]]:
-    """The demo's steps, as `qan` argument lists (printed before they run)."""
-    steps = [
-        ["train", "--task", "digits-mlp", "--episodes", "12", "--num-actors", "2",
+    """The demo's steps, as `qan` argument lists (printed before they run). The controller acts
+    once per epoch (35 mini-batches) from a random initial LR, as it will in Ray Tune, where
+    trainables report once per epoch."""
+    task = ["--task", "digits-mlp", "--control-interval", "35", "--lr-init-range", "0.001,1"]
+    return [
+        ["train", *task, "--episodes", "12", "--num-actors", "2", "--learning-starts", "32",
          "--out", f"{out}/train"],
         ["evaluate", "--controller", f"{out}/train", "--seeds", "3", "--out", f"{out}/evaluate"],
+        ["compare", "--task", "digits-mlp", "--schedulers", "qan,asha,pbt,fifo", "--seeds", "0",
+         "--policy", f"{out}/train", "--out", f"{out}/compare"],
     ]
-    from qan_ray.cli import COMMANDS
-
-    if "compare" in COMMANDS:
-        steps.append(["compare", "--task", "digits-mlp", "--seeds", "1",
-                      "--policy", f"{out}/train", "--out", f"{out}/compare"])
-    return steps
 
 
 def main() -> int:

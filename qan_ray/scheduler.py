@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,9 @@ class QANScheduler(FIFOScheduler):
                              "or a controller trained for that mode.")
         self.action_mode = action_mode
         self.rule = lr_rule(spec)
+        qan = spec.get("qan", {})
+        self.observe = {"with_weights": bool(qan.get("weight_features", True)),
+                        "monitored_layers": list(qan.get("monitored_layers") or [])}
         self.keep = core.keep_action(self.rule.lr_factors)
         self.control_every = control_every
         self.lr_key = lr_key
@@ -173,10 +177,10 @@ class QANScheduler(FIFOScheduler):
         state = self._trials.get(tid)
         if state is None:
             lr = core.initial_lr_of(trial.config, self.lr_key, tid)
-            self._trials[tid] = TrialState(lr=lr, initial_lr=lr)
-        elif state.version > 0:  # restored from a saved state: the trial resumes with its LR
+            state = self._trials[tid] = TrialState(lr=lr, initial_lr=lr)
+        else:  # restored from a saved state: the trial resumes with QAN's LR
             self._set_config_lr(trial, state)
-            self._publish(tid, state)
+        self._publish(tid, state)  # before the trial starts: version, initial LR, observation
         if self.stopper is not None:
             self.stopper.on_trial_add(tune_controller, trial)
 
@@ -321,13 +325,23 @@ class QANScheduler(FIFOScheduler):
         if channel is None:
             return
         hyper = {self.lr_key: state.lr, **(extra or {})}
-        channel.publish.remote(trial_id, hyper, state.version, {self.lr_key: state.initial_lr})
+        channel.publish.remote(trial_id, hyper, state.version, {self.lr_key: state.initial_lr},
+                               self.observe)
 
     def _open_channel(self):
         if self._channel is None and self._experiment is not None:
+            import ray
+
             from qan_ray.tune import open_channel
 
-            self._channel = open_channel(self._experiment, create=True)
+            for attempt in range(5):  # a channel killed a moment ago may still hold the name
+                channel = open_channel(self._experiment, create=True)
+                try:
+                    ray.get(channel.snapshot.remote(), timeout=30)
+                    self._channel = channel
+                    break
+                except ray.exceptions.RayActorError:
+                    time.sleep(0.2 * (attempt + 1))
         return self._channel
 
     def _attach(self, trial: Trial) -> None:
@@ -354,8 +368,9 @@ class QANScheduler(FIFOScheduler):
             self._channel.drop.remote(trial.trial_id)
             live = [t for t in tune_controller.get_trials()
                     if t is not trial and not t.is_finished()]
-            if not live:  # free the actor; it is re-created if more trials come
-                import ray
+            search = getattr(tune_controller, "search_alg", None)
+            if not live and search is not None and search.is_finished():
+                import ray  # the experiment is over: free the actor (a restore re-creates it)
 
                 ray.kill(self._channel)
                 self._channel = None

@@ -41,9 +41,11 @@ class ControlChannel:
         self._entries: dict[str, dict[str, Any]] = {}
 
     def publish(self, trial_id: str, hyperparams: dict[str, Any], version: int,
-                initial: dict[str, Any]) -> int:
+                initial: dict[str, Any], observe: dict[str, Any] | None = None) -> int:
+        """`observe` tells the trainable which observation the controller was trained on
+        (with_weights, monitored_layers)."""
         self._entries[trial_id] = {"hyperparams": dict(hyperparams), "version": int(version),
-                                   "initial": dict(initial)}
+                                   "initial": dict(initial), "observe": dict(observe or {})}
         return int(version)
 
     def get(self, trial_id: str) -> dict[str, Any] | None:
@@ -72,14 +74,17 @@ def open_channel(experiment_name: str, create: bool = False):
 
 def qan_metrics(model, *, lr: float, initial_lr: float, train_loss: float, initial_loss: float,
                 val_loss: float, val_accuracy: float, progress: float,
-                monitored_layers: tuple[str, ...] = ()) -> dict[str, Any]:
+                monitored_layers: tuple[str, ...] = (), with_weights: bool = True
+                ) -> dict[str, Any]:
     """The controller's observation of `model` (on its device) plus the LR used, as the result
-    keys QANScheduler reads. `progress` is the fraction of the trial's budget done (0..1)."""
+    keys QANScheduler reads. `progress` is the fraction of the trial's budget done (0..1);
+    with_weights=False gives the signals-only observation (for controllers trained without
+    weight statistics)."""
     from qan_ray.features import observation, signal_vector
 
     signals = signal_vector(lr, initial_lr, train_loss, initial_loss, val_loss, val_accuracy,
                             progress)
-    obs = observation(model, signals, tuple(monitored_layers))
+    obs = observation(model, signals, tuple(monitored_layers), with_weights=with_weights)
     return {OBS_KEY: obs.tolist(), LR_REPORTED_KEY: float(lr)}
 
 
@@ -100,6 +105,7 @@ class QANReporter:
         self.config = dict(config)
         self.lr_key = lr_key
         self.monitored_layers = tuple(monitored_layers)
+        self.with_weights = True
         self.timeout_s = timeout_s
         self.version = 0
         self.hyperparams = dict(config)
@@ -154,6 +160,10 @@ class QANReporter:
             initial = entry.get("initial", {}).get(self.lr_key)
             if initial is not None:
                 self.initial_lr = float(initial)
+            observe = entry.get("observe", {})
+            self.with_weights = bool(observe.get("with_weights", True))
+            if observe.get("monitored_layers") and not self.monitored_layers:
+                self.monitored_layers = tuple(observe["monitored_layers"])
         return self.hyperparams
 
     def apply(self, optimizer) -> float:
@@ -180,7 +190,8 @@ class QANReporter:
             out = qan_metrics(model, lr=lr, initial_lr=self.initial_lr or lr,
                               train_loss=train_loss, initial_loss=self.initial_loss,
                               val_loss=val_loss, val_accuracy=val_accuracy, progress=progress,
-                              monitored_layers=self.monitored_layers)
+                              monitored_layers=self.monitored_layers,
+                              with_weights=self.with_weights)
         if self._polled and self.active:
             out[VERSION_KEY] = self.version
         return out
@@ -198,13 +209,16 @@ class QANReporter:
 
 def _tune_context():
     """The Tune context inside a trial, else None (plain Python, tests without Tune)."""
+    import warnings
+
     try:
         from ray import tune
 
-        ctx = tune.get_context()
-        ctx.get_trial_id()
-        return ctx
-    except Exception:  # noqa: BLE001 - outside a Tune session every accessor may raise
+        with warnings.catch_warnings():  # outside Tune the accessors warn and return None
+            warnings.simplefilter("ignore")
+            ctx = tune.get_context()
+            return ctx if ctx.get_trial_id() is not None else None
+    except Exception:  # noqa: BLE001 - outside a Tune session an accessor may also raise
         return None
 
 

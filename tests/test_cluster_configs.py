@@ -292,7 +292,7 @@ def test_rayjob_entrypoint_trains_then_compares_into_pvc() -> None:
     assert compare == "compare"
     assert {k: compare_opts[k] for k in ("--task", "--seeds", "--out")} == {
         "--task": "digits-mlp",
-        "--seeds": "3",
+        "--seeds": "0,1,2",
         "--out": "/mnt/results/compare",
     }
     assert compare_opts["--storage-path"].startswith("/mnt/results/")
@@ -407,3 +407,18 @@ def test_submit_sh_dry_run_keeps_user_out_and_adds_pip() -> None:
         "--storage-path",
         "/home/ray/results/tune",
     ]
+
+
+def test_rayjob_entrypoint_commands_parse_with_the_real_cli() -> None:
+    import shlex
+
+    from qan_ray.cli import build_parser
+
+    parser = build_parser()
+    entrypoint = _ray_resource("rayjob.yaml")["spec"]["entrypoint"]
+    parsed = [parser.parse_args(shlex.split(part.strip())[1:])
+              for part in entrypoint.split("&&") if part.strip().startswith("qan ")]
+    assert [a.command for a in parsed] == ["train", "compare"]
+    train, compare = parsed
+    assert (train.meta_num_actors, train.meta_gpus_per_actor, train.meta_learner_gpus) == (4, 1, 1)
+    assert compare.seeds == "0,1,2" and compare.storage_path.startswith("/mnt/results/")

@@ -1,0 +1,303 @@
+"""QANScheduler's decision core (pure functions, no Ray session) and the scheduler's hooks driven
+by hand with small stand-in trials (no Ray session either: no channel, so the restart fallback)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from controllers import fixed_action_controller
+
+from qan_ray import scheduler_core as core
+from qan_ray.scheduler_core import CONTINUE, NOOP, PAUSE, STOP, TrialState
+
+NAN, INF = float("nan"), float("inf")
+
+
+# --- scores: one sign multiplier, NaN/inf never raise --------------------------------------------
+@pytest.mark.parametrize("mode, value, expected", [
+    ("max", 0.9, 0.9), ("min", 0.9, -0.9), ("max", -2, -2.0), ("min", -2, 2.0),
+    ("max", NAN, -INF), ("min", NAN, -INF), ("max", INF, -INF), ("min", -INF, -INF),
+    ("max", None, -INF), ("min", "0.3", -INF), ("max", True, -INF),
+])
+def test_score_maximises_and_maps_nonfinite_to_worst(mode, value, expected):
+    assert core.score(value, mode) == expected
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_improved_never_counts_a_nonfinite_value(mode, bad):
+    assert not core.improved(-INF, bad, mode)
+    better = 0.1 if mode == "min" else 0.9
+    best = core.score(0.5, mode)
+    assert core.improved(best, better, mode)
+    assert not core.improved(best, 0.5, mode)  # a tie is not an improvement
+
+
+def test_sign_rejects_an_unknown_mode_with_the_fix():
+    with pytest.raises(ValueError, match=r"`mode` is 'maximize'; it must be 'min' or 'max'"):
+        core.sign("maximize")
+
+
+# --- results and observations ----------------------------------------------------------------
+@pytest.mark.parametrize("metric, result, missing", [
+    ("acc", {"acc": 1, "qan_obs": [0]}, []),
+    ("acc", {"qan_obs": [0]}, ["acc"]),
+    ("acc", {"acc": NAN}, ["qan_obs"]),  # NaN is present (handled later), the obs is not
+    (None, {}, ["qan_obs"]),
+])
+def test_missing_keys_lists_metric_then_observation(metric, result, missing):
+    assert core.missing_keys(result, metric) == missing
+
+
+def test_missing_message_names_the_keys_the_trial_and_both_fixes():
+    text = core.missing_message(["acc", "qan_obs"], "abc_00001", ["loss"])
+    assert "trial abc_00001" in text and "['acc', 'qan_obs']" in text
+    assert "reporter.metrics(model" in text and "on_missing='warn'" in text
+
+
+def test_clean_observation_zeroes_nonfinite_and_counts_them_in_the_last_entry():
+    obs = core.clean_observation([1.0, NAN, INF, -INF, 0.5], 5)
+    assert obs.dtype == np.float32
+    np.testing.assert_array_equal(obs, np.array([1.0, 0.0, 0.0, 0.0, 3.5], dtype=np.float32))
+
+
+def test_clean_observation_size_mismatch_names_both_sizes():
+    with pytest.raises(ValueError, match="has 3 values but the controller expects 392"):
+        core.clean_observation([0.0, 0.0, 0.0], 392)
+
+
+# --- when to act ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("every, due", [(1, [1, 2, 3, 4, 5, 6]), (2, [2, 4, 6]), (3, [3, 6])])
+def test_control_due(every, due):
+    assert [i for i in range(0, 7) if core.control_due(i, every)] == due
+
+
+@pytest.mark.parametrize("reported, published, iteration, acted, fresh", [
+    (0, 0, 1, 0, True),     # channel, nothing published yet
+    (2, 2, 3, 2, True),     # trained with the latest version
+    (1, 2, 3, 2, False),    # an older version: QAN's last action is not in this result yet
+    (3, 2, 3, 2, True),
+    (None, 0, 1, 0, True),  # restart fallback: a newer iteration
+    (None, 5, 4, 4, False),  # fallback, the same iteration seen again (rollback)
+    (None, 5, 3, 4, False),  # fallback, an older iteration (restored from an older checkpoint)
+])
+def test_result_is_fresh(reported, published, iteration, acted, fresh):
+    assert core.result_is_fresh(reported, published, iteration, acted) is fresh
+
+
+def test_choose_action_is_greedy_and_ignores_nan():
+    assert core.choose_action([0.1, 0.7, -1.0], fallback=2) == 1
+    assert core.choose_action([NAN, 0.2, 0.3], fallback=2) == 2
+    assert core.choose_action([NAN, NAN], fallback=1) == 1
+    assert core.choose_action([INF, NAN], fallback=1) == 1  # inf is not a usable Q-value
+
+
+@pytest.mark.parametrize("decision, due, fresh, finite, act", [
+    (CONTINUE, True, True, True, True),
+    (PAUSE, True, True, True, True),
+    (STOP, True, True, True, False),
+    (NOOP, True, True, True, False),
+    (CONTINUE, False, True, True, False),
+    (CONTINUE, True, False, True, False),
+    (CONTINUE, True, True, False, False),
+])
+def test_should_act(decision, due, fresh, finite, act):
+    assert core.should_act(decision, due, fresh, finite) is act
+
+
+@pytest.mark.parametrize("stopper, channel, changed, final", [
+    (CONTINUE, True, True, CONTINUE),   # the channel needs no restart
+    (CONTINUE, False, True, PAUSE),     # fallback: restart from the last checkpoint
+    (CONTINUE, False, False, CONTINUE),
+    (STOP, False, True, STOP),
+    (PAUSE, False, True, PAUSE),
+    (NOOP, False, True, NOOP),
+])
+def test_merge_decision(stopper, channel, changed, final):
+    assert core.merge_decision(stopper, channel, changed) == final
+
+
+def test_keep_action():
+    assert core.keep_action((0.5, 0.9, 1.0, 1.1, 2.0)) == 2
+    assert core.keep_action((0.97, 1.2)) == 0
+
+
+def test_trial_state_round_trips_through_json_including_minus_inf():
+    s = TrialState(lr=0.1, initial_lr=0.2)
+    s.record_action(3, 0, 0.05)
+    s.via_channel = True
+    back = TrialState.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back == s
+    assert back.best == -INF and back.version == 1 and back.history == [[3, 0, 0.05]]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"learning_rate": 0.1}, "config has no 'lr'"),
+    ({"lr": 0}, "'lr' is 0; it must be a number > 0"),
+    ({"lr": NAN}, "it must be a number > 0"),
+])
+def test_initial_lr_of_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        core.initial_lr_of(config, "lr", "t1")
+
+
+# --- the scheduler's hooks, by hand (no Ray session: the restart fallback path) ------------------
+OBS = 10
+
+
+class StandInTrial:
+    """The parts of a Tune Trial the scheduler touches."""
+
+    PENDING, PAUSED, RUNNING = "PENDING", "PAUSED", "RUNNING"
+
+    def __init__(self, trial_id: str, lr: float):
+        self.trial_id, self.config, self.status = trial_id, {"lr": lr}, "RUNNING"
+        self.storage = None
+
+    def set_config(self, config):
+        self.config = config
+
+    def is_finished(self) -> bool:
+        return False
+
+
+class StandInController:
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+
+def _scheduler(mode="max", **kw):
+    from qan_ray.scheduler import QANScheduler
+
+    s = QANScheduler(policy=fixed_action_controller(OBS), **kw)
+    assert s.set_search_properties("m", mode)
+    return s
+
+
+def _result(it, m, obs=None, **extra):
+    return {"training_iteration": it, "m": m, "qan_obs": obs if obs is not None else [0.0] * OBS,
+            **extra}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_scheduler_fallback_halves_lr_by_set_config_and_pause(mode):
+    s = _scheduler(mode)
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    assert s.on_trial_result(tc, trial, _result(1, 0.5)) == PAUSE
+    assert trial.config["lr"] == pytest.approx(0.05)
+    # the same iteration again (restored from the checkpoint before the change): no second action
+    assert s.on_trial_result(tc, trial, _result(1, 0.5)) == CONTINUE
+    assert s.on_trial_result(tc, trial, _result(2, 0.4)) == PAUSE
+    assert trial.config["lr"] == pytest.approx(0.025)
+    state = s.trial_state("t0")
+    assert [h[:2] for h in state.history] == [[1, 0], [2, 0]] and state.version == 2
+    assert state.best == core.score(0.4 if mode == "min" else 0.5, mode)
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_scheduler_nonfinite_metric_continues_without_acting(mode, bad):
+    s = _scheduler(mode)
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    assert s.on_trial_result(tc, trial, _result(1, bad)) == CONTINUE
+    assert trial.config["lr"] == 0.1 and s.trial_state("t0").history == []
+    # a NaN inside the observation is cleaned, not fatal
+    assert s.on_trial_result(tc, trial, _result(2, 0.5, obs=[NAN] * OBS)) == PAUSE
+
+
+def test_scheduler_missing_features_error_by_default_and_warn_once_with_the_flag(caplog):
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    strict = _scheduler()
+    strict.on_trial_add(tc, trial)
+    with pytest.raises(ValueError, match=r"without \['qan_obs'\]"):
+        strict.on_trial_result(tc, trial, {"training_iteration": 1, "m": 0.5})
+    lenient = _scheduler(on_missing="warn")
+    lenient.on_trial_add(tc, trial)
+    for it in (1, 2):
+        assert lenient.on_trial_result(tc, trial, {"training_iteration": it, "m": 0.5}) == CONTINUE
+    assert sum("without ['qan_obs']" in r.message for r in caplog.records) == 1
+
+
+def test_scheduler_clamps_at_lr_min():
+    from qan_ray.scheduler import QANScheduler
+
+    s = QANScheduler(policy=fixed_action_controller(OBS, lr_min=0.04), metric="m", mode="max")
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    for it in (1, 2, 3):
+        s.on_trial_result(tc, trial, _result(it, 0.5))
+    assert [h[2] for h in s.trial_state("t0").history] == [0.05, 0.04, 0.04]
+    assert s.trial_state("t0").version == 2  # the clamped no-op is recorded, not published
+
+
+def test_scheduler_save_restore_round_trip(tmp_path):
+    s = _scheduler()
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    s.on_trial_result(tc, trial, _result(1, 0.5))
+    path = str(tmp_path / "state.json")
+    s.save(path)
+    fresh = _scheduler()
+    fresh.restore(path)
+    assert fresh.trial_state("t0") == s.trial_state("t0")
+    assert fresh.trial_state("t0").lr == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"control_every": 0}, "`control_every` is 0; it must be an integer >= 1"),
+    ({"on_missing": "skip"}, "`on_missing` is 'skip'"),
+    ({"action_mode": "minibatch"}, "controller was trained with action_mode 'lr'"),
+    ({"policy": "/nonexistent/ctrl"}, "Train one with `qan train"),
+])
+def test_scheduler_rejects_bad_arguments_with_the_fix(kwargs, message):
+    from qan_ray.scheduler import QANScheduler
+
+    args = {"policy": fixed_action_controller(OBS), **kwargs}
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        QANScheduler(**args)
+
+
+def test_scheduler_refuses_a_pbt_stopper_that_mutates_the_lr():
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from qan_ray.scheduler import QANScheduler
+
+    pbt = PopulationBasedTraining(hyperparam_mutations={"lr": tune.uniform(0.01, 0.1)})
+    with pytest.raises(ValueError, match="mutates 'lr', which QANScheduler controls"):
+        QANScheduler(policy=fixed_action_controller(OBS), stopper=pbt)
+
+
+def test_builtin_policy_missing_is_a_clear_file_not_found(tmp_path, monkeypatch):
+    import policies.qnet
+    from qan_ray.scheduler import load_policy
+
+    monkeypatch.setattr(policies.qnet, "BUILTIN", tmp_path / "no-builtin-here")
+    with pytest.raises(FileNotFoundError, match="No built-in controller is shipped yet"):
+        load_policy("builtin")
+    with pytest.raises(FileNotFoundError, match=r"policy='/nope'.*--policy runs/ctrl/controller"):
+        load_policy("/nope")
+
+
+def test_metric_mode_from_search_properties_and_conflicts():
+    from qan_ray.scheduler import QANScheduler
+
+    s = QANScheduler(policy=fixed_action_controller(OBS))
+    assert s.set_search_properties("loss", "min") and (s.metric, s._mode) == ("loss", "min")
+    given = QANScheduler(policy=fixed_action_controller(OBS), metric="acc", mode="max")
+    assert given.set_search_properties(None, None) and given.metric == "acc"
+    assert not given.set_search_properties("loss", "min")  # Tune then raises its usual error
+    assert math.isinf(given._trials.get("x", TrialState(1, 1)).best)

@@ -1,0 +1,87 @@
+"""The built-in Tune trainables' pieces and the trainable-side helper, outside Tune."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qan_ray.config import from_dict
+from qan_ray.features import observation_size
+from qan_ray.trainer import TargetTrainer
+from qan_ray.tune import QANReporter, qan_metrics
+from trainables.targets import apply_hyperparams, split_config, trainable_for, val_score
+
+
+def test_split_config_rejects_typos_with_the_valid_keys():
+    qan, extra = split_config({"task": "digits-mlp", "lr": 0.1, "epochs": 3})
+    assert qan == {"task": "digits-mlp", "lr": 0.1} and extra == {"epochs": 3}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        split_config({"learning_rate": 0.1})
+
+
+def test_val_score_ranks_by_accuracy_and_breaks_ties_by_loss():
+    assert val_score(0.9, 0.2) > val_score(0.9, 0.3)
+    assert val_score(0.9 + 1 / 288, 3.0) > val_score(0.9, 0.0)  # one sample beats any loss
+    assert math.isnan(val_score(0.9, float("nan")))
+
+
+def test_apply_hyperparams_overrides_loaded_optimizer_state():
+    cfg = from_dict(task="digits-mlp", device="cpu")
+    trainer = TargetTrainer(cfg)
+    state = trainer.state_dict()  # carries lr 0.05, momentum 0.9
+    trainer.load_state_dict(state)
+    apply_hyperparams(trainer, {"lr": 0.2, "momentum": 0.5, "weight_decay": 1e-4})
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.2, 0.5, 1e-4)
+    apply_hyperparams(trainer, {"lr": 5.0})
+    assert trainer.lr == cfg.lr_max  # clamped
+
+
+def test_trainable_for_names_the_tasks():
+    assert trainable_for("digits-mlp").__name__ == "digits_mlp"
+    assert trainable_for("cifar10-wrn").__name__ == "cifar10_wrn"
+    assert trainable_for("paper-mnist-lr").__name__ == "target_trainable"
+
+
+def test_reporter_outside_tune_uses_the_config_and_skips_features():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    reporter = QANReporter({"lr": 0.1})
+    assert not reporter.active and reporter.apply(opt) == 0.1
+    assert opt.param_groups[0]["lr"] == 0.1
+    out = reporter.metrics(model, train_loss=1.0, val_loss=1.0, val_accuracy=0.5, progress=0.1)
+    assert out == {"qan_lr": 0.1}  # no channel, no QANScheduler: no feature cost
+    forced = QANReporter({"lr": 0.1}, features=True).metrics(
+        model, train_loss=1.0, val_loss=1.0, val_accuracy=0.5, progress=0.1)
+    assert len(forced["qan_obs"]) == observation_size(model) == 2 * 192 + 8
+
+
+def test_qan_metrics_is_the_environment_observation():
+    cfg = from_dict(task="digits-mlp", device="cpu")
+    trainer = TargetTrainer(cfg)
+    out = qan_metrics(trainer.model, lr=0.05, initial_lr=0.05, train_loss=float("nan"),
+                      initial_loss=2.3, val_loss=1.0, val_accuracy=0.5, progress=0.5)
+    assert len(out["qan_obs"]) == observation_size(trainer.model)
+    assert out["qan_obs"][-1] == 0.0  # NaN loss is mapped to 0 by signal_vector's log guard
+    assert all(math.isfinite(v) for v in out["qan_obs"])
+
+
+def test_env_lr_init_range_starts_each_episode_at_a_seeded_log_uniform_lr():
+    """Meta-training for Tune: episodes start from sampled LRs like Tune trials do (config.py's
+    lr_init_range, env.py), and the observation's LR reference is that start."""
+    from qan_ray.env import TargetTrainingEnv
+
+    env = TargetTrainingEnv(from_dict(task="digits-mlp", device="cpu", lr_init_range=(1e-3, 1.0),
+                                      epochs_per_episode=1.0))
+    starts = []
+    for seed in (0, 1, 0):
+        _, info = env.reset(seed=seed)
+        starts.append(info["lr"])
+        assert env.initial_lr == info["lr"] and 1e-3 <= info["lr"] <= 1.0
+    assert starts[0] == starts[2] != starts[1]  # seeded by the episode seed
+    plain = TargetTrainingEnv(from_dict(task="digits-mlp", device="cpu", epochs_per_episode=1.0))
+    assert plain.reset(seed=0)[1]["lr"] == 0.05  # unset: the config's lr, as before
+    with pytest.raises(ValueError, match="`lr_init_range` is"):
+        from_dict(lr_init_range=(0.5, 0.1))

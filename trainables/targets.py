@@ -1,0 +1,151 @@
+"""Ray Tune function trainables for the built-in tasks: thin wrappers of `TargetTrainer`.
+
+One training iteration = one epoch of the target network. Each iteration:
+1. read the hyperparameters (QANScheduler's control channel if it drives the run, else the trial
+   config) and write them into the optimizer (also right after a checkpoint restore, whose
+   optimizer state carries the old LR/momentum);
+2. train one epoch, validate;
+3. report metrics (+ QAN's observation when QANScheduler drives the run) and, every
+   `checkpoint_every` epochs, a `tune.Checkpoint` (trainer state: model, optimizer, batch order).
+
+Config keys: any `QANConfig` field (task, lr, momentum, weight_decay, seed, ...) plus
+`TRAINABLE_KEYS`. Reported metrics: val_accuracy, val_loss, val_score (accuracy with a tiny
+validation-loss tie-breaker, see `val_score`), train_loss, lr, epoch, epochs_this_iter, diverged,
+and test_accuracy at the last epoch. A non-finite training loss ends the trial (reported with
+diverged=True), under every scheduler alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from typing import Any
+
+TRAINABLE_KEYS = {
+    "epochs": "epochs per trial (the iteration budget; default: the task's epochs_per_episode)",
+    "checkpoint_every": "epochs between checkpoints (1 = every epoch, what PBT needs; 0 = never)",
+    "torch_threads": "torch intra-op threads (1 on a shared CPU node)",
+    "focus_class": "minibatch mode: the class emphasised in the next batches",
+}
+STATE_FILE = "trainer.pt"
+
+
+def val_score(val_accuracy: float, val_loss: float) -> float:
+    """Validation accuracy minus 1e-3 x min(val_loss, 3): ranks like accuracy (the shift is below
+    one sample's worth of accuracy on a 300+ sample validation set) but breaks ties by loss, so
+    PBT's quantiles do not loop on tied accuracies (shared/RAY_NOTES.md)."""
+    if not (math.isfinite(val_accuracy) and math.isfinite(val_loss)):
+        return float("nan")
+    return float(val_accuracy - 1e-3 * min(val_loss, 3.0))
+
+
+def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(QANConfig fields, trainable keys); any other key raises (a typo would be ignored)."""
+    from qan_ray.config import QANConfig
+
+    fields = {f.name for f in dataclasses.fields(QANConfig)}
+    unknown = sorted(set(config) - fields - set(TRAINABLE_KEYS))
+    if unknown:
+        raise ValueError(f"trainable config has unknown key(s) {unknown}; valid keys are the "
+                         f"QANConfig fields and {sorted(TRAINABLE_KEYS)}. Check the spelling in "
+                         "param_space.")
+    qan = {k: v for k, v in config.items() if k in fields}
+    extra = {k: v for k, v in config.items() if k in TRAINABLE_KEYS}
+    return qan, extra
+
+
+def apply_hyperparams(trainer, hyper: dict[str, Any]) -> None:
+    """Write LR (clamped), momentum and weight decay from `hyper` into the optimizer now."""
+    if "lr" in hyper:
+        trainer.set_lr(float(hyper["lr"]))
+    for group in trainer.optimizer.param_groups:
+        if "momentum" in hyper and "momentum" in group:
+            group["momentum"] = float(hyper["momentum"])
+        if "weight_decay" in hyper:
+            group["weight_decay"] = float(hyper["weight_decay"])
+    if hyper.get("focus_class") is not None and trainer.cfg.action_mode == "minibatch":
+        if list(trainer.roulette)[-1] != int(hyper["focus_class"]):
+            trainer.set_focus_class(int(hyper["focus_class"]))
+
+
+def target_trainable(config: dict[str, Any]) -> None:
+    """Train the task of `config["task"]` for `epochs` epochs under Ray Tune."""
+    import torch
+    from ray import tune
+
+    from qan_ray.config import from_dict
+    from qan_ray.trainer import TargetTrainer
+    from qan_ray.tune import QANReporter
+
+    qan_keys, extra = split_config(config)
+    torch.set_num_threads(int(extra.get("torch_threads", 1)))
+    cfg = from_dict(qan_keys)
+    epochs = int(extra.get("epochs", math.ceil(cfg.epochs_per_episode)))
+    if epochs < 1:
+        raise ValueError(f"`epochs` is {epochs}; it must be >= 1. Try 8.")
+    cfg = cfg.replace(epochs_per_episode=float(epochs))
+    checkpoint_every = int(extra.get("checkpoint_every", 1))
+    trainer = TargetTrainer(cfg)
+    reporter = QANReporter(config, lr_key="lr", monitored_layers=cfg.monitored_layers)
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+        trainer.load_state_dict(saved["trainer"])
+        reporter.load_state_dict(saved["reporter"])
+        start = int(saved["epoch"])
+    for epoch in range(start, epochs):
+        apply_hyperparams(trainer, reporter.poll())
+        train_loss = trainer.train(trainer.batches_per_epoch)
+        diverged = not math.isfinite(train_loss)
+        val_loss, val_acc = trainer.evaluate("val")
+        last = diverged or epoch + 1 == epochs
+        metrics: dict[str, Any] = {
+            "val_accuracy": val_acc, "val_loss": val_loss, "val_score": val_score(val_acc,
+                                                                                   val_loss),
+            "train_loss": train_loss, "lr": trainer.lr, "epoch": epoch + 1,
+            "epochs_this_iter": 1.0, "diverged": diverged,
+        }
+        if last:
+            metrics["test_accuracy"] = trainer.evaluate("test")[1]
+        metrics.update(reporter.metrics(trainer.model, train_loss=train_loss, val_loss=val_loss,
+                                        val_accuracy=val_acc, progress=(epoch + 1) / epochs,
+                                        initial_loss=trainer.initial_loss, lr=trainer.lr))
+        if checkpoint_every and ((epoch + 1) % checkpoint_every == 0 or last):
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save({"trainer": trainer.state_dict(), "reporter": reporter.state_dict(),
+                            "epoch": epoch + 1}, os.path.join(folder, STATE_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+        if diverged:
+            return
+
+
+def _for_task(task: str):
+    def trainable(config: dict[str, Any]) -> None:
+        return target_trainable({**config, "task": task})
+
+    trainable.__name__ = trainable.__qualname__ = task.replace("-", "_")
+    trainable.__doc__ = f"Tune trainable of the built-in task {task!r} (see target_trainable)."
+    return trainable
+
+
+digits_mlp = _for_task("digits-mlp")
+mnist_mlp = _for_task("mnist-mlp")
+mnist_lenet = _for_task("mnist-lenet")
+fashion_mnist_lenet = _for_task("fashion-mnist-lenet")
+cifar10_wrn = _for_task("cifar10-wrn")
+
+TASK_TRAINABLES = {
+    "digits-mlp": digits_mlp, "mnist-mlp": mnist_mlp, "mnist-lenet": mnist_lenet,
+    "fashion-mnist-lenet": fashion_mnist_lenet, "cifar10-wrn": cifar10_wrn,
+}
+
+
+def trainable_for(task: str):
+    """The function trainable of a built-in task (generic `target_trainable` for the others)."""
+    return TASK_TRAINABLES.get(task, target_trainable)
