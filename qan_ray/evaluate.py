@@ -8,6 +8,7 @@ validation at the same control points); only who sets the learning rate differs:
 In minibatch mode the baselines draw ordinary uniform batches at fixed/step/cosine LRs.
 
 Evaluation seeds (1,000,000 + i) never occur in meta-training (seed + 10,000 x actor + episode).
+Every method starts from the task's LR (`lr_init_range` is a training-time option).
 Meta-momentum is off at evaluation unless --ablate-meta-momentum adds a "qan+mm" run.
 """
 
@@ -175,7 +176,10 @@ def summarise(runs: Runs, target_accuracy: float | None = None) -> dict[str, Any
 def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
              target_accuracy: float | None = None, ablate_mm: float = 0.0,
              log=print) -> dict[str, Any]:
-    """Controller (and optionally controller + meta-momentum) vs all baselines, same seeds."""
+    """Controller (and optionally controller + meta-momentum) vs all baselines, same seeds.
+    Every method starts every episode from cfg.lr (a controller trained from random initial LRs,
+    `lr_init_range`, is evaluated from the same start as the baselines)."""
+    cfg = cfg.replace(lr_init_range=None)
     runs = run_controller_seeds(controller, cfg, seeds)
     log(f"qan: final val acc {runs.mean_final('qan'):.4f}")
     if ablate_mm > 0:
