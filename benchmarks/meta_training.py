@@ -14,6 +14,13 @@ Evidence collected:
 
     python benchmarks/meta_training.py [--task digits-mlp] [--meta-seeds 3] [--episodes 20]
     python benchmarks/meta_training.py --task mnist-mlp --data-root DIR  # real MNIST, if present
+    python benchmarks/meta_training.py --synthetic-mnist  # MNIST-format synthetic data, below
+
+There is no real MNIST on the machine these results were produced on and no network, so the
+"MNIST-style" run uses `--synthetic-mnist`: 28x28 grey images in MNIST's IDX format, read through
+torchvision's MNIST class like the real thing, but drawn by `qan_ray.formats.synthetic_images`
+(noise plus a faint class-dependent square, contrast 40, jitter 1 px: a task where the LR
+matters, about 75% accuracy after 3 epochs). The results file says so; it is not MNIST.
 """
 
 from __future__ import annotations
@@ -72,14 +79,31 @@ def main() -> None:
     ap.add_argument("--eval-seeds", type=int, default=3)
     ap.add_argument("--num-actors", type=int, default=2)
     ap.add_argument("--reward", default="log_loss")
+    ap.add_argument("--synthetic-mnist", action="store_true",
+                    help="write synthetic MNIST-format data and run --task mnist-mlp on it")
+    ap.add_argument("--control-interval", type=int, default=None)
+    ap.add_argument("--epochs-per-episode", type=float, default=None)
     ap.add_argument("--signals-only", action="store_true",
                     help="ablation: observe training signals only, no weight statistics")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = from_dict(task=args.task, data_root=args.data_root, reward=args.reward,
-                    weight_features=not args.signals_only)
-    tag = f"{args.task}-{args.reward}" + ("-signals" if args.signals_only else "") + (
+    data_note = ""
+    if args.synthetic_mnist:
+        from qan_ray.formats import write_mnist
+
+        args.task = "mnist-mlp"
+        args.data_root = write_mnist(tempfile.mkdtemp(prefix="synth-mnist-"), n_train=4000,
+                                     n_test=1000, contrast=40, jitter=1)
+        data_note = ("SYNTHETIC MNIST-format data (qan_ray.formats.synthetic_images, contrast 40, "
+                     "jitter 1, 4,000 train / 1,000 test images, read through torchvision's "
+                     "MNIST class); real MNIST is not on this machine. Not MNIST results.")
+    cfg = from_dict(task=args.task, data_root=str(args.data_root) if args.data_root else None,
+                    reward=args.reward, weight_features=not args.signals_only,
+                    control_interval=args.control_interval,
+                    epochs_per_episode=args.epochs_per_episode)
+    tag = ("synthetic-mnist-mlp" if args.synthetic_mnist else args.task) + f"-{args.reward}" + (
+        "-signals" if args.signals_only else "") + (
         f"-{args.episodes}ep" if args.episodes != 20 else "")
     out = args.out or RESULTS / f"meta_training_{tag}.md"
     t0 = time.time()
@@ -133,6 +157,7 @@ def main() -> None:
         f"trainer actors, greedy evaluation every {args.eval_every} episodes on "
         f"{args.eval_seeds} evaluation seeds (never seen in training); {time.time() - t0:.0f}s "
         "total on this machine (2 CPU cores)",
+        *([f"- data: {data_note}"] if data_note else []),
         f"- task: {cfg.dataset}/{cfg.model}, {cfg.epochs_per_episode:g} epochs per episode, "
         f"control every {cfg.control_interval} mini-batches, actions {list(cfg.lr_factors)}",
         f"- best fixed LR: {best_fixed} ({base[best_fixed]:.4f}); best baseline: {best_baseline} "

@@ -310,35 +310,40 @@ def field_docs_of(cls) -> dict[str, str]:
     return docs
 
 
-def add_config_arguments(parser, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per QANConfig field (mirrors the dataclass 1:1); defaults come from the preset
-    of --task, so every flag defaults to None here ("not given")."""
-    docs = field_docs()
-    group = parser.add_argument_group("task and control (QANConfig; unset = the --task preset)")
-    for f in dataclasses.fields(QANConfig):
+def add_dataclass_arguments(parser, cls, title: str, skip: tuple[str, ...] = (),
+                            dest_prefix: str = "", flags: dict[str, str] | None = None,
+                            choices: dict[str, list] | None = None) -> None:
+    """One --flag per field of dataclass `cls`, help = the field's docstring. Every flag defaults
+    to None ("not given"), so the dataclass (or a preset) supplies the default. Tuples are
+    comma-separated; bools get --x / --no-x; `flags` renames a field's flag."""
+    import argparse
+
+    docs = field_docs_of(cls)
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": docs.get(f.name, "")}
+        kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": None,
+                                  "help": docs.get(f.name, "")}
         if kind == "bool":
-            kwargs["action"] = argparse_bool()
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif kind.startswith("tuple"):
             item = {"int": int, "float": float}.get(kind[6:kind.index(",")], str)
-            kwargs["type"] = _csv(item)
-            kwargs["metavar"] = "A,B,..."
+            kwargs["type"], kwargs["metavar"] = _csv(item), "A,B,..."
         else:
-            base = kind.split(" |")[0]
-            kwargs["type"] = {"int": int, "float": float}.get(base, str)
-        if f.name == "task":
-            kwargs["choices"] = sorted(TASK_PRESETS)
+            kwargs["type"] = {"int": int, "float": float}.get(kind.split(" |")[0], str)
+        if choices and f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
         group.add_argument(flag, **kwargs)
 
 
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
+def add_config_arguments(parser, skip: tuple[str, ...] = ()) -> None:
+    """The task flags: QANConfig 1:1; unset flags fall back to the --task preset."""
+    add_dataclass_arguments(parser, QANConfig,
+                            "task and control (QANConfig; unset = the --task preset)", skip,
+                            choices={"task": sorted(TASK_PRESETS)})
 
 
 def _csv(item):

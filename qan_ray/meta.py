@@ -270,26 +270,12 @@ class MetaTrainer:
 
 # --- CLI -------------------------------------------------------------------------------------
 def add_meta_arguments(p: argparse.ArgumentParser) -> None:
-    from qan_ray.config import _csv, field_docs_of
+    """MetaConfig 1:1 (dest meta_<field>; the seed and Q-net widths get their own flag names so
+    they do not clash with the task's --seed and --hidden)."""
+    from qan_ray.config import add_dataclass_arguments
 
-    docs = field_docs_of(MetaConfig)
-    group = p.add_argument_group("meta-training (MetaConfig)")
-    for f in dataclasses.fields(MetaConfig):
-        kind = str(f.type)
-        kw: dict[str, Any] = {"dest": f"meta_{f.name}", "default": None,
-                              "help": docs.get(f.name, "")}
-        if kind == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind.startswith("tuple"):
-            kw["type"], kw["metavar"] = _csv(int), "A,B,..."
-        else:
-            kw["type"] = {"int": int, "float": float}[kind]
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "seed":
-            flag = "--meta-seed"
-        elif f.name == "hidden":
-            flag = "--q-hidden"
-        group.add_argument(flag, **kw)
+    add_dataclass_arguments(p, MetaConfig, "meta-training (MetaConfig)", dest_prefix="meta_",
+                            flags={"seed": "--meta-seed", "hidden": "--q-hidden"})
 
 
 def meta_from_args(args: argparse.Namespace) -> MetaConfig:

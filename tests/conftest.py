@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
-from dataset_files import write_cifar10, write_mnist  # noqa: E402
+from qan_ray.formats import write_cifar10, write_mnist  # noqa: E402
 
 
 @pytest.fixture(scope="session")

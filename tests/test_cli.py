@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
+from controllers import fixed_action_controller
 
-from policies.qnet import Controller, plain_qnet
 from qan_ray.config import from_dict
 from qan_ray.env import TargetTrainingEnv
 
@@ -51,17 +50,11 @@ def test_episode_prints_both_controllers():
 
 
 def _keep_controller(folder: Path, cfg) -> Path:
-    """A controller whose greedy action is always 'keep' (factor 1.0)."""
+    """A controller whose greedy action is always 'keep' (factor 1.0), for task `cfg`."""
     env = TargetTrainingEnv(cfg)
-    n = env.observation_space.shape[0]
-    net = plain_qnet(n, (8,), cfg.num_actions)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net[-1].bias[cfg.lr_factors.index(1.0)] = 1.0
-    spec = {"obs_size": n, "num_actions": cfg.num_actions, "hidden": [8],
-            "qan": cfg.to_dict(), "action_mode": "lr"}
-    return Controller(net, spec).save(folder)
+    ctrl = fixed_action_controller(env.observation_space.shape[0], cfg.lr_factors.index(1.0))
+    ctrl.spec["qan"] = cfg.to_dict()  # what `qan evaluate` reads the task from
+    return ctrl.save(folder)
 
 
 def test_evaluate_keep_controller_equals_the_fixed_baseline_exactly(tmp_path):

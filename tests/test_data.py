@@ -34,7 +34,7 @@ def test_mnist_loads_through_torchvision_from_idx_files(mnist_root):
 
 
 def test_fashion_mnist_reads_its_own_folder(tmp_path):
-    from dataset_files import write_mnist
+    from qan_ray.formats import write_mnist
 
     write_mnist(tmp_path, folder="FashionMNIST", n_train=120, n_test=40)
     data = load_data(from_dict(task="fashion-mnist-lenet", data_root=str(tmp_path)),
