@@ -83,6 +83,9 @@ def main() -> None:
                     help="write synthetic MNIST-format data and run --task mnist-mlp on it")
     ap.add_argument("--control-interval", type=int, default=None)
     ap.add_argument("--epochs-per-episode", type=float, default=None)
+    ap.add_argument("--select-every", type=int, default=0,
+                    help="model selection: keep the best greedy controller on held-out "
+                         "selection seeds every N episodes (qan train --select-every)")
     ap.add_argument("--signals-only", action="store_true",
                     help="ablation: observe training signals only, no weight statistics")
     ap.add_argument("--out", type=Path, default=None)
@@ -104,6 +107,7 @@ def main() -> None:
                     epochs_per_episode=args.epochs_per_episode)
     tag = ("synthetic-mnist-mlp" if args.synthetic_mnist else args.task) + f"-{args.reward}" + (
         "-signals" if args.signals_only else "") + (
+        f"-select{args.select_every}" if args.select_every else "") + (
         f"-{args.episodes}ep" if args.episodes != 20 else "")
     out = args.out or RESULTS / f"meta_training_{tag}.md"
     t0 = time.time()
@@ -120,7 +124,7 @@ def main() -> None:
     for ms in range(args.meta_seeds):
         with tempfile.TemporaryDirectory() as tmp:
             meta = MetaConfig(episodes=0 + args.eval_every, num_actors=args.num_actors,
-                              cpus_per_actor=0.9, seed=ms)
+                              cpus_per_actor=0.9, seed=ms, select_every=args.select_every)
             mt = MetaTrainer(cfg.replace(seed=1000 * ms), meta, Path(tmp) / "run",
                              log=lambda *_: None)
             while mt.progress["episodes"] < args.episodes:
@@ -157,6 +161,10 @@ def main() -> None:
         f"trainer actors, greedy evaluation every {args.eval_every} episodes on "
         f"{args.eval_seeds} evaluation seeds (never seen in training); {time.time() - t0:.0f}s "
         "total on this machine (2 CPU cores)",
+        "- model selection: " + (
+            f"every {args.select_every} episodes on 2 held-out selection seeds (the evaluated "
+            "controller is the best so far)" if args.select_every
+            else "none (the evaluated controller is the last one)"),
         *([f"- data: {data_note}"] if data_note else []),
         f"- task: {cfg.dataset}/{cfg.model}, {cfg.epochs_per_episode:g} epochs per episode, "
         f"control every {cfg.control_interval} mini-batches, actions {list(cfg.lr_factors)}",

@@ -92,6 +92,18 @@ class _TrainerActor:
         obs, reward, terminated, truncated, info = self.env.step(int(action))
         return obs, reward, terminated, truncated, {**info, "wall_time": time.time()}
 
+    def greedy_final_accuracy(self, qnet_state: dict, spec: dict, seeds: list[int]) -> list[float]:
+        """Final val accuracy of greedy episodes of a plain-torch controller on this actor's task
+        (model selection during meta-training; a diverged episode counts 0)."""
+        from policies.qnet import Controller, plain_qnet
+        from qan_ray.env import rollout
+
+        net = plain_qnet(int(spec["obs_size"]), tuple(spec["hidden"]), int(spec["num_actions"]))
+        net.load_state_dict(qnet_state)
+        ctrl = Controller(net, spec)
+        return [float(rollout(self.env, lambda obs, info: ctrl.act(obs), s)[-1]["val_accuracy"])
+                for s in seeds]
+
     def location(self) -> dict[str, Any]:
         """Where this actor runs and on what device (for placement checks)."""
         import torch

@@ -9,7 +9,9 @@ on a cluster (`RAY_ADDRESS`): only resources differ.
 
 `qan train` writes, under --out:
   checkpoint/       RLlib Algorithm checkpoint (resume with --resume)
-  controller/       exported Q-network (qnet.pt, torch.load(weights_only=True)) + spec.json
+  controller/       exported Q-network (qnet.pt, torch.load(weights_only=True)) + spec.json;
+                    with --select-every N the best greedy one on held-out selection seeds
+  controller_last/  (with --select-every) the Q-network at the end of training
   steps/            Parquet log, one row per control step, one part file per flushed episode
   progress.json     episodes done, iterations, run name (the resume point)
   learning_curve.png
@@ -31,6 +33,8 @@ from typing import Any
 from qan_ray.actors import ActorResources
 from qan_ray.config import QANConfig, add_config_arguments, config_from_args, from_dict
 from qan_ray.records import append_parts, read_parts
+
+SELECTION_SEED_BASE = 2_000_000  # training: seed + 10,000 x actor + episode; evaluation: 1e6 + i
 
 
 @dataclass
@@ -73,6 +77,11 @@ class MetaConfig:
     """n-step returns."""
     seed: int = 0
     """Seed of RLlib (exploration, replay sampling)."""
+    select_every: int = 0
+    """Every this many episodes, run the greedy controller on held-out selection seeds and keep
+    the best one as controller/ (the last goes to controller_last/); 0 = keep the last only."""
+    select_seeds: int = 2
+    """Selection episodes per check (seeds 2,000,000 + i: never used in training or evaluation)."""
 
     def validate(self) -> MetaConfig:
         for name in ("episodes", "num_actors", "train_batch_size", "replay_capacity"):
@@ -82,6 +91,10 @@ class MetaConfig:
                                  f"Try --{name.replace('_', '-')} 2.")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"`gamma` is {self.gamma}; it must lie in (0, 1]. Try 0.95.")
+        if self.select_every < 0 or self.select_seeds < 1:
+            raise ValueError(f"`select_every`/`select_seeds` are {self.select_every}/"
+                             f"{self.select_seeds}; they must be >= 0 / >= 1. Try "
+                             "--select-every 4 --select-seeds 2.")
         if self.training_intensity <= 0:
             raise ValueError(f"`training_intensity` is {self.training_intensity}; it must be > 0"
                              ". Try 16.")
@@ -177,6 +190,7 @@ class MetaTrainer:
                                  "continue it, or choose a new --out (nothing was overwritten).")
             cfg = build_dqn_config(qan, meta, self._run_tag(), self.steps_per_episode)
             self.algo = cfg.build_algo()
+        self._selector = None
         (self.out / "config.json").write_text(json.dumps(
             {"qan": qan.to_dict(), "meta": dataclasses.asdict(meta)}, indent=2))
 
@@ -195,11 +209,45 @@ class MetaTrainer:
             self.progress["iterations"] += 1
             finished = self.drain()
             if finished:
+                before = self.progress["episodes"]
                 self._flush(finished, result, start_eps, t0)
+                every = self.meta.select_every
+                if every and before // every != self.progress["episodes"] // every:
+                    self.select()
                 self.save()
         self.save()
         self.export_controller()
         return result
+
+    # --- model selection -----------------------------------------------------------------------
+    def select(self) -> float:
+        """Greedy controller on the selection seeds (on a trainer actor, where the data lives);
+        keep it as controller/ if its mean final val accuracy is the best so far."""
+        import ray
+
+        from qan_ray.actors import start_trainer_actor
+
+        net, spec = self._current_controller()
+        if self._selector is None:  # 0 CPUs: it runs only while the trainers wait for it
+            self._selector = start_trainer_actor(
+                self.qan.replace(mm_coef=0.0, lr_init_range=None).to_dict(),
+                ActorResources(0.0, self.meta.gpus_per_actor))
+        seeds = [SELECTION_SEED_BASE + i for i in range(self.meta.select_seeds)]
+        accs = ray.get(self._selector.greedy_final_accuracy.remote(
+            {k: v.clone() for k, v in net.state_dict().items()}, spec, seeds))
+        score = sum(accs) / len(accs)
+        best = self.progress.get("best")
+        if best is None or score > best["score"]:
+            self.progress["best"] = {"score": score, "episode": self.progress["episodes"]}
+            from policies.qnet import Controller
+
+            Controller(net, {**spec, "selection": self.progress["best"]}).save(
+                self.out / "controller")
+        b = self.progress["best"]
+        self.log(f"selection after episode {self.progress['episodes']}: greedy val acc "
+                 f"{score:.4f} on {len(seeds)} selection seeds (best {b['score']:.4f} after "
+                 f"episode {b['episode']})")
+        return score
 
     def drain(self) -> list[list[dict[str, Any]]]:
         from qan_ray.actors import drain_finished_episodes
@@ -237,10 +285,11 @@ class MetaTrainer:
         tmp.write_text(json.dumps(self.progress, indent=2))
         os.replace(tmp, self.out / "progress.json")
 
-    def export_controller(self) -> Path:
+    def _current_controller(self):
+        """The learner's current Q-network as a plain nn.Sequential, and its spec."""
         from ray.rllib.core import DEFAULT_MODULE_ID
 
-        from policies.qnet import Controller, export_qnet, plain_qnet
+        from policies.qnet import export_qnet, plain_qnet
         from qan_ray.control import action_labels
 
         state = self.algo.get_module(DEFAULT_MODULE_ID).get_state()
@@ -255,7 +304,19 @@ class MetaTrainer:
             "command": " ".join(["qan", *sys.argv[1:]]) if sys.argv else "",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        folder = Controller(net, spec).save(self.out / "controller")
+        return net, spec
+
+    def export_controller(self) -> Path:
+        """controller/ = the last Q-network, or with --select-every the best selected one
+        (the last then goes to controller_last/)."""
+        from policies.qnet import Controller
+
+        net, spec = self._current_controller()
+        selecting = bool(self.meta.select_every) and "best" in self.progress
+        folder = Controller(net, spec).save(
+            self.out / ("controller_last" if selecting else "controller"))
+        if selecting:
+            folder = self.out / "controller"
         try:
             from qan_ray.plots import plot_learning_curve
 
@@ -265,6 +326,10 @@ class MetaTrainer:
         return folder
 
     def stop(self) -> None:
+        if self._selector is not None:
+            import ray
+
+            ray.kill(self._selector)
         self.algo.stop()
 
 

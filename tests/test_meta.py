@@ -18,7 +18,7 @@ def _meta(**kw):
     from qan_ray.meta import MetaConfig
 
     base = dict(episodes=4, num_actors=2, cpus_per_actor=0.5, learning_starts=8,
-                training_intensity=16.0, hidden=(16, 16))
+                training_intensity=16.0, hidden=(16, 16), select_every=2, select_seeds=1)
     return MetaConfig(**{**base, **kw})
 
 
@@ -88,7 +88,7 @@ def test_exported_controller_matches_rllib_q_values(run):
     from policies.qnet import load_controller
 
     run.export_controller()
-    ctrl = load_controller(run.out)
+    ctrl = load_controller(run.out / "controller_last")  # the learner's current network
     assert ctrl.spec["obs_size"] == run.obs_size and ctrl.spec["hidden"] == [16, 16]
     obs = np.random.default_rng(0).normal(size=(5, run.obs_size)).astype(np.float32)
     module = run.algo.get_module(DEFAULT_MODULE_ID)
@@ -97,6 +97,22 @@ def test_exported_controller_matches_rllib_q_values(run):
     assert np.allclose(ctrl.q_values(obs), q, atol=1e-5)
     assert [ctrl.act(o) for o in obs] == list(q.argmax(axis=1))
     assert (run.out / "learning_curve.png").stat().st_size > 0
+
+
+def test_model_selection_keeps_the_best_greedy_controller(run):
+    import ray
+
+    from policies.qnet import load_controller
+    from qan_ray.meta import SELECTION_SEED_BASE
+
+    best = run.progress["best"]
+    assert 2 <= best["episode"] <= run.progress["episodes"] and 0.0 <= best["score"] <= 1.0
+    chosen = load_controller(run.out)  # controller/ = the selected one
+    assert chosen.spec["selection"] == best
+    # Re-running the chosen controller on the selection seed reproduces its recorded score.
+    accs = ray.get(run._selector.greedy_final_accuracy.remote(
+        chosen.net.state_dict(), chosen.spec, [SELECTION_SEED_BASE]))
+    assert accs == [best["score"]]
 
 
 def test_killed_actor_is_replaced_and_finished_episodes_survive(run):
