@@ -15,12 +15,12 @@ Meta-momentum is off at evaluation unless --ablate-meta-momentum adds a "qan+mm"
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from qan_ray.compare import mean_sd
 from qan_ray.config import QANConfig, add_config_arguments, from_dict
 from qan_ray.control import baseline_schedule
 from qan_ray.env import TargetTrainingEnv, keep_action, rollout
@@ -54,13 +54,6 @@ def batches_to_target(recs: list[dict], target: float) -> int | None:
     return None
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 class Runs:
     """Episodes of several methods on one task: method -> per-seed results, plus step curves."""
 
@@ -81,7 +74,7 @@ class Runs:
                                 "action": r["action"], "composition": r.get("composition")})
 
     def mean_final(self, method: str) -> float:
-        return _mean_std([r["final_val_accuracy"] for r in self.by_method[method]])[0]
+        return mean_sd([r["final_val_accuracy"] for r in self.by_method[method]])[0]
 
     def merged(self, other: Runs) -> Runs:
         out = Runs()
@@ -157,8 +150,8 @@ def summarise(runs: Runs, target_accuracy: float | None = None) -> dict[str, Any
     target = target_accuracy if target_accuracy is not None else runs.mean_final(best_baseline)
     summary = []
     for method, rs in runs.by_method.items():
-        val_m, val_s = _mean_std([r["final_val_accuracy"] for r in rs])
-        test_m, test_s = _mean_std([r["test_accuracy"] for r in rs])
+        val_m, val_s = mean_sd([r["final_val_accuracy"] for r in rs])
+        test_m, test_s = mean_sd([r["test_accuracy"] for r in rs])
         reached = [b for b in (batches_to_target(r["recs"], target) for r in rs) if b is not None]
         summary.append({
             "method": method, "val_acc_mean": val_m, "val_acc_std": val_s,
