@@ -297,8 +297,9 @@ def main() -> int:
         "beat ASHA's early stopping (which also starts the next config sooner).",
         f"- The target is the maximum of many noisy validation accuracies ({n_val} images): the "
         "strict target is sometimes reached by no scheduler at all, and which one hits it first "
-        "is partly luck; 5 seeds leave wide spreads. Tune runs are not bit-reproducible "
-        "(arrival order changes ASHA/PBT decisions), so reruns move these numbers.",
+        f"is partly luck; {len(seeds)} seeds leave wide spreads. Tune runs are not "
+        "bit-reproducible (arrival order changes ASHA/PBT decisions), so reruns move these "
+        "numbers.",
         "- QAN acts once per epoch (8 decisions per trial), with a controller meta-trained for "
         "minutes on the log-loss reward, not on time-to-accuracy.",
         "",
