@@ -289,11 +289,6 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
     return QANConfig(**merged).validate()
 
 
-def field_docs() -> dict[str, str]:
-    """The one-line docstring under each QANConfig field (the CLI's help text)."""
-    return field_docs_of(QANConfig)
-
-
 def field_docs_of(cls) -> dict[str, str]:
     """The docstring under each field of dataclass `cls` (parsed from its source)."""
     import ast

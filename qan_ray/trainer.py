@@ -24,7 +24,6 @@ import math
 from collections import deque
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from qan_ray.config import QANConfig
@@ -288,6 +287,3 @@ def _reference_run(cfg_json: str, device: str | None) -> list[list[torch.Tensor]
         snaps.append(snap())
     return snaps
 
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
