@@ -2,7 +2,9 @@
 
 `QANConfig` is the single source of truth for the trainer, the environment, the Ray actors and the
 CLI. Every field is validated in `validate()`; bad input raises `ValueError` naming the value, the
-rule and the fix. Presets (`TASK_PRESETS`) fill in dataset/model/optimizer for a task name.
+rule and the fix. Presets (`TASK_PRESETS`) fill in dataset/model/optimizer for a task name; a
+task of your own, "module:function" (qan_ray.tasks, docs/user_tasks.md), fills them from the
+`UserTask.config` its function returns, with dataset and model "user".
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-MODELS = ("mlp", "lenet", "wrn")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "user")
+MODELS = ("mlp", "lenet", "wrn", "user")
+USER = "user"  # dataset and model of a module:function task: the task supplies both
 OPTIMIZERS = ("sgd", "adam")
 ACTION_MODES = ("lr", "minibatch")
 REWARDS = ("log_loss", "val_loss", "time_to_target")
@@ -69,9 +72,12 @@ class QANConfig:
     """One target-training task plus the control problem over it (see shared/QAN.md)."""
 
     task: str = "digits-mlp"
-    """Preset name (keys of TASK_PRESETS); fills the fields below that are not given."""
+    """A preset name (TASK_PRESETS), or your own task as module:function (a function returning
+    qan_ray.tasks.UserTask: model factory, data, optimizer settings; docs/user_tasks.md). It
+    fills the fields below that are not given."""
     dataset: str = "digits"
-    """digits (embedded, no download) | mnist | fashion-mnist | cifar10."""
+    """digits (embedded, no download) | mnist | fashion-mnist | cifar10 | user (the data of a
+    module:function task)."""
     data_root: str | None = None
     """Folder holding torchvision's on-disk dataset files; required for all but digits."""
     download: bool = False
@@ -86,7 +92,8 @@ class QANConfig:
     """Random flip + pad-4 crop on the device (CIFAR-10)."""
 
     model: str = "mlp"
-    """mlp | lenet (the paper's MNIST CNN) | wrn (WideResNet-depth-width)."""
+    """mlp | lenet (the paper's MNIST CNN) | wrn (WideResNet-depth-width) | user (the model
+    factory of a module:function task)."""
     hidden: tuple[int, ...] = (64,)
     """Hidden layer widths of the MLP."""
     wrn_depth: int = 16
@@ -179,6 +186,20 @@ class QANConfig:
         def bad(name: str, value: Any, rule: str, fix: str) -> ValueError:
             return ValueError(f"`{name}` is {value!r}; {rule}. {fix}")
 
+        user_task = is_user_task(self.task)
+        if not user_task and self.task not in TASK_PRESETS:
+            raise _bad_task(self.task)
+        for name in ("dataset", "model"):
+            value = getattr(self, name)
+            if user_task and value != USER:
+                raise bad(name, value, f"task {self.task!r} supplies its own {name}, so it "
+                          f"must be {USER!r}", f"Leave --{name} unset with a module:function "
+                          "task.")
+            if not user_task and value == USER:
+                raise bad(name, value, f"{USER!r} is the {name} of a module:function task, but "
+                          f"task is the preset {self.task!r}",
+                          "Pass --task my_pkg.my_module:make_task (docs/user_tasks.md), or "
+                          f"another --{name}.")
         if self.dataset not in DATASETS:
             raise bad("dataset", self.dataset, f"it must be one of {DATASETS}",
                       "Pick one of those, or use --task digits-mlp for the embedded default.")
@@ -196,7 +217,7 @@ class QANConfig:
         if self.mm_reference not in MM_REFERENCES:
             raise bad("mm_reference", self.mm_reference, f"it must be one of {MM_REFERENCES}",
                       "Try --mm-reference final.")
-        if self.dataset != "digits" and not self.data_root:
+        if self.dataset not in ("digits", USER) and not self.data_root:
             raise bad("data_root", self.data_root, f"dataset {self.dataset!r} is read from disk",
                       "Pass --data-root DIR (add --download to let torchvision fetch it).")
         if self.model == "wrn" and (self.wrn_depth < 10 or (self.wrn_depth - 4) % 6):
@@ -276,10 +297,14 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
         raise ValueError(f"unknown config key(s) {unknown}; valid keys are {sorted(_FIELDS)}. "
                          "Check the spelling (use underscores, e.g. control_interval).")
     task = given.get("task") or QANConfig.task
-    if task not in TASK_PRESETS:
-        raise ValueError(f"`task` is {task!r}; it must be one of {sorted(TASK_PRESETS)}. "
-                         "Try --task digits-mlp (the embedded default, no download).")
-    merged: dict[str, Any] = dict(TASK_PRESETS[task])
+    if is_user_task(task):
+        from qan_ray.tasks import load_user_task  # imports torch: only for a user task
+
+        merged: dict[str, Any] = {**load_user_task(task).config, "dataset": USER, "model": USER}
+    elif task in TASK_PRESETS:
+        merged = dict(TASK_PRESETS[task])
+    else:
+        raise _bad_task(task)
     merged.update({k: v for k, v in given.items()
                    if v is not None or _FIELDS[k].default is None})
     merged["task"] = task
@@ -287,6 +312,21 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
         if merged.get(key) is not None and not isinstance(merged[key], tuple):
             merged[key] = tuple(merged[key])
     return QANConfig(**merged).validate()
+
+
+def is_user_task(task: Any) -> bool:
+    """True for a task of your own, "module:function" (no preset name contains a colon)."""
+    return isinstance(task, str) and ":" in task
+
+
+def _bad_task(task: Any) -> ValueError:
+    hint = ""
+    if isinstance(task, str) and "." in task and task.replace(".", "").replace("_", "").isalnum():
+        hint = f" For a task of your own, name the function too: --task {task}:make_task."
+    return ValueError(f"`task` is {task!r}; it must be one of {sorted(TASK_PRESETS)} or a task "
+                      "of your own written module:function (e.g. my_pkg.my_module:make_task, "
+                      f"docs/user_tasks.md).{hint} Try --task digits-mlp (the embedded "
+                      "default, no download).")
 
 
 def field_docs_of(cls) -> dict[str, str]:
@@ -307,10 +347,13 @@ def field_docs_of(cls) -> dict[str, str]:
 
 def add_dataclass_arguments(parser, cls, title: str, skip: tuple[str, ...] = (),
                             dest_prefix: str = "", flags: dict[str, str] | None = None,
-                            choices: dict[str, list] | None = None) -> None:
+                            choices: dict[str, list] | None = None,
+                            helps: dict[str, str] | None = None,
+                            metavars: dict[str, str] | None = None) -> None:
     """One --flag per field of dataclass `cls`, help = the field's docstring. Every flag defaults
     to None ("not given"), so the dataclass (or a preset) supplies the default. Tuples are
-    comma-separated; bools get --x / --no-x; `flags` renames a field's flag."""
+    comma-separated; bools get --x / --no-x; `flags` renames a field's flag; `helps` and
+    `metavars` replace a field's help text and metavar."""
     import argparse
 
     docs = field_docs_of(cls)
@@ -320,7 +363,7 @@ def add_dataclass_arguments(parser, cls, title: str, skip: tuple[str, ...] = (),
             continue
         kind = str(f.type)
         kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": None,
-                                  "help": docs.get(f.name, "")}
+                                  "help": (helps or {}).get(f.name, docs.get(f.name, ""))}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind.startswith("tuple"):
@@ -330,15 +373,22 @@ def add_dataclass_arguments(parser, cls, title: str, skip: tuple[str, ...] = (),
             kwargs["type"] = {"int": int, "float": float}.get(kind.split(" |")[0], str)
         if choices and f.name in choices:
             kwargs["choices"] = choices[f.name]
+        if metavars and f.name in metavars:
+            kwargs["metavar"] = metavars[f.name]
         flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
         group.add_argument(flag, **kwargs)
 
 
 def add_config_arguments(parser, skip: tuple[str, ...] = ()) -> None:
     """The task flags: QANConfig 1:1; unset flags fall back to the --task preset."""
+    task_help = ("a preset: " + ", ".join(TASK_PRESETS) + " (default digits-mlp); or your own "
+                 "task as module:function, a function returning qan_ray.tasks.UserTask (model "
+                 "factory, data, optimizer settings; see docs/user_tasks.md). The module must "
+                 "be importable on every Ray node. Unset flags fall back to the task.")
     add_dataclass_arguments(parser, QANConfig,
                             "task and control (QANConfig; unset = the --task preset)", skip,
-                            choices={"task": sorted(TASK_PRESETS)})
+                            helps={"task": task_help},
+                            metavars={"task": "PRESET|MODULE:FUNCTION"})
 
 
 def _csv(item):

@@ -4,8 +4,9 @@ A dataset is loaded once, normalised, split by a fixed seed and moved to the dev
 index slices of an on-device permutation (no DataLoader, no host copies per step). Per-class index
 tensors, padded into one matrix, serve mini-batch class selection.
 
-Sources: scikit-learn's embedded 8x8 digits (no download) and torchvision's MNIST, Fashion-MNIST
-and CIFAR-10 dataset classes reading their standard on-disk formats from `data_root`.
+Sources: scikit-learn's embedded 8x8 digits (no download), torchvision's MNIST, Fashion-MNIST
+and CIFAR-10 dataset classes reading their standard on-disk formats from `data_root`, and the
+tensors of a `module:function` user task (qan_ray.tasks).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from qan_ray.config import is_user_task
 
 NUM_CLASSES = 10
 
@@ -136,11 +139,18 @@ def _load_numpy(dataset: str, data_root: str | None, download: bool):
                      "cifar10.")
 
 
-def class_index_matrix(y: torch.Tensor, num_classes: int = NUM_CLASSES):
-    """Per-class train indices as one padded (C, max_count) matrix and the true counts (C,)."""
+def class_index_matrix(y: torch.Tensor, num_classes: int = NUM_CLASSES,
+                       require_all: bool = True):
+    """Per-class train indices as one padded (C, max_count) matrix and the true counts (C,).
+
+    A class without samples raises when `require_all` (minibatch selection needs every class);
+    otherwise its row is zeros with count 0 (a task with fewer classes, trained in lr mode)."""
     rows = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
     counts = torch.tensor([len(r) for r in rows], dtype=torch.long, device=y.device)
-    if int(counts.min()) == 0:
+    if not require_all and int(counts.max()) > 0:
+        rows = [r if len(r) else torch.zeros(1, dtype=torch.long, device=y.device)
+                for r in rows]
+    elif int(counts.min()) == 0:
         missing = [c for c, r in enumerate(rows) if len(r) == 0]
         raise ValueError(f"classes {missing} have no training samples; minibatch selection "
                          "needs every class. Use more data (--max-train-samples)"
@@ -180,8 +190,52 @@ def _load_device_data(dataset: str, data_root: str | None, download: bool, val_f
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _load_user_device_data(task: str, val_fraction: float, data_seed: int,
+                           max_train_samples: int | None, require_all_classes: bool,
+                           device: str) -> DeviceData:
+    """A `module:function` task's tensors (qan_ray.tasks) split like the presets, not
+    normalised (the task gives its data as the model expects it)."""
+    from qan_ray.tasks import load_user_task
+
+    ut = load_user_task(task)
+    x_tr, y_tr = ut.train
+    if ut.test is None:  # a fixed fifth of train, independent of data_seed (as for digits)
+        perm = torch.from_numpy(np.random.default_rng(12345).permutation(len(y_tr)))
+        n_test = max(1, len(y_tr) // 5)
+        (x_te, y_te), keep = (x_tr[perm[:n_test]], y_tr[perm[:n_test]]), perm[n_test:]
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    else:
+        x_te, y_te = ut.test
+    if ut.val is None:
+        perm = torch.from_numpy(np.random.default_rng(data_seed).permutation(len(y_tr)))
+        n_val = max(1, int(round(len(perm) * val_fraction)))
+        (x_va, y_va), keep = (x_tr[perm[:n_val]], y_tr[perm[:n_val]]), perm[n_val:]
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    else:
+        x_va, y_va = ut.val
+    if max_train_samples is not None:
+        x_tr, y_tr = x_tr[:max_train_samples], y_tr[:max_train_samples]
+    if len(y_tr) < 1:
+        raise ValueError(f"task {task!r} leaves no training samples after the validation/test "
+                         "hold-out; give more train data, or pass val=/test= explicitly.")
+    dev = torch.device(device)
+    y_train = y_tr.to(dev)
+    class_index, class_count = class_index_matrix(y_train, require_all=require_all_classes)
+    return DeviceData(
+        x_train=x_tr.to(dev), y_train=y_train, x_val=x_va.to(dev), y_val=y_va.to(dev),
+        x_test=x_te.to(dev), y_test=y_te.to(dev), class_index=class_index,
+        class_count=class_count, name=task,
+    )
+
+
 def load_data(cfg, device: torch.device) -> DeviceData:
-    """The dataset of `cfg` on `device`, cached per process (environments share one copy)."""
+    """The dataset of `cfg` on `device`, cached per process (environments share one copy).
+    A `module:function` task (qan_ray.tasks) supplies its own tensors."""
+    if is_user_task(cfg.task):
+        return _load_user_device_data(cfg.task, cfg.val_fraction, cfg.data_seed,
+                                      cfg.max_train_samples, cfg.action_mode == "minibatch",
+                                      str(device))
     return _load_device_data(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction,
                              cfg.data_seed, cfg.max_train_samples, str(device))
 

@@ -1,4 +1,5 @@
-"""Target networks: an MLP, the paper's LeNet-style MNIST CNN and WideResNet WRN-d-k."""
+"""Target networks: an MLP, the paper's LeNet-style MNIST CNN and WideResNet WRN-d-k (plus the
+model factory of a `module:function` user task, qan_ray.tasks)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,12 @@ class WideResNet(nn.Module):
 
 
 def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:
-    """The target network named by cfg.model for inputs of shape (C, H, W)."""
+    """The target network named by cfg.model for inputs of shape (C, H, W); for a
+    `module:function` task (model "user"), a fresh network from the task's model factory."""
+    if cfg.model == "user":
+        from qan_ray.tasks import load_user_task
+
+        return load_user_task(cfg.task).model()
     c, h, w = input_shape
     if cfg.model == "mlp":
         return MLP(c * h * w, tuple(cfg.hidden), num_classes)
@@ -93,4 +99,5 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.
         return LeNet(c, num_classes, h)
     if cfg.model == "wrn":
         return WideResNet(cfg.wrn_depth, cfg.wrn_width, c, num_classes)
-    raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet or wrn. Try --model mlp.")
+    raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet or wrn (or "
+                     "user, with a module:function task). Try --model mlp.")

@@ -46,7 +46,12 @@ class TargetTrainer:
         self.batches_per_epoch = max(1, self.data.n_train // self.batch_size)
         self.total_batches = max(1, round(cfg.epochs_per_episode * self.batches_per_epoch))
         self.use_amp = cfg.amp and self.device.type == "cuda"
-        self._channels_last = self.device.type == "cuda" and cfg.model != "mlp"
+        images = len(self.data.input_shape) == 3  # (C, H, W); a user task may give any shape
+        if cfg.augment and not images:
+            raise ValueError(f"`augment` is True but the inputs of task {cfg.task!r} have shape "
+                             f"{self.data.input_shape} per sample; flip + crop needs (C, H, W) "
+                             "images. Pass --no-augment, or give image tensors.")
+        self._channels_last = self.device.type == "cuda" and cfg.model != "mlp" and images
         self._reference: list[list[torch.Tensor]] | None = None
         self.reset(cfg.seed)
 
