@@ -9,13 +9,15 @@ Both forward passes give identical Q-values (tests/test_meta.py checks it).
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from qan_ray.contract import ControllerSpec, ObservationSpec, greedy_action
 
 DEFAULT_HIDDEN = (64, 64)
 WEIGHTS_FILE = "qnet.pt"
@@ -48,44 +50,54 @@ def export_qnet(module_state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 class Controller:
-    """A trained controller: Q-network + its spec (feature size, actions, task config)."""
+    """A trained controller: Q-network + its `ControllerSpec` (observation, actions, origin)."""
 
-    def __init__(self, net: nn.Sequential, spec: dict[str, Any]):
+    def __init__(self, net: nn.Sequential, spec: ControllerSpec):
+        if not isinstance(spec, ControllerSpec):
+            raise TypeError(f"spec must be a qan_ray.contract.ControllerSpec, not "
+                            f"{type(spec).__name__}; build one with contract.spec_for(cfg, ...).")
         self.net = net.eval()
         self.spec = spec
 
     @property
     def obs_size(self) -> int:
-        return int(self.spec["obs_size"])
+        return self.spec.obs_size
 
     @property
     def num_actions(self) -> int:
-        return int(self.spec["num_actions"])
+        return self.spec.num_actions
 
     @torch.no_grad()
     def q_values(self, obs: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
         if x.shape[-1] != self.obs_size:
             raise ValueError(f"observation has {x.shape[-1]} features but this controller expects "
-                             f"{self.obs_size} (task {self.spec.get('qan', {}).get('task')!r}, "
-                             "monitored layers must match). Use a controller trained on the same "
-                             "model architecture, or train one with `qan train`.")
+                             f"{self.obs_size} (task {self.spec.task.get('task')!r}, format "
+                             f"{self.spec.observation.version}). Use a controller of the current "
+                             "format ('builtin'), or train one with `qan train`.")
         return self.net(x).numpy()
 
     def act(self, obs: np.ndarray) -> int:
-        """Greedy action (epsilon 0)."""
-        return int(np.argmax(self.q_values(obs)))
+        """Greedy action (epsilon 0); NaN Q-values are ignored, all-NaN keeps the LR."""
+        return greedy_action(self.q_values(obs), self.spec.fallback_action())
 
     def save(self, folder: str | Path) -> Path:
+        """Write qnet.pt and spec.json (each to a temporary name, then renamed)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.net.state_dict(), folder / WEIGHTS_FILE)
-        (folder / SPEC_FILE).write_text(json.dumps(self.spec, indent=2, default=str))
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        torch.save(self.net.state_dict(), tmp)
+        os.replace(tmp, folder / WEIGHTS_FILE)
+        self.spec.save(folder / (SPEC_FILE + ".tmp"))
+        os.replace(folder / (SPEC_FILE + ".tmp"), folder / SPEC_FILE)
         return folder
 
 
-def load_controller(path: str | Path = "builtin") -> Controller:
-    """Load an exported controller folder (qnet.pt + spec.json); "builtin" = the shipped one."""
+def load_controller(path: str | Path = "builtin", expect: ObservationSpec | None = None,
+                    where: str = "this task") -> Controller:
+    """Load an exported controller folder (qnet.pt + spec.json); "builtin" = the shipped one.
+    With `expect`, refuse a controller whose observation does not match it (ValueError naming
+    both sides and the fix)."""
     folder = BUILTIN if str(path) == "builtin" else Path(path)
     if (folder / "controller").is_dir() and not (folder / SPEC_FILE).exists():
         folder = folder / "controller"  # a `qan train --out` folder
@@ -93,7 +105,16 @@ def load_controller(path: str | Path = "builtin") -> Controller:
         raise FileNotFoundError(f"controller path {str(path)!r} has no {SPEC_FILE} + "
                                 f"{WEIGHTS_FILE}. Pass the `controller/` folder written by "
                                 "`qan train --out DIR` (or DIR itself), or 'builtin'.")
-    spec = json.loads((folder / SPEC_FILE).read_text())
-    net = plain_qnet(int(spec["obs_size"]), tuple(spec["hidden"]), int(spec["num_actions"]))
-    net.load_state_dict(torch.load(folder / WEIGHTS_FILE, weights_only=True))
+    spec = ControllerSpec.load(folder / SPEC_FILE)
+    if expect is not None:
+        spec.check_fits(expect, where)
+    net = plain_qnet(spec.obs_size, spec.hidden, spec.num_actions)
+    try:
+        state = torch.load(folder / WEIGHTS_FILE, weights_only=True)
+        net.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - truncated, empty, foreign or garbage file
+        raise ValueError(f"{folder / WEIGHTS_FILE} is not a readable controller for its spec "
+                         f"({type(err).__name__}). It may be truncated or from another run: "
+                         "re-export it with `qan train --resume` or restore it from the run "
+                         "folder.") from None
     return Controller(net, spec)

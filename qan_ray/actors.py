@@ -76,13 +76,10 @@ class _TrainerActor:
         self.env = TargetTrainingEnv(env_config)
 
     def spec(self) -> dict[str, Any]:
-        from qan_ray.features import feature_names
-
         env = self.env
         return {"obs_size": int(env.observation_space.shape[0]),
                 "num_actions": int(env.action_space.n), "total_steps": env.total_steps,
-                "feature_names": feature_names(env.trainer.model, env.cfg.monitored_layers,
-                                               env.cfg.weight_features)}
+                "observation": env.observer.spec.to_dict()}
 
     def reset(self, seed: int | None = None):
         obs, info = self.env.reset(seed=seed)
@@ -93,14 +90,18 @@ class _TrainerActor:
         return obs, reward, terminated, truncated, {**info, "wall_time": time.time()}
 
     def greedy_final_accuracy(self, qnet_state: dict, spec: dict, seeds: list[int]) -> list[float]:
-        """Final val accuracy of greedy episodes of a plain-torch controller on this actor's task
-        (model selection during meta-training; a diverged episode counts 0)."""
+        """Final val accuracy of greedy episodes of a plain-torch controller (`spec`: a
+        ControllerSpec dict) on this actor's task (model selection during meta-training; a
+        diverged episode counts 0)."""
         from policies.qnet import Controller, plain_qnet
+        from qan_ray.contract import ControllerSpec
         from qan_ray.env import rollout
 
-        net = plain_qnet(int(spec["obs_size"]), tuple(spec["hidden"]), int(spec["num_actions"]))
+        cspec = ControllerSpec.from_dict(spec)
+        cspec.check_fits(self.env.observer.spec, "the selection actor's task")
+        net = plain_qnet(cspec.obs_size, cspec.hidden, cspec.num_actions)
         net.load_state_dict(qnet_state)
-        ctrl = Controller(net, spec)
+        ctrl = Controller(net, cspec)
         return [float(rollout(self.env, lambda obs, info: ctrl.act(obs), s)[-1]["val_accuracy"])
                 for s in seeds]
 

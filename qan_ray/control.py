@@ -10,39 +10,23 @@ import math
 from collections.abc import Callable
 
 from qan_ray.config import QANConfig
+from qan_ray.contract import ActionSpec
 from qan_ray.trainer import TargetTrainer
 
 
-def action_labels(cfg: QANConfig) -> list[str]:
-    """A short label per action index, for logs, specs and plots."""
-    if cfg.action_mode == "minibatch":
-        return [f"class {c}" for c in range(10)]
-    labels = ["keep" if f == 1.0 else f"x{f:g}" for f in cfg.lr_factors]
-    if cfg.restart_lr is not None:
-        labels.append(f"restart {cfg.restart_lr:g}")
-    return labels
-
-
-def next_lr(cfg: QANConfig, lr: float, action: int) -> float:
-    """The LR after `action` in lr mode, clamped to [lr_min, lr_max]."""
-    if action < len(cfg.lr_factors):
-        lr = lr * cfg.lr_factors[action]
-    else:
-        lr = float(cfg.restart_lr)
-    return min(max(lr, cfg.lr_min), cfg.lr_max)
+def action_spec(cfg: QANConfig) -> ActionSpec:
+    """The task config's actions (labels, keep action, LR rule)."""
+    return ActionSpec.from_config(cfg).validate()
 
 
 def apply_action(trainer: TargetTrainer, action: int) -> None:
     """Change the trainer as `action` says; takes effect on the very next mini-batch."""
-    cfg = trainer.cfg
-    action = int(action)
-    if not 0 <= action < cfg.num_actions:
-        raise ValueError(f"action {action} is outside 0..{cfg.num_actions - 1} for action_mode "
-                         f"{cfg.action_mode!r}.")
-    if cfg.action_mode == "minibatch":
-        trainer.set_focus_class(action)
+    spec = action_spec(trainer.cfg)
+    lr = spec.next_lr(trainer.lr, action)  # validates the action index
+    if spec.mode == "minibatch":
+        trainer.set_focus_class(int(action))
     else:
-        trainer.set_lr(next_lr(cfg, trainer.lr, action))
+        trainer.set_lr(lr)
 
 
 # --- baseline schedules: progress in [0, 1] -> learning rate -----------------------------------

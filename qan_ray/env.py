@@ -2,8 +2,9 @@
 
 One episode = one training run of the target network from a fresh init (`epochs_per_episode`);
 one step = `control_interval` mini-batches at the hyperparameters the action set. The observation
-is the permutation-invariant weight statistics plus training signals (qan_ray.features). Divergence
-(NaN/inf or loss > divergence_factor x L_0) ends the episode with -divergence_penalty; it never
+is built by the contract's `Observer` (pooled weight statistics + normalised training signals,
+the same vector a Tune trial reports through `QANReporter`). Divergence (the trainer's one rule:
+NaN/inf or loss > divergence_factor x L_0) ends the episode with -divergence_penalty; it never
 raises. Constructed from a plain config dict, so RLlib can build it by name.
 """
 
@@ -16,8 +17,8 @@ import gymnasium as gym
 import numpy as np
 
 from qan_ray.config import QANConfig, from_dict
-from qan_ray.control import apply_action
-from qan_ray.features import observation, observation_size, signal_vector
+from qan_ray.contract import Observer, observation_spec
+from qan_ray.control import action_spec, apply_action
 from qan_ray.rewards import step_reward
 from qan_ray.trainer import TargetTrainer, reference_run
 
@@ -36,12 +37,12 @@ class TargetTrainingEnv(gym.Env):
         self.trainer = TargetTrainer(cfg)
         if cfg.mm_coef > 0:
             self.trainer.set_reference(reference_run(cfg, self.trainer.device))
-        size = observation_size(self.trainer.model, cfg.monitored_layers, cfg.weight_features)
+        self.observer = Observer(observation_spec(cfg), cfg.lr)
+        size = self.observer.spec.size
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (size,), np.float32)
         self.action_space = gym.spaces.Discrete(cfg.num_actions)
         self.total_steps = math.ceil(self.trainer.total_batches / cfg.control_interval)
         self.episodes_started = 0
-        self.initial_lr = cfg.lr
         self._last: dict[str, float] = {}
 
     # --- gymnasium API -----------------------------------------------------------------------
@@ -51,11 +52,12 @@ class TargetTrainingEnv(gym.Env):
         self.episodes_started += 1
         tr = self.trainer
         tr.reset(episode_seed)
-        self.initial_lr = self.cfg.lr
+        initial_lr = self.cfg.lr
         if self.cfg.lr_init_range is not None:  # log-uniform start LR, seeded by the episode
             low, high = (math.log(x) for x in self.cfg.lr_init_range)
             u = np.random.default_rng(episode_seed).uniform(low, high)
-            self.initial_lr = tr.set_lr(math.exp(u))
+            initial_lr = tr.set_lr(math.exp(u))
+        self.observer.reset(initial_lr)
         val_loss, val_acc = tr.evaluate("val")
         self._t = 0
         self._last = {"train_loss": tr.initial_loss, "val_loss": val_loss, "val_accuracy": val_acc}
@@ -83,12 +85,15 @@ class TargetTrainingEnv(gym.Env):
         return obs, float(reward), bool(terminated), False, self._info(diverged=False)
 
     # --- helpers -------------------------------------------------------------------------------
+    @property
+    def initial_lr(self) -> float:
+        return self.observer.initial_lr
+
     def _observe(self, train_loss: float, val_loss: float, val_acc: float) -> np.ndarray:
         tr = self.trainer
-        signals = signal_vector(tr.lr, self.initial_lr, train_loss, tr.initial_loss, val_loss,
-                                val_acc, tr.progress)
-        return observation(tr.model, signals, self.cfg.monitored_layers,
-                           self.cfg.weight_features)
+        return self.observer.observe(tr.model, lr=tr.lr, train_loss=train_loss,
+                                     val_loss=val_loss, val_accuracy=val_acc,
+                                     progress=tr.progress)
 
     def _info(self, diverged: bool) -> dict[str, Any]:
         tr = self.trainer
@@ -100,8 +105,9 @@ class TargetTrainingEnv(gym.Env):
 
 
 def keep_action(cfg: QANConfig) -> int:
-    """The action that leaves the LR unchanged (factor 1.0), or 0 when there is none."""
-    return cfg.lr_factors.index(1.0) if 1.0 in cfg.lr_factors else 0
+    """The task's keep action (factor 1.0; the contract's ActionSpec.keep), or 0 if none."""
+    keep = action_spec(cfg).keep
+    return 0 if keep is None else keep
 
 
 def rollout(env: TargetTrainingEnv, act, seed: int) -> list[dict[str, Any]]:

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qan_ray.compare import mean_sd
 from qan_ray.config import QANConfig, add_config_arguments, from_dict
 from qan_ray.control import baseline_schedule
 from qan_ray.env import TargetTrainingEnv, keep_action, rollout
 from qan_ray.records import write_table
+from qan_ray.summaries import mean_sd
 
 EVAL_SEED_BASE = 1_000_000
 DEFAULT_GRID_FACTORS = (0.2, 0.5, 1.0, 2.0, 4.0)
@@ -130,10 +130,7 @@ def run_controller_seeds(controller, cfg: QANConfig, seeds: int = 3, method: str
                          mm_coef: float = 0.0) -> Runs:
     """Greedy controller episodes on the evaluation seeds (meta-momentum off unless given)."""
     env = TargetTrainingEnv(cfg.replace(mm_coef=mm_coef))
-    if env.observation_space.shape[0] != controller.obs_size:
-        raise ValueError(f"the controller expects {controller.obs_size} features but task "
-                         f"{cfg.task!r} gives {env.observation_space.shape[0]}; evaluate on the "
-                         "task (and model) it was trained on.")
+    controller.spec.check_fits(env.observer.spec, f"task {cfg.task!r}")
     runs = Runs()
     for seed in eval_seeds(seeds):
         recs, sec = _timed(run_controller, env, controller, seed)
@@ -250,7 +247,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"`--seeds` is {args.seeds}; it must be >= 1. Try --seeds 3.")
     controller = load_controller(args.controller)
-    trained = dict(controller.spec.get("qan", {}))
+    trained = controller.spec.task
     flags = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
     cfg = from_dict({**trained, **flags}) if trained else from_dict(flags)
     grid = tuple(float(x) for x in args.lr_grid.split(",")) if args.lr_grid else ()

@@ -1,18 +1,27 @@
-"""Permutation-invariant weight statistics + training signals -> one float32 vector.
+"""Permutation-invariant weight statistics, pooled into one vector whose length fits any model.
 
-The paper's final state (Fu et al. 2016, see shared/QAN.md) for one conv layer, generalised to any
-set of Linear/Conv layers. For a weight tensor viewed as (out, in, k) (k = kernel positions, 1 for
-Linear):
-- g(whole layer): 12 statistics,
-- for each of three groupings -- per output filter (out groups of in*k), per input channel (in
-  groups of out*k), per kernel (out*in groups of k) -- the 12 statistics of every group,
-  summarised over the groups by mean/median/std/max/min: 3 x 60.
-That is 192 numbers per layer. Reordering hidden units only reorders groups or the members of a
-group, so every number is unchanged (tests/test_features.py checks it).
+Per layer (the paper's final state, Fu et al. 2016, generalised to every Linear/Conv layer): for a
+weight tensor viewed as (out, in, k) (k = kernel positions, 1 for Linear),
+- g(whole layer): 12 statistics (mean, quartiles, std, skewness, excess kurtosis, E[x^1..5]),
+- for each of three groupings -- per output filter, per input channel, per kernel position set --
+  the 12 statistics of every group, summarised over the groups by mean/median/std/max/min: 3 x 60.
+That is 192 symlog-scaled numbers per layer. Reordering hidden units only reorders groups or the
+members of a group, so every number is unchanged (tests/test_features.py checks it).
 
-All of it runs on the weights' device; the host receives one small vector per control step. A
-signed log transform keeps raw moments of very different magnitudes on one scale, and it is the
-same for acting and learning because it happens here, before anyone sees the vector.
+Across layers the statistics are pooled by relative depth, so the length never depends on the
+layer count: the first layer, the last layer and the mean over all layers (3 x 192 = 576). The
+first layer sees the data, the last one the classes; the mean summarises the body of any depth.
+
+Bounded cost (one observation of a 1M-parameter network in a few ms on one CPU thread):
+- a layer with more output or input channels than its side (sqrt(ELEMENT_BUDGET / k), 8..32) is
+  reduced to a stratified subset of its rows, then of its columns: rows sorted by their norm
+  and taken at evenly spaced ranks, then columns likewise by their norm over the kept rows. The
+  subset depends only on the multiset of rows and columns, so permutation invariance holds (the
+  norms are accumulated in float64 up to EXACT_NORM_LIMIT weights: exactly); it is
+  deterministic (no RNG) and covers small, typical and large rows alike;
+- a model with more than MAX_LAYERS monitored layers contributes the first, the last and
+  MAX_LAYERS evenly spaced layers to the mean;
+- quantiles come from one sort of each (small) group, the median over groups from a selection.
 """
 
 from __future__ import annotations
@@ -25,40 +34,45 @@ from torch import nn
 STAT_NAMES = ("mean", "q25", "q50", "q75", "std", "skew", "kurt", "m1", "m2", "m3", "m4", "m5")
 SUMMARY_NAMES = ("mean", "median", "std", "max", "min")
 GROUPINGS = ("filter", "in_channel", "kernel")
-SIGNAL_NAMES = ("log10_lr", "log_train_loss", "log_train_loss_vs_initial", "log_val_loss",
-                "val_accuracy", "progress", "log_lr_vs_initial", "nonfinite")
 PER_LAYER = len(STAT_NAMES) * (1 + len(GROUPINGS) * len(SUMMARY_NAMES))  # 192
-
-
-def _sorted_quantile(xs: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolation quantile (torch.quantile's default) of rows already sorted along
-    dim 1. Positions come from the shape (host metadata): no device sync."""
-    pos = q * (xs.shape[1] - 1)
-    lo = int(pos)
-    hi = min(lo + 1, xs.shape[1] - 1)
-    return xs[:, lo] + (xs[:, hi] - xs[:, lo]) * (pos - lo)
+POOLS = ("first", "last", "mean")
+WEIGHT_FEATURES = len(POOLS) * PER_LAYER  # 576
+ELEMENT_BUDGET = 1024
+"""Weights per layer the statistics see at most: side x side x k, side = sqrt(budget / k)."""
+MIN_SIDE, MAX_SIDE = 8, 32
+"""Bounds of the rows (output channels) and columns (input channels) kept per layer."""
+EXACT_NORM_LIMIT = 1 << 18
+"""Layers up to this many weights rank their rows by float64 norms (exactly invariant)."""
+MAX_LAYERS = 8
+"""Layers averaged into the `mean` pool at most (evenly spaced by depth)."""
 
 
 def group_stats(x: torch.Tensor) -> torch.Tensor:
-    """The paper's g(x) for each row of x (G, n) -> (G, 12), computed in float32."""
+    """The paper's g(x) for each row of x (G, n) -> (G, 12): mean, linear-interpolation quartiles
+    (torch.quantile's default), std, skewness, excess kurtosis, E[x^1..5]. Computed in float64
+    from the raw moments in a handful of ops: the rows are small (a layer's view has at most
+    ELEMENT_BUDGET weights), so per-op overhead, not arithmetic, is what costs here."""
     x = x.float()
-    xs = torch.sort(x, dim=1).values
-    mean = x.mean(dim=1)
-    centred = x - mean[:, None]
-    c2 = centred * centred
-    var = c2.mean(dim=1)
-    std = var.sqrt()
-    safe = std > 1e-12
-    denom = torch.where(safe, var, torch.ones_like(var))
-    skew = torch.where(safe, (c2 * centred).mean(dim=1) / (denom * denom.sqrt()),
-                       torch.zeros_like(std))
-    kurt = torch.where(safe, (c2 * c2).mean(dim=1) / (denom * denom) - 3.0, torch.zeros_like(std))
+    n = x.shape[1]
+    xs = torch.sort(x, dim=1).values.double()
+    x = x.double()
+    pos = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64) * (n - 1)
+    lo = pos.floor().long()
+    hi = torch.clamp(lo + 1, max=n - 1)
+    quartiles = xs[:, lo] + (xs[:, hi] - xs[:, lo]) * (pos - lo)
     x2 = x * x
     x3 = x2 * x
-    moments = [mean, x2.mean(dim=1), x3.mean(dim=1), (x2 * x2).mean(dim=1),
-               (x3 * x2).mean(dim=1)]
-    quartiles = [_sorted_quantile(xs, q) for q in (0.25, 0.5, 0.75)]
-    return torch.stack([mean, *quartiles, std, skew, kurt, *moments], dim=1)
+    raw = torch.stack([x, x2, x3, x2 * x2, x3 * x2], dim=2).mean(dim=1)  # (G, 5): E[x^1..5]
+    m1, m2, m3, m4, _ = raw.unbind(1)
+    var = (m2 - m1 * m1).clamp_min(0.0)
+    safe = var > 1e-10 * m2  # a constant group: no NaN from a zero std
+    denom = torch.where(safe, var, torch.ones_like(var))
+    skew = (m3 - 3 * m1 * m2 + 2 * m1 ** 3) / denom ** 1.5
+    kurt = (m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4) / (denom * denom) - 3.0
+    zero = torch.zeros_like(var)
+    shape = torch.stack([var.sqrt(), torch.where(safe, skew, zero), torch.where(safe, kurt, zero)],
+                        dim=1)
+    return torch.cat([m1[:, None], quartiles, shape, raw], dim=1).float()
 
 
 def _single_stats(x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +92,41 @@ def _summarise(stats: torch.Tensor) -> torch.Tensor:
     ])
 
 
+def _stratified(keys: torch.Tensor, cap: int) -> torch.Tensor | None:
+    """Indices of `cap` entries at evenly spaced ranks of `keys` (None: keep all)."""
+    n = keys.shape[0]
+    if n <= cap:
+        return None
+    ranks = torch.linspace(0, n - 1, cap, device=keys.device).round().long()
+    return torch.argsort(keys)[ranks]
+
+
+def layer_view(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as float32 (out, in, k), reduced to a side x side x k block by the
+    permutation-invariant stratified subsample (see the module docstring): rows first, by their
+    norm over the whole layer; then columns, by their norm over the rows kept."""
+    w3 = weight.detach().float()
+    w3 = w3.reshape(w3.shape[0], w3.shape[1], -1)
+    k = w3.shape[2]
+    side = max(MIN_SIDE, min(MAX_SIDE, int(math.sqrt(ELEMENT_BUDGET / k))))
+    if w3.shape[0] > side:
+        # float64 accumulation keeps the row order independent of the column order; above
+        # EXACT_NORM_LIMIT weights float32 is used for speed (16x here), and a row swap then
+        # needs two rows whose norms agree to float32 rounding (~1e-7 relative).
+        dtype = torch.float64 if w3.numel() <= EXACT_NORM_LIMIT else torch.float32
+        keys = torch.linalg.vector_norm(w3.reshape(w3.shape[0], -1), dim=1, dtype=dtype)
+        w3 = w3.index_select(0, _stratified(keys, side))
+    if w3.shape[1] > side:
+        keys = torch.linalg.vector_norm(w3.transpose(0, 1).reshape(w3.shape[1], -1), dim=1,
+                                        dtype=torch.float64)
+        w3 = w3.index_select(1, _stratified(keys, side))
+    return w3
+
+
 def layer_features(weight: torch.Tensor) -> torch.Tensor:
     """192 permutation-invariant numbers of one Linear (out, in) or Conv (out, in, *k) weight."""
-    w = weight.detach().float()
-    out_ch, in_ch = w.shape[0], w.shape[1]
-    w3 = w.reshape(out_ch, in_ch, -1)
+    w3 = layer_view(weight)
+    out_ch, in_ch = w3.shape[0], w3.shape[1]
     parts = [
         group_stats(w3.reshape(1, -1))[0],
         _summarise(group_stats(w3.reshape(out_ch, -1))),
@@ -112,54 +156,30 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
+def pooled_layers(count: int) -> list[int]:
+    """Indices of the layers that enter the `mean` pool (all, or MAX_LAYERS evenly spaced)."""
+    if count <= MAX_LAYERS:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (MAX_LAYERS - 1)) for i in range(MAX_LAYERS)})
+
+
 def weight_features(model: nn.Module, names: tuple[str, ...] = ()) -> torch.Tensor:
-    """Concatenated, symlog-scaled layer features of the monitored modules, on their device."""
-    feats = [layer_features(m.weight) for _, m in monitored_modules(model, names)]
-    return symlog(torch.cat(feats))
+    """WEIGHT_FEATURES (576) pooled, symlog-scaled statistics of the monitored layers, on the
+    weights' device: first layer, last layer, mean over the layers (see the module docstring)."""
+    modules = monitored_modules(model, names)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no Linear/Conv layer to observe. QAN's "
+                         "weight statistics need at least one; train a signals-only controller "
+                         "(--no-weight-features) for such a model.")
+    idx = sorted({0, len(modules) - 1, *pooled_layers(len(modules))})
+    feats = {i: symlog(layer_features(modules[i][1].weight)) for i in idx}
+    mean = torch.stack([feats[i] for i in pooled_layers(len(modules))]).mean(dim=0)
+    return torch.cat([feats[0], feats[len(modules) - 1], mean])
 
 
-def feature_names(model: nn.Module, names: tuple[str, ...] = (),
-                  with_weights: bool = True) -> list[str]:
-    """Human-readable name of every entry of the observation vector (same order)."""
-    out: list[str] = []
-    for layer, _ in monitored_modules(model, names) if with_weights else []:
-        out += [f"{layer}.all.{s}" for s in STAT_NAMES]
-        for grouping in GROUPINGS:
-            out += [f"{layer}.{grouping}.{summ}.{s}" for summ in SUMMARY_NAMES for s in STAT_NAMES]
-    return out + [f"signal.{s}" for s in SIGNAL_NAMES]
-
-
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 and math.isfinite(x) else 0.0
-
-
-def signal_vector(lr: float, initial_lr: float, train_loss: float, initial_loss: float,
-                  val_loss: float, val_accuracy: float, progress: float) -> list[float]:
-    """Training signals the original lacked (host floats; read once per control step)."""
-    return [
-        math.log10(lr), _log(train_loss), _log(train_loss) - _log(initial_loss), _log(val_loss),
-        val_accuracy if math.isfinite(val_accuracy) else 0.0, progress,
-        math.log(lr / initial_lr), 0.0,
-    ]
-
-
-def observation(model: nn.Module, signals: list[float], names: tuple[str, ...] = (),
-                with_weights: bool = True):
-    """Full observation as a float32 numpy vector. Non-finite entries become 0 and set the
-    `nonfinite` flag (last entry) to their count, so the controller can see it happened."""
-    sig = torch.tensor(signals, dtype=torch.float32)
-    if with_weights:
-        w = weight_features(model, names)
-        vec = torch.cat([w, sig.to(w.device)])
-    else:
-        vec = sig
-    bad = ~torch.isfinite(vec)
-    vec = torch.where(bad, torch.zeros_like(vec), vec)
-    vec[-1] = bad.sum().float()
-    return vec.cpu().numpy()
-
-
-def observation_size(model: nn.Module, names: tuple[str, ...] = (),
-                     with_weights: bool = True) -> int:
-    layers = len(monitored_modules(model, names)) if with_weights else 0
-    return PER_LAYER * layers + len(SIGNAL_NAMES)
+def weight_feature_names() -> list[str]:
+    """Name of every entry of `weight_features` (same order)."""
+    per = [f"all.{s}" for s in STAT_NAMES]
+    for grouping in GROUPINGS:
+        per += [f"{grouping}.{summ}.{s}" for summ in SUMMARY_NAMES for s in STAT_NAMES]
+    return [f"w.{pool}.{name}" for pool in POOLS for name in per]

@@ -31,11 +31,13 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from qan_ray import scheduler_core as core
+from qan_ray.contract import OBS_VERSION, ObservationSpec, clean, greedy_action
 from qan_ray.scheduler_core import TrialState
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "qan-scheduler-state.json"
+SCHEDULE_DIR = "qan-schedules"
 ON_MISSING = ("error", "warn")
 
 
@@ -49,50 +51,46 @@ def load_policy(policy: Any):
         try:
             controller = load_controller(policy)
         except FileNotFoundError as err:
-            hint = ("No built-in controller is shipped yet (policies/builtin/ holds no qnet.pt + "
-                    "spec.json). " if str(policy) == "builtin" else "")
             raise FileNotFoundError(
-                f"QANScheduler(policy={str(policy)!r}): {hint}{err} Train one with `qan train "
+                f"QANScheduler(policy={str(policy)!r}): {err} Train one with `qan train "
                 "--task digits-mlp --out runs/ctrl` and pass policy='runs/ctrl/controller' (CLI: "
-                "--policy runs/ctrl/controller).") from err
+                "--policy runs/ctrl/controller), or use policy='builtin'.") from err
     controller.net = controller.net.cpu().eval()
     return controller
 
 
-def lr_rule(spec: dict[str, Any]):
-    """The controller's LR arithmetic (factors, restart, clamp) as the duck-typed config that
-    `qan_ray.control.next_lr` reads."""
-    from qan_ray.config import QANConfig
-
-    q = spec.get("qan", {})
-    rule = QANConfig(lr_factors=tuple(q.get("lr_factors", QANConfig.lr_factors)),
-                     restart_lr=q.get("restart_lr"), lr_min=float(q.get("lr_min", 1e-5)),
-                     lr_max=float(q.get("lr_max", 1.0)))
-    if not (0 < rule.lr_min <= rule.lr_max) or not all(f > 0 for f in rule.lr_factors):
-        raise ValueError(f"the controller spec's LR rule (lr_factors {rule.lr_factors}, lr_min "
-                         f"{rule.lr_min}, lr_max {rule.lr_max}) is invalid: factors must be > 0 "
-                         "and 0 < lr_min <= lr_max. Re-export the controller with `qan train`.")
-    return rule
+def produced_observation(spec) -> ObservationSpec:
+    """The observation this qan-ray's trainables produce for a controller with `spec`'s
+    options (the current format)."""
+    want = spec.observation
+    return ObservationSpec(with_weights=want.with_weights,
+                           monitored_layers=want.monitored_layers, num_classes=want.num_classes)
 
 
 class QANScheduler(FIFOScheduler):
     """Learned LR control for Ray Tune trials (Fu et al. 2016's QAN), optionally beside a stopper.
 
     policy: "builtin" | path to an exported controller folder | a `Controller`.
-    action_mode: "lr" (multiplicative LR actions) or "minibatch" (class emphasis; the trainable
-        must understand the `focus_class` hyperparameter); must match the controller's spec.
-    control_every: act after every n-th training iteration of a trial.
+    action_mode: None (default: the controller's, from its spec) | "lr" | "minibatch" (class
+        emphasis; the trainable must understand the `focus_class` hyperparameter). A value that
+        differs from the controller's spec is refused.
+    control_every: act after every n-th training iteration a trial reports (1 = every report,
+        e.g. every epoch for the built-in trainables).
     lr_key: the config key holding the LR (the trainable and QANReporter read the same key).
     stopper: any Tune scheduler deciding STOP/CONTINUE/PAUSE (ASHA, HyperBand, PBT, ...).
     metric, mode: as in Tune; usually given by tune.TuneConfig (set_search_properties).
     on_missing: "error" (default) raises when a result lacks the metric or the observation;
         "warn" logs once and lets such trials CONTINUE.
-    obs_key: the result key of the observation.
+    on_mismatch: "warn" (default): a controller whose observation does not fit (another format,
+        or a trial that cannot build it) leaves the affected trials at their config's LR with one
+        warning each, and the experiment goes on; "error" refuses such a controller at once.
+    obs_key: the result key of an inline observation.
     """
 
-    def __init__(self, policy: Any = "builtin", action_mode: str = "lr", control_every: int = 1,
-                 lr_key: str = "lr", stopper: TrialScheduler | None = None,
-                 metric: str | None = None, mode: str | None = None, on_missing: str = "error",
+    def __init__(self, policy: Any = "builtin", action_mode: str | None = None,
+                 control_every: int = 1, lr_key: str = "lr",
+                 stopper: TrialScheduler | None = None, metric: str | None = None,
+                 mode: str | None = None, on_missing: str = "error", on_mismatch: str = "warn",
                  obs_key: str = core.OBS_KEY):
         super().__init__()
         if not isinstance(control_every, int) or control_every < 1:
@@ -101,6 +99,10 @@ class QANScheduler(FIFOScheduler):
         if on_missing not in ON_MISSING:
             raise ValueError(f"`on_missing` is {on_missing!r}; it must be one of {ON_MISSING}. "
                              "Use 'warn' to let trials without QAN features continue.")
+        if on_mismatch not in ON_MISSING:
+            raise ValueError(f"`on_mismatch` is {on_mismatch!r}; it must be one of "
+                             f"{ON_MISSING}. Use 'warn' to let trials the controller does not "
+                             "fit train at their config's LR.")
         if mode is not None:
             core.sign(mode)
         if isinstance(stopper, QANScheduler):
@@ -109,17 +111,27 @@ class QANScheduler(FIFOScheduler):
         _check_pbt_mutations(stopper, lr_key)
         self.controller = load_policy(policy)
         spec = self.controller.spec
-        spec_mode = spec.get("action_mode", "lr")
-        if action_mode != spec_mode:
+        spec_mode = spec.action.mode
+        if action_mode is not None and action_mode != spec_mode:
             raise ValueError(f"`action_mode` is {action_mode!r} but the controller was trained "
-                             f"with action_mode {spec_mode!r}. Pass action_mode={spec_mode!r}, "
-                             "or a controller trained for that mode.")
-        self.action_mode = action_mode
-        self.rule = lr_rule(spec)
-        qan = spec.get("qan", {})
-        self.observe = {"with_weights": bool(qan.get("weight_features", True)),
-                        "monitored_layers": list(qan.get("monitored_layers") or [])}
-        self.keep = core.keep_action(self.rule.lr_factors)
+                             f"with action_mode {spec_mode!r}. Leave action_mode unset (it is "
+                             "read from the controller's spec), or pass a controller trained "
+                             "for that mode.")
+        self.action_mode = spec_mode
+        self.rule = spec.action
+        self.observe = {"with_weights": spec.observation.with_weights,
+                        "monitored_layers": list(spec.observation.monitored_layers),
+                        "num_classes": spec.observation.num_classes}
+        self.fallback = spec.fallback_action()
+        self.on_mismatch = on_mismatch
+        why = spec.observation.mismatch(produced_observation(spec))
+        self.spec_mismatch = (None if why is None
+                              else spec.mismatch_message(why, "the trials of this experiment"))
+        if self.spec_mismatch is not None:
+            if on_mismatch == "error":
+                raise ValueError(self.spec_mismatch)
+            logger.warning("QANScheduler: %s Every trial trains at its config's LR.",
+                           self.spec_mismatch)
         self.control_every = control_every
         self.lr_key = lr_key
         self.stopper = stopper
@@ -195,6 +207,7 @@ class QANScheduler(FIFOScheduler):
             state = self._trials[tid] = TrialState(lr=lr, initial_lr=lr)
         iteration = int(result.get("training_iteration", state.last_iteration + 1))
         state.last_iteration = iteration
+        state.trained[iteration] = state.lr
         real_metric = self._metric if self._metric not in (None, "_metric") else None
         missing = core.missing_keys(result, real_metric, self.obs_key)
         if missing:
@@ -206,22 +219,63 @@ class QANScheduler(FIFOScheduler):
                 self._warned = True
             return decision
         value = result.get(real_metric) if real_metric else 0.0
-        if real_metric:
-            state.best = max(state.best, core.score(value, self._mode))
         state.via_channel = core.VERSION_KEY in result
+        obs = self._observation(trial, state, result)
+        if obs is None:
+            return decision
         fresh = core.result_is_fresh(result.get(core.VERSION_KEY), state.version, iteration,
                                      state.acted_iteration)
         due = core.control_due(iteration, self.control_every)
-        if not core.should_act(decision, due, fresh, core.is_finite(value)):
+        if not core.should_act(decision, due, fresh, core.is_finite(value),
+                               core.finished(result)):
             return decision
-        obs = core.clean_observation(result[self.obs_key], self.controller.obs_size)
-        action = core.choose_action(self.controller.q_values(obs), self.keep)
+        action = greedy_action(self.controller.q_values(obs), self.fallback)
         changed = self._act(trial, state, iteration, action)
         self._persist()
         final = core.merge_decision(decision, state.via_channel, changed)
         if final == TrialScheduler.PAUSE and decision != TrialScheduler.PAUSE:
             self._paused_by_qan.add(tid)
         return final
+
+    def _observation(self, trial: Trial, state: TrialState, result: dict):
+        """The trial's observation for this result (inline or from the channel), or None when
+        QAN does not drive the trial (it does not fit: one warning per trial)."""
+        tid = trial.trial_id
+        why = None
+        values, version = result.get(self.obs_key), OBS_VERSION
+        if self.spec_mismatch is not None:
+            why = self.spec_mismatch
+        elif core.OBS_ERROR_KEY in result:
+            why = f"the trainable could not build the observation: {result[core.OBS_ERROR_KEY]}"
+        elif values is None and core.OBS_REF_KEY in result:
+            entry = self._take_observation(tid)
+            if entry is None or int(entry["seq"]) != int(result[core.OBS_REF_KEY]):
+                return None  # not on the channel (lost with a restore): skip this result only
+            values, version = entry["values"], int(entry["version"])
+        if why is None and version != OBS_VERSION:
+            why = f"the trial reports observation format {version}, this qan-ray reads " \
+                  f"{OBS_VERSION}"
+        if why is None:
+            try:
+                return clean(values, self.controller.obs_size)
+            except ValueError as err:
+                why = str(err)
+        if state.skipped is None:
+            state.skipped = why
+            if self.on_mismatch == "error":
+                raise ValueError(f"trial {tid}: {why}")
+            if why != self.spec_mismatch:
+                logger.warning("QANScheduler: trial %s trains at its config's LR: %s", tid, why)
+            self._persist()
+        return None
+
+    def _take_observation(self, trial_id: str):
+        channel = self._open_channel()
+        if channel is None:
+            return None
+        import ray
+
+        return ray.get(channel.take_observation.remote(trial_id), timeout=60)
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         if self.stopper is not None:
@@ -250,8 +304,17 @@ class QANScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         actions = sum(len(s.history) for s in self._trials.values())
+        skipped = sum(s.skipped is not None for s in self._trials.values())
         text = (f"QANScheduler: {len(self._trials)} trials, {actions} controller actions "
-                f"(every {self.control_every} iteration(s), key {self.lr_key!r}).")
+                f"(every {self.control_every} iteration(s), key {self.lr_key!r})"
+                + (f", {skipped} trial(s) at their config's LR (controller does not fit)"
+                   if skipped else "") + ".")
+        recent = sorted(((h, tid) for tid, s in self._trials.items() for h in s.history[-3:]),
+                        key=lambda x: x[0][0])[-3:]
+        if recent:
+            text += "\nLast decisions: " + "; ".join(
+                f"{tid} it {int(h[0])} {self._label(int(h[1]))} -> lr {h[2]:.3g}"
+                for h, tid in recent)
         if self.stopper is not None:
             text += "\n" + self.stopper.debug_string()
         return text
@@ -277,7 +340,27 @@ class QANScheduler(FIFOScheduler):
         """QAN's state of one trial (LR, version, history of [iteration, action, lr])."""
         return self._trials[trial_id]
 
+    def schedule_rows(self, trial_id: str) -> list[dict[str, Any]]:
+        """One row per iteration of a trial: the LR it trained with and QAN's action after it
+        (label "-" when QAN did not act; "set by stopper" for a PBT clone's LR)."""
+        state = self._trials[trial_id]
+        acted = {int(h[0]): h for h in state.history}
+        rows = []
+        for it in sorted(state.trained):
+            h = acted.get(it)
+            rows.append({"trial_id": trial_id, "iteration": it, "lr": state.trained[it],
+                         "action": int(h[1]) if h else None,
+                         "action_label": self._label(int(h[1])) if h else "-",
+                         "lr_after": float(h[2]) if h else state.trained[it]})
+        return rows
+
     # --- internals -------------------------------------------------------------------------------
+    def _label(self, action: int) -> str:
+        if action < 0:
+            return "set by stopper"
+        labels = self.rule.labels
+        return labels[action] if action < len(labels) else str(action)
+
     def _act(self, trial: Trial, state: TrialState, iteration: int, action: int) -> bool:
         """Apply `action` to the trial; True if the hyperparameters changed."""
         if self.action_mode == "minibatch":
@@ -285,9 +368,7 @@ class QANScheduler(FIFOScheduler):
             trial.set_config({**trial.config, "focus_class": int(action)})
             self._publish(trial.trial_id, state, {"focus_class": int(action)})
             return True
-        from qan_ray.control import next_lr
-
-        new_lr = next_lr(self.rule, state.lr, action)
+        new_lr = self.rule.next_lr(state.lr, action)
         changed = not math.isclose(new_lr, state.lr, rel_tol=1e-12)
         if not changed:
             state.history.append([iteration, action, state.lr])
@@ -364,6 +445,7 @@ class QANScheduler(FIFOScheduler):
     def _finish(self, tune_controller, trial: Trial) -> None:
         self._paused_by_qan.discard(trial.trial_id)
         self._persist()
+        self._write_schedule(trial.trial_id)
         if self._channel is not None:
             self._channel.drop.remote(trial.trial_id)
             live = [t for t in tune_controller.get_trials()
@@ -378,6 +460,21 @@ class QANScheduler(FIFOScheduler):
     def _persist(self) -> None:
         if self._state_dir is not None:
             self._write_state(os.path.join(self._state_dir, STATE_FILE))
+
+    def _write_schedule(self, trial_id: str) -> None:
+        """`<experiment>/qan-schedules/<trial_id>.parquet`: the LR each iteration trained with,
+        so the best trial's schedule can be re-run without QAN."""
+        if self._state_dir is None or trial_id not in self._trials:
+            return
+        from qan_ray.records import write_table
+
+        folder = Path(self._state_dir) / SCHEDULE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = self.schedule_rows(trial_id)
+        if rows:
+            tmp = folder / f".{trial_id}.parquet.tmp"
+            write_table(tmp, rows)
+            os.replace(tmp, folder / f"{trial_id}.parquet")
 
     def _write_state(self, path: str) -> None:
         data = {"format": 1, "metric": self._metric, "mode": self._mode, "lr_key": self.lr_key,

@@ -5,9 +5,10 @@ decided here, so it is unit-tested without a Ray session (tests/test_scheduler.p
 
 Vocabulary:
 - a *result* is the flat dict a trial reported to Tune for one training iteration;
-- the trainable-side helper (`qan_ray.tune.QANReporter`) puts the controller's observation under
-  `OBS_KEY`, the LR it trained with under `LR_REPORTED_KEY`, and, when it reads the control
-  channel, the version of the hyperparameters it applied under `VERSION_KEY`;
+- the trainable-side helper (`qan_ray.tune.QANReporter`) hands the controller's observation to
+  the control channel and reports its sequence number under `OBS_REF_KEY` (or, without a channel,
+  the observation itself under `OBS_KEY`), the progress under `PROGRESS_KEY`, and, when it reads
+  the control channel, the version of the hyperparameters it applied under `VERSION_KEY`;
 - the *score* of a metric value is `sign(mode) * value`, so every comparison maximises, and a
   NaN/inf value scores -inf (worst), never raises.
 """
@@ -21,11 +22,15 @@ from typing import Any
 import numpy as np
 
 OBS_KEY = "qan_obs"
-"""Result key of the controller observation (list of float32, `features.observation`)."""
+"""Result key of an inline observation (list of float32, `contract.Observer.observe`)."""
+OBS_REF_KEY = "qan_obs_ref"
+"""Result key: sequence number of the observation the trainable put on the control channel."""
+OBS_ERROR_KEY = "qan_obs_error"
+"""Result key: why the trainable could not build the observation (the trial is not driven)."""
+PROGRESS_KEY = "qan_progress"
+"""Result key: fraction of the trial's budget done (QAN does not act on a finished trial)."""
 VERSION_KEY = "qan_version"
 """Result key: version of the control-channel hyperparameters the trainable trained with."""
-LR_REPORTED_KEY = "qan_lr"
-"""Result key: the LR the trainable trained this iteration with."""
 
 CONTINUE, PAUSE, STOP, NOOP = "CONTINUE", "PAUSE", "STOP", "NOOP"  # TrialScheduler's constants
 
@@ -53,16 +58,15 @@ def score(value: Any, mode: str) -> float:
     return s * float(value) if is_finite(value) else -math.inf
 
 
-def improved(best: float, value: Any, mode: str) -> bool:
-    """Whether `value` beats the best score so far (`best` is a score, -inf when none yet)."""
-    return score(value, mode) > best
-
-
 def missing_keys(result: dict[str, Any], metric: str | None, obs_key: str = OBS_KEY
                  ) -> list[str]:
-    """The keys QANScheduler needs that `result` lacks (metric first), in a fixed order."""
-    need = [k for k in (metric, obs_key) if k]
-    return [k for k in need if k not in result]
+    """The keys QANScheduler needs that `result` lacks (metric first), in a fixed order. The
+    observation may come inline (`obs_key`), through the channel (OBS_REF_KEY), or be explained
+    away (OBS_ERROR_KEY)."""
+    missing = [metric] if metric and metric not in result else []
+    if not any(k in result for k in (obs_key, OBS_REF_KEY, OBS_ERROR_KEY)):
+        missing.append(obs_key)
+    return missing
 
 
 def missing_message(missing: list[str], trial_id: str, present: list[str]) -> str:
@@ -71,22 +75,6 @@ def missing_message(missing: list[str], trial_id: str, present: list[str]) -> st
             f"(it has {sorted(present)[:12]}...). Report them with the helper: "
             "`tune.report({**metrics, **reporter.metrics(model, ...)})` from qan_ray.tune, or "
             "pass QANScheduler(on_missing='warn') to warn once and let such trials CONTINUE.")
-
-
-def clean_observation(values: Any, obs_size: int) -> np.ndarray:
-    """A reported observation as float32 of length `obs_size`; NaN/inf entries become 0 and their
-    count is added to the last entry (the `nonfinite` signal of `features.observation`)."""
-    obs = np.asarray(values, dtype=np.float32).reshape(-1)
-    if obs.shape[0] != obs_size:
-        raise ValueError(f"the reported observation has {obs.shape[0]} values but the controller "
-                         f"expects {obs_size}. Use a controller trained on the same model "
-                         "architecture and monitored layers (see its spec.json), or train one "
-                         "with `qan train` on your task.")
-    bad = ~np.isfinite(obs)
-    if bad.any():
-        obs = np.where(bad, np.float32(0.0), obs)
-        obs[-1] = obs[-1] + np.float32(bad.sum())
-    return obs
 
 
 def control_due(iteration: int, control_every: int) -> bool:
@@ -106,20 +94,20 @@ def result_is_fresh(reported_version: Any, published_version: int, iteration: in
     return iteration > acted_iteration
 
 
-def choose_action(q_values: Any, fallback: int) -> int:
-    """Greedy action: argmax of the Q-values, ignoring NaN; `fallback` if none is finite."""
-    q = np.asarray(q_values, dtype=np.float64).reshape(-1)
-    finite = np.isfinite(q)
-    if not finite.any():
-        return int(fallback)
-    return int(np.argmax(np.where(finite, q, -np.inf)))
-
-
-def should_act(decision: str, due: bool, fresh: bool, metric_finite: bool) -> bool:
+def should_act(decision: str, due: bool, fresh: bool, metric_finite: bool,
+               finished: bool = False) -> bool:
     """QAN acts only when the stopper lets the trial go on (CONTINUE, or PAUSE: it resumes with
-    the new hyperparameters), it is a control step, the result reflects QAN's last action, and
-    the metric is finite (a diverged trial is the stopper's business, not the controller's)."""
-    return decision in (CONTINUE, PAUSE) and due and fresh and metric_finite
+    the new hyperparameters), it is a control step, the result reflects QAN's last action, the
+    metric is finite (a diverged trial is the stopper's business, not the controller's), and the
+    trial has budget left (an action after the last iteration would never be trained with, and
+    would leave the config's LR different from the one the trial ended with)."""
+    return decision in (CONTINUE, PAUSE) and due and fresh and metric_finite and not finished
+
+
+def finished(result: dict[str, Any]) -> bool:
+    """Whether the trial reported its last iteration (progress 1, or Tune's `done`)."""
+    progress = result.get(PROGRESS_KEY)
+    return bool(result.get("done")) or (is_finite(progress) and float(progress) >= 1.0)
 
 
 def merge_decision(stopper_decision: str, via_channel: bool, changed: bool) -> str:
@@ -129,11 +117,6 @@ def merge_decision(stopper_decision: str, via_channel: bool, changed: bool) -> s
     if stopper_decision != CONTINUE or via_channel or not changed:
         return stopper_decision
     return PAUSE
-
-
-def keep_action(lr_factors: tuple[float, ...]) -> int:
-    """The action that leaves the LR unchanged (factor 1.0), or 0 if there is none."""
-    return lr_factors.index(1.0) if 1.0 in lr_factors else 0
 
 
 @dataclass
@@ -146,8 +129,6 @@ class TrialState:
     """The trial's LR when it was added (the `log_lr_vs_initial` signal's reference)."""
     version: int = 0
     """Version of the published hyperparameters; 0 = nothing published beyond the config."""
-    best: float = -math.inf
-    """Best score (sign * metric) seen so far."""
     last_iteration: int = 0
     """Training iteration of the last result seen."""
     acted_iteration: int = 0
@@ -156,23 +137,28 @@ class TrialState:
     """The trainable reads the control channel (it reports VERSION_KEY)."""
     history: list[list[float]] = field(default_factory=list)
     """[iteration, action, lr_after] per action taken, in order."""
+    trained: dict[int, float] = field(default_factory=dict)
+    """iteration -> the LR that iteration trained with (a repeat after a rollback overwrites)."""
+    skipped: str | None = None
+    """Why QAN does not drive this trial (its observation does not fit); None = it does."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "initial_lr": self.initial_lr, "version": self.version,
-                "best": self.best if math.isfinite(self.best) else None,
                 "last_iteration": self.last_iteration, "acted_iteration": self.acted_iteration,
-                "via_channel": self.via_channel, "history": [list(h) for h in self.history]}
+                "via_channel": self.via_channel, "history": [list(h) for h in self.history],
+                "trained": {str(k): v for k, v in self.trained.items()},
+                "skipped": self.skipped}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialState:
-        best = d.get("best")
         return cls(lr=float(d["lr"]), initial_lr=float(d["initial_lr"]),
                    version=int(d.get("version", 0)),
-                   best=-math.inf if best is None else float(best),
                    last_iteration=int(d.get("last_iteration", 0)),
                    acted_iteration=int(d.get("acted_iteration", 0)),
                    via_channel=bool(d.get("via_channel", False)),
-                   history=[list(h) for h in d.get("history", [])])
+                   history=[list(h) for h in d.get("history", [])],
+                   trained={int(k): float(v) for k, v in d.get("trained", {}).items()},
+                   skipped=d.get("skipped"))
 
     def record_action(self, iteration: int, action: int, lr: float) -> None:
         self.history.append([int(iteration), int(action), float(lr)])

@@ -1,28 +1,42 @@
 """Trainable side of `QANScheduler`: what a user adds to their own Ray Tune function trainable.
 
-Three things, once per training iteration (see docs/scheduler.md for a complete example):
+Three lines per training iteration (see docs/scheduler.md for a complete example):
 1. `reporter.apply(optimizer)` before training: read the current hyperparameters from the control
    channel (one cheap actor call) and write the LR into the optimizer's param groups. No restart:
    the LR QAN chose after the previous iteration is in effect for this one.
 2. train and validate as usual;
 3. `tune.report({**metrics, **reporter.metrics(model, train_loss=..., val_loss=...,
-   val_accuracy=..., progress=...)})`: the controller's observation (permutation-invariant weight
-   statistics + training signals, `qan_ray.features.observation`, computed on the model's device)
-   and the LR/version actually used.
+   val_accuracy=..., progress=...)})`.
+
+`reporter.metrics` builds the controller's observation with the contract's `Observer` (the same
+code the meta-training environment uses) on the model's device and hands it to the scheduler
+through the control channel, not through the result: Tune's results, progress table and
+experiment state stay the size of a few scalars whatever the model. The result carries only the
+channel version applied (`qan_version`), the observation's sequence number (`qan_obs_ref`) and the
+progress (`qan_progress`).
 
 The control channel is one named Ray actor per experiment (`ControlChannel`, 0 CPUs) holding
-{trial_id: {hyperparams, version, initial}}. QANScheduler writes it in `on_trial_result`; Tune
-resumes a function trainable only after that hook returned, so the next `apply` sees the change.
-Without QANScheduler (no channel) the reporter returns the config's hyperparameters and skips the
-features, so the same trainable runs unchanged under ASHA, PBT or FIFO.
+{trial_id: {hyperparams, version, initial, observe}} and each trial's latest observation.
+QANScheduler writes the hyperparameters in `on_trial_result`; Tune resumes a function trainable
+only after that hook returned, so the next `apply` sees the change. Without QANScheduler (no
+channel) the reporter returns the config's hyperparameters and skips the features, so the same
+trainable runs unchanged under ASHA, PBT or FIFO.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
-from qan_ray.scheduler_core import LR_REPORTED_KEY, OBS_KEY, VERSION_KEY
+from qan_ray.contract import OBS_VERSION, ObservationSpec, Observer
+from qan_ray.scheduler_core import (
+    OBS_ERROR_KEY,
+    OBS_KEY,
+    OBS_REF_KEY,
+    PROGRESS_KEY,
+    VERSION_KEY,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +53,12 @@ class ControlChannel:
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Any]] = {}
+        self._observations: dict[str, dict[str, Any]] = {}
 
     def publish(self, trial_id: str, hyperparams: dict[str, Any], version: int,
                 initial: dict[str, Any], observe: dict[str, Any] | None = None) -> int:
         """`observe` tells the trainable which observation the controller was trained on
-        (with_weights, monitored_layers)."""
+        (ObservationSpec fields: with_weights, monitored_layers, num_classes)."""
         self._entries[trial_id] = {"hyperparams": dict(hyperparams), "version": int(version),
                                    "initial": dict(initial), "observe": dict(observe or {})}
         return int(version)
@@ -51,8 +66,19 @@ class ControlChannel:
     def get(self, trial_id: str) -> dict[str, Any] | None:
         return self._entries.get(trial_id)
 
+    def put_observation(self, trial_id: str, seq: int, values: list[float],
+                        version: int) -> None:
+        """The trainable's latest observation (number `seq`, format `version`)."""
+        self._observations[trial_id] = {"seq": int(seq), "values": values,
+                                        "version": int(version)}
+
+    def take_observation(self, trial_id: str) -> dict[str, Any] | None:
+        """The latest observation of a trial (and forget it); None if there is none."""
+        return self._observations.pop(trial_id, None)
+
     def drop(self, trial_id: str) -> None:
         self._entries.pop(trial_id, None)
+        self._observations.pop(trial_id, None)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return dict(self._entries)
@@ -72,45 +98,33 @@ def open_channel(experiment_name: str, create: bool = False):
         return None
 
 
-def qan_metrics(model, *, lr: float, initial_lr: float, train_loss: float, initial_loss: float,
-                val_loss: float, val_accuracy: float, progress: float,
-                monitored_layers: tuple[str, ...] = (), with_weights: bool = True
-                ) -> dict[str, Any]:
-    """The controller's observation of `model` (on its device) plus the LR used, as the result
-    keys QANScheduler reads. `progress` is the fraction of the trial's budget done (0..1);
-    with_weights=False gives the signals-only observation (for controllers trained without
-    weight statistics)."""
-    from qan_ray.features import observation, signal_vector
-
-    signals = signal_vector(lr, initial_lr, train_loss, initial_loss, val_loss, val_accuracy,
-                            progress)
-    obs = observation(model, signals, tuple(monitored_layers), with_weights=with_weights)
-    return {OBS_KEY: obs.tolist(), LR_REPORTED_KEY: float(lr)}
-
-
 class QANReporter:
-    """Per-trial helper: hyperparameters from the control channel in, QAN's features out.
+    """Per-trial helper: hyperparameters from the control channel in, QAN's observation out.
 
     config: the trial's config (the hyperparameters when no channel entry exists yet).
     lr_key: the config key QAN controls (must match QANScheduler(lr_key=...)).
     monitored_layers: Linear/Conv module names to observe (empty = all; as in training).
     channel: "auto" (find this experiment's channel through the Tune context), None (never), or
         an actor handle.
-    features: "auto" (only when a channel exists, i.e. QANScheduler drives the run), or True.
+    features: "auto" (only when a channel exists, i.e. QANScheduler drives the run), or True
+        (always; without a channel the observation is returned under `qan_obs`).
+    num_classes: classes of the task (the chance level of the loss and accuracy signals).
     """
 
     def __init__(self, config: dict[str, Any], lr_key: str = "lr",
                  monitored_layers: tuple[str, ...] = (), channel: Any = "auto",
-                 features: bool | str = "auto", timeout_s: float = 30.0):
+                 features: bool | str = "auto", timeout_s: float = 30.0,
+                 num_classes: int = 10):
         self.config = dict(config)
         self.lr_key = lr_key
-        self.monitored_layers = tuple(monitored_layers)
-        self.with_weights = True
         self.timeout_s = timeout_s
         self.version = 0
         self.hyperparams = dict(config)
-        self.initial_lr = float(config[lr_key]) if lr_key in config else None
+        initial_lr = float(config[lr_key]) if lr_key in config else 1.0
+        self.observer = Observer(ObservationSpec(monitored_layers=tuple(monitored_layers),
+                                                 num_classes=num_classes), initial_lr)
         self.initial_loss: float | None = None
+        self._seq = 0
         self._polled = False
         self._trial_id: str | None = None
         self._experiment: str | None = None
@@ -139,72 +153,110 @@ class QANReporter:
     def lr(self) -> float:
         return float(self.hyperparams[self.lr_key])
 
+    @property
+    def initial_lr(self) -> float:
+        return self.observer.initial_lr
+
+    def _call(self, method: str, *args):
+        """One channel call; after a lost channel (e.g. Tuner.restore re-created it) look it up
+        once more; without one, keep training with what we have."""
+        import ray
+
+        try:
+            return ray.get(getattr(self._channel, method).remote(*args), timeout=self.timeout_s)
+        except ray.exceptions.RayActorError:
+            self._channel = open_channel(self._experiment) if self._experiment else None
+            if self._channel is None:
+                return None
+            return ray.get(getattr(self._channel, method).remote(*args), timeout=self.timeout_s)
+
     def poll(self) -> dict[str, Any]:
         """The current hyperparameters: the config overlaid by the channel's entry (if any)."""
         if self._channel is None:
             return self.hyperparams
-        import ray
-
-        try:
-            entry = ray.get(self._channel.get.remote(self._trial_id), timeout=self.timeout_s)
-        except ray.exceptions.RayActorError:
-            # The channel was closed and may have been re-created (e.g. Tuner.restore): look
-            # it up once more; without one, keep training with what we have.
-            self._channel = open_channel(self._experiment) if self._experiment else None
-            entry = None if self._channel is None else ray.get(
-                self._channel.get.remote(self._trial_id), timeout=self.timeout_s)
+        entry = self._call("get", self._trial_id)
         self._polled = True
         if entry is not None:
             self.version = int(entry["version"])
             self.hyperparams.update(entry["hyperparams"])
             initial = entry.get("initial", {}).get(self.lr_key)
             if initial is not None:
-                self.initial_lr = float(initial)
-            observe = entry.get("observe", {})
-            self.with_weights = bool(observe.get("with_weights", True))
-            if observe.get("monitored_layers") and not self.monitored_layers:
-                self.monitored_layers = tuple(observe["monitored_layers"])
+                self.observer.initial_lr = float(initial)
+            observe = entry.get("observe") or {}
+            if observe:
+                mine = self.observer.spec
+                layers = tuple(observe.get("monitored_layers") or mine.monitored_layers)
+                self.observer.spec = ObservationSpec(
+                    with_weights=bool(observe.get("with_weights", True)),
+                    monitored_layers=layers, num_classes=mine.num_classes)
         return self.hyperparams
 
     def apply(self, optimizer) -> float:
         """poll(), then write the LR into every param group of `optimizer`; returns it. Call it
         before each iteration, and after loading optimizer state (which carries an old LR)."""
+        from qan_ray.contract import write_lr
+
         self.poll()
-        lr = self.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return write_lr(optimizer, self.lr)
+
+    def start(self, *, train_loss: float, val_loss: float, val_accuracy: float,
+              lr: float | None = None) -> None:
+        """Optional, before the first iteration: the losses at initialisation, so the loss-slope
+        signals of the first iterations match the meta-training environment's (which observes
+        the initial state too). No weight statistics are computed here."""
+        self.observer.signals(lr=self.lr if lr is None else float(lr), train_loss=train_loss,
+                              val_loss=val_loss, val_accuracy=val_accuracy, progress=0.0)
+
+    def diverged(self, train_loss: float, factor: float = 10.0) -> bool:
+        """The environment's divergence rule: NaN/inf, or above `factor` x the initial loss."""
+        ref = self.initial_loss
+        return not math.isfinite(train_loss) or (ref is not None and train_loss > factor * ref)
 
     def metrics(self, model, *, train_loss: float, val_loss: float, val_accuracy: float,
                 progress: float, initial_loss: float | None = None,
                 lr: float | None = None) -> dict[str, Any]:
-        """Result keys for QANScheduler: observation, LR used, channel version. `initial_loss` is
-        the loss at initialisation (default: the first train_loss this reporter saw)."""
+        """Result keys for QANScheduler (a few scalars; the observation goes through the
+        channel). `initial_loss` (the loss at initialisation) is the reference of
+        `diverged()`; `lr` is the LR this iteration trained with (default: the applied one)."""
         lr = self.lr if lr is None else float(lr)
         if initial_loss is not None:
             self.initial_loss = float(initial_loss)
         elif self.initial_loss is None:
             self.initial_loss = float(train_loss)
-        out: dict[str, Any] = {LR_REPORTED_KEY: lr}
+        out: dict[str, Any] = {}
         if self._features is True or (self._features == "auto" and self.active):
-            out = qan_metrics(model, lr=lr, initial_lr=self.initial_lr or lr,
-                              train_loss=train_loss, initial_loss=self.initial_loss,
-                              val_loss=val_loss, val_accuracy=val_accuracy, progress=progress,
-                              monitored_layers=self.monitored_layers,
-                              with_weights=self.with_weights)
+            try:
+                obs = self.observer.observe(model, lr=lr, train_loss=train_loss,
+                                            val_loss=val_loss, val_accuracy=val_accuracy,
+                                            progress=progress)
+            except ValueError as err:  # e.g. the controller's monitored layers are not here
+                out[OBS_ERROR_KEY] = str(err)
+            else:
+                self._seq += 1
+                if self.active:
+                    self._call("put_observation", self._trial_id, self._seq, obs.tolist(),
+                               OBS_VERSION)
+                    out[OBS_REF_KEY] = self._seq
+                else:
+                    out[OBS_KEY] = obs.tolist()
+            out[PROGRESS_KEY] = float(progress)
         if self._polled and self.active:
             out[VERSION_KEY] = self.version
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint should keep (the signals' references survive a restore)."""
-        return {"initial_lr": self.initial_lr, "initial_loss": self.initial_loss}
+        """What a checkpoint should keep (the signals' references and history)."""
+        return {"observer": self.observer.state_dict(), "initial_loss": self.initial_loss,
+                "seq": self._seq}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("initial_lr") is not None:  # the channel's entry, if any, wins at poll()
-            self.initial_lr = float(state["initial_lr"])
+        if state.get("observer"):  # the channel's entry, if any, wins at poll()
+            self.observer.load_state_dict(state["observer"])
+        elif state.get("initial_lr") is not None:  # a checkpoint of qan-ray < 0.2
+            self.observer.initial_lr = float(state["initial_lr"])
         if state.get("initial_loss") is not None:
             self.initial_loss = float(state["initial_loss"])
+        self._seq = int(state.get("seq", self._seq))
 
 
 def _tune_context():

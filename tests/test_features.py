@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
+from qan_ray.contract import ObservationSpec, Observer
 from qan_ray.features import (
-    PER_LAYER,
-    feature_names,
+    WEIGHT_FEATURES,
     group_stats,
-    observation,
-    observation_size,
+    layer_view,
+    weight_feature_names,
     weight_features,
 )
-from qan_ray.models import MLP, LeNet
+from qan_ray.models import MLP, LeNet, WideResNet
 
 
 def test_group_stats_match_numpy_on_known_values():
@@ -45,7 +45,18 @@ def test_weight_features_invariant_to_hidden_unit_permutation():
     _permute_hidden(mlp, torch.randperm(32))
     assert torch.allclose(mlp(x), before_out, atol=1e-6)  # the same function...
     assert torch.allclose(weight_features(mlp), before, atol=1e-5)  # ...the same features
-    assert before.shape == (2 * PER_LAYER,)
+    assert before.shape == (WEIGHT_FEATURES,)
+
+
+def test_subsampled_large_layer_is_still_permutation_invariant():
+    """A 512-unit hidden layer is reduced to a 32 x 32 block before the statistics: the block is
+    chosen by row/column norm ranks, so permuting the hidden units selects the same weights."""
+    torch.manual_seed(1)
+    mlp = MLP(300, (512,))
+    assert layer_view(mlp.net[1].weight).shape == (32, 32, 1)
+    before = weight_features(mlp)
+    _permute_hidden(mlp, torch.randperm(512))
+    assert torch.allclose(weight_features(mlp), before, atol=1e-5)
 
 
 def test_conv_features_invariant_to_filter_permutation():
@@ -60,21 +71,63 @@ def test_conv_features_invariant_to_filter_permutation():
     assert torch.allclose(weight_features(net), before, atol=1e-5)
 
 
-def test_observation_fixed_length_float32_and_flags_nonfinite():
+class _Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(1, 16, 5), nn.ReLU(), nn.Conv1d(16, 32, 3),
+                                  nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                                  nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("model", [
+    MLP(64, (64,)),                       # the digits MLP (2 layers)
+    MLP(64, (128, 96, 64, 48, 32)),       # a 6-layer MLP
+    LeNet(),                              # the paper's MNIST CNN
+    _Conv1dNet(),                         # a 1-D CNN
+    WideResNet(depth=10, width=1),        # WRN-10-1 (BatchNorm, 1x1 shortcuts)
+], ids=["digits-mlp", "mlp-6", "lenet", "cnn-1d", "wrn-10-1"])
+def test_observation_has_the_same_length_for_every_architecture(model):
+    spec = ObservationSpec()
+    obs = Observer(spec, 0.1).observe(model, lr=0.1, train_loss=2.0, val_loss=2.1,
+                                      val_accuracy=0.3, progress=0.1)
+    assert obs.shape == (spec.size,) == (WEIGHT_FEATURES + 13,)
+    assert obs.dtype == np.float32 and np.isfinite(obs).all() and obs[-1] == 0
+    assert len(spec.feature_names) == spec.size and spec.feature_names[0] == "w.first.all.mean"
+    assert weight_feature_names()[-1] == "w.mean.kernel.min.m5"
+
+
+def test_mean_pool_averages_the_layers_and_first_last_are_the_ends():
+    from qan_ray.features import PER_LAYER, layer_features, symlog
+
+    mlp = MLP(64, (32, 16))
+    layers = [mlp.net[1], mlp.net[3], mlp.net[5]]
+    feats = weight_features(mlp)
+    per = [symlog(layer_features(m.weight)) for m in layers]
+    assert torch.allclose(feats[:PER_LAYER], per[0])
+    assert torch.allclose(feats[PER_LAYER:2 * PER_LAYER], per[2])
+    assert torch.allclose(feats[2 * PER_LAYER:], torch.stack(per).mean(0), atol=1e-6)
+
+
+def test_observation_flags_nonfinite_weights_and_signals():
     mlp = MLP(64, (16,))
-    n = observation_size(mlp)
-    assert n == len(feature_names(mlp)) == 2 * 192 + 8
-    obs = observation(mlp, [0.0] * 8)
-    assert obs.dtype == np.float32 and obs.shape == (n,) and obs[-1] == 0
     with torch.no_grad():
         mlp.net[1].weight[0, 0] = float("nan")
-    obs = observation(mlp, [0.0, float("inf")] + [0.0] * 6)
+    obs = Observer(ObservationSpec(), 0.1).observe(mlp, lr=0.1, train_loss=float("inf"),
+                                                   val_loss=1.0, val_accuracy=0.5, progress=0.1)
     assert np.isfinite(obs).all() and obs[-1] > 0
 
 
 def test_monitored_layers_unknown_name_is_a_clear_error():
     with pytest.raises(ValueError, match=r"`monitored_layers` names \['fc9'\].*Valid names"):
         weight_features(nn.Sequential(nn.Linear(3, 2)), ("fc9",))
+
+
+def test_model_without_linear_or_conv_layers_is_a_clear_error():
+    with pytest.raises(ValueError, match="has no Linear/Conv layer.*--no-weight-features"):
+        weight_features(nn.Sequential(nn.ReLU()))
 
 
 def test_single_element_groups_closed_form_matches_group_stats():

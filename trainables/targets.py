@@ -11,8 +11,9 @@ One training iteration = one epoch of the target network. Each iteration:
 Config keys: any `QANConfig` field (task, lr, momentum, weight_decay, seed, ...) plus
 `TRAINABLE_KEYS`. Reported metrics: val_accuracy, val_loss, val_score (accuracy with a tiny
 validation-loss tie-breaker, see `val_score`), train_loss, lr, epoch, epochs_this_iter, diverged,
-and test_accuracy at the last epoch. A non-finite training loss ends the trial (reported with
-diverged=True), under every scheduler alike.
+and test_accuracy at the last epoch. Divergence -- the environment's one rule,
+`TargetTrainer.diverged`: a non-finite loss or one above divergence_factor x the initial loss --
+ends the trial (reported with diverged=True), under every scheduler alike.
 """
 
 from __future__ import annotations
@@ -97,10 +98,14 @@ def target_trainable(config: dict[str, Any]) -> None:
         trainer.load_state_dict(saved["trainer"])
         reporter.load_state_dict(saved["reporter"])
         start = int(saved["epoch"])
+    if reporter.active and start == 0:  # the initial state, as the environment observes it
+        val_loss, val_acc = trainer.evaluate("val")
+        reporter.start(train_loss=trainer.initial_loss, val_loss=val_loss, val_accuracy=val_acc,
+                       lr=float(reporter.poll()[reporter.lr_key]))
     for epoch in range(start, epochs):
         apply_hyperparams(trainer, reporter.poll())
         train_loss = trainer.train(trainer.batches_per_epoch)
-        diverged = not math.isfinite(train_loss)
+        diverged = trainer.diverged(train_loss)
         val_loss, val_acc = trainer.evaluate("val")
         last = diverged or epoch + 1 == epochs
         metrics: dict[str, Any] = {
