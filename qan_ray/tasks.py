@@ -8,9 +8,10 @@ optimizer settings. Everywhere a preset name works, "module:function" works too:
 
 The function is imported by name (importlib) and called once per process, in every process that
 builds a trainer: the driver, the Ray trainer actors and the Tune trials. Its module must therefore
-be importable on every Ray node. Locally Ray puts the driver's working directory on the workers'
-path; on a cluster ship it with `ray job submit --working-dir .` or
-`ray.init(runtime_env={"py_modules": [my_pkg]})`. See docs/user_tasks.md.
+be importable on every Ray node. It is looked up on sys.path, then in the current directory; Ray
+puts the driver's working directory on the path of local workers too. On a cluster ship it with
+`ray job submit --working-dir .` or `ray.init(runtime_env={"py_modules": [my_pkg]})`. See
+docs/user_tasks.md.
 
 Data rules (checked here, each broken rule raises a ValueError that names the value and the fix):
 - `x` is a floating tensor (N, ...) of finite values (cast to float32); `y` an integer tensor (N,)
@@ -29,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,11 +125,17 @@ def load_user_task(task: str) -> UserTask:
     tensor splits ((float32 x, int64 y) on the CPU, val/test None when not given).
 
     Cached per process: the function runs once per process and task string. The caller's torch
-    RNG state is left untouched (the function and the model check run under a forked RNG).
+    RNG state is left untouched (the import, the call and the model check run under a forked
+    RNG).
     """
     module_name, attr = parse_task(task)
+    with torch.random.fork_rng(devices=[]):  # importing or calling may draw random numbers
+        return _resolve(task, module_name, attr)
+
+
+def _resolve(task: str, module_name: str, attr: str) -> UserTask:
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as err:
         missing = getattr(err, "name", None)
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
@@ -148,13 +157,27 @@ def load_user_task(task: str) -> UserTask:
         raise ValueError(f"`task` is {task!r}, but {module_name}.{attr} is a "
                          f"{type(fn).__name__}, not callable. Point the task at a function that "
                          "takes no arguments and returns a qan_ray.tasks.UserTask.")
-    with torch.random.fork_rng(devices=[]):
-        returned = fn()
-        if not isinstance(returned, UserTask):
-            raise ValueError(f"`task` {task!r} returned a {type(returned).__name__}; it must "
-                             "return a qan_ray.tasks.UserTask(model=..., train=(x, y), ...) "
-                             f"({DOCS}).")
-        return _checked(task, returned)
+    returned = fn()
+    if not isinstance(returned, UserTask):
+        raise ValueError(f"`task` {task!r} returned a {type(returned).__name__}; it must "
+                         "return a qan_ray.tasks.UserTask(model=..., train=(x, y), ...) "
+                         f"({DOCS}).")
+    return _checked(task, returned)
+
+
+def _import(module_name: str):
+    """importlib.import_module, falling back to the current directory (as `python -m` and
+    uvicorn's module:app do), so `qan train --task my_tasks:make_task` finds ./my_tasks.py."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        top = module_name.split(".")[0]
+        cwd = os.getcwd()
+        if err.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)  # appended: never shadows an installed package
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
 
 
 def _checked(task: str, ut: UserTask) -> UserTask:

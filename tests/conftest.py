@@ -31,6 +31,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # Ray workers inherit the environment of the local instance: with tests/ on their
+        # PYTHONPATH they import the user-task example (`--task user_task_example:make_task`).
+        here = str(Path(__file__).parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (here, os.environ.get("PYTHONPATH")) if p)
         # address="local": always a fresh instance of our own, never a `ray start` head that an
         # end-to-end test (or a developer) left running on this machine.
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
