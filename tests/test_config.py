@@ -41,3 +41,38 @@ def test_every_preset_validates_with_a_data_root():
     for name in TASK_PRESETS:
         cfg = from_dict(task=name, data_root="/tmp")
         assert cfg.task == name and cfg.num_actions >= 2
+
+
+def test_task_flag_takes_a_preset_or_module_function_and_its_help_lists_both(monkeypatch):
+    import argparse
+
+    from qan_ray.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--task", "user_task_example:make_task", "--lr", "0.2"])
+    cfg = config_from_args(args)
+    assert (cfg.task, cfg.dataset, cfg.model, cfg.lr) == (
+        "user_task_example:make_task", "user", "user", 0.2)
+    assert config_from_args(parser.parse_args(["--task", "mnist-lenet", "--data-root", "/d"])
+                            ).model == "lenet"
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside the hyphenated preset names
+    help_text = parser.format_help()
+    for name in TASK_PRESETS:
+        assert name in help_text
+    assert "module:function" in help_text and "PRESET|MODULE:FUNCTION" in help_text
+    with pytest.raises(ValueError, match="`task` is 'digitz'; it must be one of"):
+        config_from_args(parser.parse_args(["--task", "digitz"]))
+
+
+def test_validate_checks_the_task_against_dataset_and_model():
+    from qan_ray.config import QANConfig
+
+    with pytest.raises(ValueError, match="`task` is 'nope'"):
+        QANConfig(task="nope").validate()
+    with pytest.raises(ValueError, match="`dataset` is 'digits'; task 'm:f' supplies its own"):
+        QANConfig(task="m:f").validate()  # no import: validate only reads the fields
+    assert QANConfig(task="m:f", dataset="user", model="user").validate().data_root is None
+    with pytest.raises(ValueError, match="`dataset` is 'user'; 'user' is the dataset of a "
+                                         "module:function task"):
+        QANConfig(dataset="user").validate()

@@ -25,3 +25,21 @@ def test_build_model_mlp_from_config():
     net = build_model(from_dict(hidden=(16, 8)), (1, 8, 8))
     widths = [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [16, 8, 10]
+
+
+def test_build_model_of_a_user_task_calls_its_factory_each_time():
+    cfg = from_dict(task="user_task_example:make_task")
+    a, b = build_model(cfg, (1, 8, 8)), build_model(cfg, (1, 8, 8))
+    assert a is not b and isinstance(a, torch.nn.Sequential)
+    assert [m.out_channels for m in a.modules() if isinstance(m, torch.nn.Conv2d)] == [8, 16]
+    assert a(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_build_model_rejects_an_unknown_model_name():
+    import pytest
+
+    class Cfg:
+        model, task = "resnet", "digits-mlp"
+
+    with pytest.raises(ValueError, match="`model` is 'resnet'; it must be mlp, lenet or wrn"):
+        build_model(Cfg(), (1, 8, 8))
