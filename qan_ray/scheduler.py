@@ -207,7 +207,10 @@ class QANScheduler(FIFOScheduler):
             state = self._trials[tid] = TrialState(lr=lr, initial_lr=lr)
         iteration = int(result.get("training_iteration", state.last_iteration + 1))
         state.last_iteration = iteration
-        state.trained[iteration] = state.lr
+        fresh = core.result_is_fresh(result.get(core.VERSION_KEY), state.version, iteration,
+                                     state.acted_iteration)
+        if fresh or iteration not in state.trained:  # a stale repeat keeps its record
+            state.trained[iteration] = state.lr
         real_metric = self._metric if self._metric not in (None, "_metric") else None
         missing = core.missing_keys(result, real_metric, self.obs_key)
         if missing:
@@ -223,8 +226,6 @@ class QANScheduler(FIFOScheduler):
         obs = self._observation(trial, state, result)
         if obs is None:
             return decision
-        fresh = core.result_is_fresh(result.get(core.VERSION_KEY), state.version, iteration,
-                                     state.acted_iteration)
         due = core.control_due(iteration, self.control_every)
         if not core.should_act(decision, due, fresh, core.is_finite(value),
                                core.finished(result)):

@@ -11,7 +11,7 @@ from qan_ray.rewards import log_improvement, step_reward
 def test_env_passes_gymnasium_check_env():
     env = TargetTrainingEnv({"task": "digits-mlp", "action_mode": "lr"})
     check_env(env, skip_render_check=True)
-    assert env.action_space.n == 5 and env.observation_space.shape == (392,)
+    assert env.action_space.n == 5 and env.observation_space.shape == (576 + 13,)
 
 
 def test_episode_runs_to_budget_and_return_telescopes():
@@ -76,5 +76,5 @@ def test_reward_functions():
 def test_signals_only_observation_ablation():
     env = TargetTrainingEnv({"weight_features": False})
     obs, _ = env.reset(seed=0)
-    assert env.observation_space.shape == (8,) and obs.shape == (8,)
+    assert env.observation_space.shape == (13,) and obs.shape == (13,)
     assert obs[0] == pytest.approx(np.log10(0.05))  # log10 LR comes first

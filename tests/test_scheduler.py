@@ -4,9 +4,7 @@ by hand with small stand-in trials (no Ray session either: no channel, so the re
 from __future__ import annotations
 
 import json
-import math
 
-import numpy as np
 import pytest
 from controllers import fixed_action_controller
 
@@ -26,16 +24,6 @@ def test_score_maximises_and_maps_nonfinite_to_worst(mode, value, expected):
     assert core.score(value, mode) == expected
 
 
-@pytest.mark.parametrize("mode", ["min", "max"])
-@pytest.mark.parametrize("bad", [NAN, INF, -INF])
-def test_improved_never_counts_a_nonfinite_value(mode, bad):
-    assert not core.improved(-INF, bad, mode)
-    better = 0.1 if mode == "min" else 0.9
-    best = core.score(0.5, mode)
-    assert core.improved(best, better, mode)
-    assert not core.improved(best, 0.5, mode)  # a tie is not an improvement
-
-
 def test_sign_rejects_an_unknown_mode_with_the_fix():
     with pytest.raises(ValueError, match=r"`mode` is 'maximize'; it must be 'min' or 'max'"):
         core.sign("maximize")
@@ -47,6 +35,8 @@ def test_sign_rejects_an_unknown_mode_with_the_fix():
     ("acc", {"qan_obs": [0]}, ["acc"]),
     ("acc", {"acc": NAN}, ["qan_obs"]),  # NaN is present (handled later), the obs is not
     (None, {}, ["qan_obs"]),
+    ("acc", {"acc": 1, "qan_obs_ref": 3}, []),  # on the control channel
+    ("acc", {"acc": 1, "qan_obs_error": "no layers"}, []),  # explained: the trial is skipped
 ])
 def test_missing_keys_lists_metric_then_observation(metric, result, missing):
     assert core.missing_keys(result, metric) == missing
@@ -56,17 +46,6 @@ def test_missing_message_names_the_keys_the_trial_and_both_fixes():
     text = core.missing_message(["acc", "qan_obs"], "abc_00001", ["loss"])
     assert "trial abc_00001" in text and "['acc', 'qan_obs']" in text
     assert "reporter.metrics(model" in text and "on_missing='warn'" in text
-
-
-def test_clean_observation_zeroes_nonfinite_and_counts_them_in_the_last_entry():
-    obs = core.clean_observation([1.0, NAN, INF, -INF, 0.5], 5)
-    assert obs.dtype == np.float32
-    np.testing.assert_array_equal(obs, np.array([1.0, 0.0, 0.0, 0.0, 3.5], dtype=np.float32))
-
-
-def test_clean_observation_size_mismatch_names_both_sizes():
-    with pytest.raises(ValueError, match="has 3 values but the controller expects 392"):
-        core.clean_observation([0.0, 0.0, 0.0], 392)
 
 
 # --- when to act ---------------------------------------------------------------------------------
@@ -88,24 +67,26 @@ def test_result_is_fresh(reported, published, iteration, acted, fresh):
     assert core.result_is_fresh(reported, published, iteration, acted) is fresh
 
 
-def test_choose_action_is_greedy_and_ignores_nan():
-    assert core.choose_action([0.1, 0.7, -1.0], fallback=2) == 1
-    assert core.choose_action([NAN, 0.2, 0.3], fallback=2) == 2
-    assert core.choose_action([NAN, NAN], fallback=1) == 1
-    assert core.choose_action([INF, NAN], fallback=1) == 1  # inf is not a usable Q-value
-
-
-@pytest.mark.parametrize("decision, due, fresh, finite, act", [
-    (CONTINUE, True, True, True, True),
-    (PAUSE, True, True, True, True),
-    (STOP, True, True, True, False),
-    (NOOP, True, True, True, False),
-    (CONTINUE, False, True, True, False),
-    (CONTINUE, True, False, True, False),
-    (CONTINUE, True, True, False, False),
+@pytest.mark.parametrize("decision, due, fresh, finite, done, act", [
+    (CONTINUE, True, True, True, False, True),
+    (PAUSE, True, True, True, False, True),
+    (STOP, True, True, True, False, False),
+    (NOOP, True, True, True, False, False),
+    (CONTINUE, False, True, True, False, False),
+    (CONTINUE, True, False, True, False, False),
+    (CONTINUE, True, True, False, False, False),
+    (CONTINUE, True, True, True, True, False),  # the last iteration: nothing trains with it
 ])
-def test_should_act(decision, due, fresh, finite, act):
-    assert core.should_act(decision, due, fresh, finite) is act
+def test_should_act(decision, due, fresh, finite, done, act):
+    assert core.should_act(decision, due, fresh, finite, done) is act
+
+
+@pytest.mark.parametrize("result, done", [
+    ({"qan_progress": 1.0}, True), ({"qan_progress": 0.5}, False), ({"done": True}, True),
+    ({}, False), ({"qan_progress": NAN}, False),
+])
+def test_finished(result, done):
+    assert core.finished(result) is done
 
 
 @pytest.mark.parametrize("stopper, channel, changed, final", [
@@ -120,18 +101,15 @@ def test_merge_decision(stopper, channel, changed, final):
     assert core.merge_decision(stopper, channel, changed) == final
 
 
-def test_keep_action():
-    assert core.keep_action((0.5, 0.9, 1.0, 1.1, 2.0)) == 2
-    assert core.keep_action((0.97, 1.2)) == 0
-
-
-def test_trial_state_round_trips_through_json_including_minus_inf():
+def test_trial_state_round_trips_through_json():
     s = TrialState(lr=0.1, initial_lr=0.2)
     s.record_action(3, 0, 0.05)
     s.via_channel = True
+    s.trained = {1: 0.2, 2: 0.1}
+    s.skipped = "format 1 vs 2"
     back = TrialState.from_dict(json.loads(json.dumps(s.to_dict())))
     assert back == s
-    assert back.best == -INF and back.version == 1 and back.history == [[3, 0, 0.05]]
+    assert back.version == 1 and back.history == [[3, 0, 0.05]] and back.trained[2] == 0.1
 
 
 @pytest.mark.parametrize("config, message", [
@@ -145,7 +123,7 @@ def test_initial_lr_of_errors(config, message):
 
 
 # --- the scheduler's hooks, by hand (no Ray session: the restart fallback path) ------------------
-OBS = 10
+OBS = fixed_action_controller().obs_size
 
 
 class StandInTrial:
@@ -175,7 +153,7 @@ class StandInController:
 def _scheduler(mode="max", **kw):
     from qan_ray.scheduler import QANScheduler
 
-    s = QANScheduler(policy=fixed_action_controller(OBS), **kw)
+    s = QANScheduler(policy=fixed_action_controller(), **kw)
     assert s.set_search_properties("m", mode)
     return s
 
@@ -199,7 +177,8 @@ def test_scheduler_fallback_halves_lr_by_set_config_and_pause(mode):
     assert trial.config["lr"] == pytest.approx(0.025)
     state = s.trial_state("t0")
     assert [h[:2] for h in state.history] == [[1, 0], [2, 0]] and state.version == 2
-    assert state.best == core.score(0.4 if mode == "min" else 0.5, mode)
+    assert [r["lr"] for r in s.schedule_rows("t0")] == [0.1, 0.05]  # what each trained with
+    assert [r["action_label"] for r in s.schedule_rows("t0")] == ["x0.5", "x0.5"]
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
@@ -232,7 +211,7 @@ def test_scheduler_missing_features_error_by_default_and_warn_once_with_the_flag
 def test_scheduler_clamps_at_lr_min():
     from qan_ray.scheduler import QANScheduler
 
-    s = QANScheduler(policy=fixed_action_controller(OBS, lr_min=0.04), metric="m", mode="max")
+    s = QANScheduler(policy=fixed_action_controller(lr_min=0.04), metric="m", mode="max")
     trial = StandInTrial("t0", 0.1)
     tc = StandInController([trial])
     s.on_trial_add(tc, trial)
@@ -260,12 +239,13 @@ def test_scheduler_save_restore_round_trip(tmp_path):
     ({"control_every": 0}, "`control_every` is 0; it must be an integer >= 1"),
     ({"on_missing": "skip"}, "`on_missing` is 'skip'"),
     ({"action_mode": "minibatch"}, "controller was trained with action_mode 'lr'"),
+    ({"on_mismatch": "ignore"}, "`on_mismatch` is 'ignore'"),
     ({"policy": "/nonexistent/ctrl"}, "Train one with `qan train"),
 ])
 def test_scheduler_rejects_bad_arguments_with_the_fix(kwargs, message):
     from qan_ray.scheduler import QANScheduler
 
-    args = {"policy": fixed_action_controller(OBS), **kwargs}
+    args = {"policy": fixed_action_controller(), **kwargs}
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         QANScheduler(**args)
 
@@ -278,7 +258,7 @@ def test_scheduler_refuses_a_pbt_stopper_that_mutates_the_lr():
 
     pbt = PopulationBasedTraining(hyperparam_mutations={"lr": tune.uniform(0.01, 0.1)})
     with pytest.raises(ValueError, match="mutates 'lr', which QANScheduler controls"):
-        QANScheduler(policy=fixed_action_controller(OBS), stopper=pbt)
+        QANScheduler(policy=fixed_action_controller(), stopper=pbt)
 
 
 def test_builtin_policy_missing_is_a_clear_file_not_found(tmp_path, monkeypatch):
@@ -286,7 +266,7 @@ def test_builtin_policy_missing_is_a_clear_file_not_found(tmp_path, monkeypatch)
     from qan_ray.scheduler import load_policy
 
     monkeypatch.setattr(policies.qnet, "BUILTIN", tmp_path / "no-builtin-here")
-    with pytest.raises(FileNotFoundError, match="No built-in controller is shipped yet"):
+    with pytest.raises(FileNotFoundError, match="path 'builtin' has no spec.json"):
         load_policy("builtin")
     with pytest.raises(FileNotFoundError, match=r"policy='/nope'.*--policy runs/ctrl/controller"):
         load_policy("/nope")
@@ -295,9 +275,67 @@ def test_builtin_policy_missing_is_a_clear_file_not_found(tmp_path, monkeypatch)
 def test_metric_mode_from_search_properties_and_conflicts():
     from qan_ray.scheduler import QANScheduler
 
-    s = QANScheduler(policy=fixed_action_controller(OBS))
+    s = QANScheduler(policy=fixed_action_controller())
     assert s.set_search_properties("loss", "min") and (s.metric, s._mode) == ("loss", "min")
-    given = QANScheduler(policy=fixed_action_controller(OBS), metric="acc", mode="max")
+    given = QANScheduler(policy=fixed_action_controller(), metric="acc", mode="max")
     assert given.set_search_properties(None, None) and given.metric == "acc"
     assert not given.set_search_properties("loss", "min")  # Tune then raises its usual error
-    assert math.isinf(given._trials.get("x", TrialState(1, 1)).best)
+
+
+def test_action_mode_is_read_from_the_controller_spec():
+    from qan_ray.scheduler import QANScheduler
+
+    s = QANScheduler(policy=fixed_action_controller(action=3, action_mode="minibatch"))
+    assert s.action_mode == "minibatch"
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    assert s.set_search_properties("m", "max")
+    assert s.on_trial_result(tc, trial, _result(1, 0.5)) == PAUSE  # restart fallback
+    assert trial.config["focus_class"] == 3 and trial.config["lr"] == 0.1
+
+
+def test_old_format_controller_warns_and_leaves_trials_at_their_lr(caplog, tmp_path):
+    """A controller of another observation format never aborts the experiment: one warning,
+    and the trial trains on at its config's LR. With on_mismatch='error' it is refused."""
+    from test_contract import _legacy_spec
+
+    from qan_ray.scheduler import QANScheduler
+
+    folder = _legacy_spec(tmp_path)
+    with pytest.raises(ValueError, match="observation format 1 vs 2"):
+        QANScheduler(policy=str(folder), on_mismatch="error")
+    s = QANScheduler(policy=str(folder), metric="m", mode="max")
+    assert sum("observation format 1 vs 2" in r.message for r in caplog.records) == 1
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    for it in (1, 2, 3):
+        assert s.on_trial_result(tc, trial, _result(it, 0.5, obs=[0.0] * 392)) == CONTINUE
+    assert trial.config["lr"] == 0.1 and s.trial_state("t0").skipped is not None
+    assert "at their config's LR" in s.debug_string()
+
+
+def test_a_trial_whose_observation_does_not_fit_is_skipped_alone(caplog):
+    s = _scheduler()
+    bad, good = StandInTrial("bad", 0.1), StandInTrial("good", 0.1)
+    tc = StandInController([bad, good])
+    s.on_trial_add(tc, bad)
+    s.on_trial_add(tc, good)
+    assert s.on_trial_result(tc, bad, _result(1, 0.5, obs=[0.0] * 7)) == CONTINUE
+    assert s.on_trial_result(tc, bad, _result(2, 0.5, obs=[0.0] * 7)) == CONTINUE
+    assert s.on_trial_result(tc, good, _result(1, 0.5)) == PAUSE
+    assert bad.config["lr"] == 0.1 and good.config["lr"] == 0.05
+    assert sum("trial bad trains at its config's LR" in r.message for r in caplog.records) == 1
+    assert "good it 1 x0.5 -> lr 0.05" in s.debug_string()
+
+
+def test_no_action_after_the_last_iteration_so_config_lr_is_the_last_trained():
+    s = _scheduler()
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    assert s.on_trial_result(tc, trial, _result(1, 0.5, qan_progress=0.5)) == PAUSE
+    assert s.on_trial_result(tc, trial, _result(2, 0.5, qan_progress=1.0)) == CONTINUE
+    assert trial.config["lr"] == 0.05 == s.schedule_rows("t0")[-1]["lr"]
+

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from qan_ray.config import from_dict
-from qan_ray.features import observation_size
+from qan_ray.contract import ObservationSpec
 from qan_ray.trainer import TargetTrainer
-from qan_ray.tune import QANReporter, qan_metrics
+from qan_ray.tune import QANReporter
 from trainables.targets import apply_hyperparams, split_config, trainable_for, val_score
 
 
@@ -39,10 +39,18 @@ def test_apply_hyperparams_overrides_loaded_optimizer_state():
     assert trainer.lr == cfg.lr_max  # clamped
 
 
-def test_trainable_for_names_the_tasks():
-    assert trainable_for("digits-mlp").__name__ == "digits_mlp"
-    assert trainable_for("cifar10-wrn").__name__ == "cifar10_wrn"
-    assert trainable_for("paper-mnist-lr").__name__ == "target_trainable"
+def test_trainable_for_gives_each_builtin_task_its_own_preset():
+    """Each built-in trainable trains its own task whatever the config says; unknown tasks get
+    the generic trainable, which reads config["task"]."""
+    import inspect
+
+    from trainables.targets import TASK_TRAINABLES, target_trainable
+
+    for task, fn in TASK_TRAINABLES.items():
+        assert trainable_for(task) is fn
+        assert inspect.getclosurevars(fn).nonlocals["task"] == task
+        assert fn.__name__ == task.replace("-", "_")
+    assert trainable_for("paper-mnist-lr") is target_trainable
 
 
 def test_reporter_outside_tune_uses_the_config_and_skips_features():
@@ -52,20 +60,30 @@ def test_reporter_outside_tune_uses_the_config_and_skips_features():
     assert not reporter.active and reporter.apply(opt) == 0.1
     assert opt.param_groups[0]["lr"] == 0.1
     out = reporter.metrics(model, train_loss=1.0, val_loss=1.0, val_accuracy=0.5, progress=0.1)
-    assert out == {"qan_lr": 0.1}  # no channel, no QANScheduler: no feature cost
+    assert out == {}  # no channel, no QANScheduler: no feature cost, nothing added
     forced = QANReporter({"lr": 0.1}, features=True).metrics(
         model, train_loss=1.0, val_loss=1.0, val_accuracy=0.5, progress=0.1)
-    assert len(forced["qan_obs"]) == observation_size(model) == 2 * 192 + 8
+    assert len(forced["qan_obs"]) == ObservationSpec().size and forced["qan_progress"] == 0.1
 
 
-def test_qan_metrics_is_the_environment_observation():
-    cfg = from_dict(task="digits-mlp", device="cpu")
-    trainer = TargetTrainer(cfg)
-    out = qan_metrics(trainer.model, lr=0.05, initial_lr=0.05, train_loss=float("nan"),
-                      initial_loss=2.3, val_loss=1.0, val_accuracy=0.5, progress=0.5)
-    assert len(out["qan_obs"]) == observation_size(trainer.model)
-    assert out["qan_obs"][-1] == 0.0  # NaN loss is mapped to 0 by signal_vector's log guard
+def test_reporter_observation_is_finite_for_a_nan_loss():
+    trainer = TargetTrainer(from_dict(task="digits-mlp", device="cpu"))
+    out = QANReporter({"lr": 0.05}, features=True).metrics(
+        trainer.model, train_loss=float("nan"), val_loss=1.0, val_accuracy=0.5, progress=0.5)
+    assert len(out["qan_obs"]) == ObservationSpec().size
+    assert out["qan_obs"][-1] >= 1.0  # the NaN loss signals are counted as non-finite
     assert all(math.isfinite(v) for v in out["qan_obs"])
+
+
+def test_reporter_diverged_is_the_environment_rule():
+    reporter = QANReporter({"lr": 0.1})
+    model = torch.nn.Linear(2, 2)
+    reporter.metrics(model, train_loss=2.0, val_loss=2.0, val_accuracy=0.1, progress=0.1,
+                     initial_loss=2.3)
+    assert not reporter.diverged(22.0) and reporter.diverged(23.5)
+    assert reporter.diverged(float("nan")) and reporter.diverged(float("inf"))
+    trainer = TargetTrainer(from_dict(task="digits-mlp", device="cpu"))
+    assert trainer.diverged(11 * trainer.initial_loss) and not trainer.diverged(1.0)
 
 
 def test_env_lr_init_range_starts_each_episode_at_a_seeded_log_uniform_lr():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qan_ray.config import from_dict
-from qan_ray.control import apply_action, baseline_schedule, next_lr
+from qan_ray.control import action_spec, apply_action, baseline_schedule
 from qan_ray.trainer import TargetTrainer
 
 
@@ -37,9 +37,13 @@ def test_lr_action_reaches_the_optimizer_on_the_next_minibatch():
 
 def test_lr_actions_clamp_and_restart():
     cfg = from_dict(lr=0.5, lr_max=0.8, restart_lr=0.05)
-    assert next_lr(cfg, 0.5, 4) == 0.8  # x2 clamped to lr_max
-    assert next_lr(cfg, 2e-5, 0) == 1e-5  # x0.5 clamped to lr_min
-    assert next_lr(cfg, 0.5, 5) == 0.05  # restart
+    rule = action_spec(cfg)
+    assert rule.next_lr(0.5, 4) == 0.8  # x2 clamped to lr_max
+    assert rule.next_lr(2e-5, 0) == 1e-5  # x0.5 clamped to lr_min
+    assert rule.next_lr(0.5, 5) == 0.05  # restart
+    tr = TargetTrainer(cfg)
+    apply_action(tr, 5)
+    assert tr.lr == 0.05 and tr.optimizer.param_groups[0]["lr"] == 0.05
     with pytest.raises(ValueError, match="action 6 is outside 0..5"):
         apply_action(TargetTrainer(cfg), 6)
 
