@@ -20,7 +20,6 @@ from ray import cloudpickle
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
 
-OBS_SIZE = 2 * 192 + 8  # two Linear layers + the training signals
 LOGGED = ("trained_lr", "local_iter", "qan_version", "score", "loss")
 
 
@@ -35,14 +34,20 @@ def tiny(config):
     from ray import tune
     from torch.nn import functional as F
 
-    from qan_ray.tune import QANReporter, qan_metrics
+    from qan_ray.tune import QANReporter
 
     torch.set_num_threads(1)
     torch.manual_seed(config.get("seed", 0))
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    widths = [4, *config.get("hidden", [8]), 3]
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"],
                           momentum=config.get("momentum", 0.0))
-    reporter = QANReporter(config)
+    # a trainable that does not read the channel reports its observation inline
+    reporter = QANReporter(config, **({} if config.get("poll", True)
+                                      else {"channel": None, "features": True}))
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
     y = (x[:, 0] > 0).long()
     start = 0
@@ -74,13 +79,8 @@ def tiny(config):
         acc = float((model(x).argmax(1) == y).float().mean())
         metrics = {"loss": loss + 10.0 * config.get("bad", 0), "score": config.get("quality", 1.0),
                    "trained_lr": lr, "local_iter": local}
-        if config.get("poll", True):
-            metrics.update(reporter.metrics(model, train_loss=loss, val_loss=loss,
-                                            val_accuracy=acc, progress=iteration / 10, lr=lr))
-        else:
-            metrics.update(qan_metrics(model, lr=lr, initial_lr=lr, train_loss=loss,
-                                       initial_loss=loss, val_loss=loss, val_accuracy=acc,
-                                       progress=iteration / 10))
+        metrics.update(reporter.metrics(model, train_loss=loss, val_loss=loss,
+                                        val_accuracy=acc, progress=iteration / 10, lr=lr))
         with open(config["log"], "a") as log:  # the test's own record, in training order
             log.write(json.dumps({"trial": tune.get_context().get_trial_id(), "t": time.time(),
                                   "iteration": iteration,
@@ -110,7 +110,7 @@ def _tuner(tmp_path, scheduler, space, metric="score", mode="max", iterations=4,
 
 
 def _halving():
-    return fixed_action_controller(OBS_SIZE, action=0)
+    return fixed_action_controller(action=0)
 
 
 def _log(tmp_path) -> str:
@@ -152,8 +152,8 @@ def test_qan_without_channel_falls_back_to_set_config_and_restart(ray_session, t
 
 
 def test_qan_with_asha_stops_the_trial_asha_stops_and_controls_the_other(ray_session, tmp_path):
-    """Also: a signals-only controller (trained with weight_features=False, 8 inputs) -- the
-    channel tells the reporter to send the 8-value observation, or QAN would raise."""
+    """Also: a signals-only controller (trained with weight_features=False) -- the channel
+    tells the reporter to send the signals-only observation, or QAN would not fit the trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -161,8 +161,7 @@ def test_qan_with_asha_stops_the_trial_asha_stops_and_controls_the_other(ray_ses
 
     asha = ASHAScheduler(time_attr="training_iteration", max_t=4, grace_period=1,
                          reduction_factor=2)
-    signals_only = fixed_action_controller(8, action=0)
-    signals_only.spec["qan"]["weight_features"] = False
+    signals_only = fixed_action_controller(action=0, with_weights=False)
     sched = QANScheduler(policy=signals_only, stopper=asha)
     # one trial at a time (grid order): the good one sets the rung, the bad one is cut at rung 1
     space = {"lr": 0.1, "bad": tune.grid_search([0, 1])}
@@ -232,3 +231,130 @@ def test_tuner_restore_resumes_with_qan_state(ray_session, tmp_path):
     saved = json.loads((path / STATE_FILE).read_text())["trials"][result.metrics["trial_id"]]
     assert [h[0] for h in saved["history"]] == [1, 2, 3, 4, 5]
     assert saved["initial_lr"] == 0.1  # not the config's current LR
+
+
+def lenet_digits(config):
+    """A user's own model: a LeNet-style CNN on the embedded 8x8 digits, with QANReporter."""
+    import torch
+    from ray import tune
+    from sklearn.datasets import load_digits
+    from torch.nn import functional as F
+
+    from qan_ray.tune import QANReporter
+
+    torch.set_num_threads(1)
+    torch.manual_seed(config.get("seed", 0))
+    digits = load_digits()
+    x = torch.tensor(digits.images[:600] / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(digits.target[:600])
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+    reporter = QANReporter(config)
+    epochs = config["epochs"]
+    for epoch in range(epochs):
+        reporter.apply(opt)
+        lr = opt.param_groups[0]["lr"]
+        for i in range(0, 500, 50):
+            loss = F.cross_entropy(model(x[i:i + 50]), y[i:i + 50])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out = model(x[500:])
+            val_loss = float(F.cross_entropy(out, y[500:]))
+            val_acc = float((out.argmax(1) == y[500:]).float().mean())
+        tune.report({"val_accuracy": val_acc, "trained_lr": lr,
+                     **reporter.metrics(model, train_loss=float(loss), val_loss=val_loss,
+                                        val_accuracy=val_acc, progress=(epoch + 1) / epochs)})
+
+
+def _lenet_tuner(tmp_path, scheduler, name, samples=2):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return tune.Tuner(
+        tune.with_resources(lenet_digits, {"cpu": 1}),
+        param_space={"lr": tune.grid_search([0.05, 0.2]), "epochs": 3},
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
+                                    reuse_actors=True,
+                                    search_alg=BasicVariantGenerator(random_state=0,
+                                                                     max_concurrent=2)),
+        run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def test_builtin_controller_drives_a_lenet_trial(ray_session, tmp_path):
+    """The shipped controller (trained on the digits MLP) drives a user's CNN: the observation
+    fits whatever the architecture, QAN acts, and Tune's results, config and the schedule file
+    agree on the LR each iteration trained with."""
+    import pyarrow.parquet as pq
+
+    from qan_ray.scheduler import SCHEDULE_DIR, QANScheduler
+
+    sched = QANScheduler()  # policy="builtin"
+    grid = _lenet_tuner(tmp_path, sched, "lenet").fit()
+    assert not grid.errors and len(grid) == 2
+    for result in grid:
+        tid = result.metrics["trial_id"]
+        state = sched.trial_state(tid)
+        assert state.skipped is None and len(state.history) == 2  # acted after epochs 1, 2
+        df = result.metrics_dataframe
+        schedule = pq.read_table(tmp_path / "lenet" / SCHEDULE_DIR / f"{tid}.parquet")
+        assert schedule.column("lr").to_pylist() == pytest.approx(df["trained_lr"].tolist())
+        assert result.config["lr"] == pytest.approx(df["trained_lr"].iloc[-1])
+        assert "qan_obs" not in result.metrics  # the observation never enters Tune's results
+    assert "Last decisions" in sched.debug_string()
+
+
+def test_old_format_controller_warns_and_every_trial_finishes(ray_session, tmp_path, caplog):
+    from test_contract import _legacy_spec
+
+    from qan_ray.scheduler import QANScheduler
+
+    sched = QANScheduler(policy=str(_legacy_spec(tmp_path)))
+    grid = _lenet_tuner(tmp_path, sched, "legacy").fit()
+    assert not grid.errors and len(grid) == 2
+    assert sorted(r.metrics["training_iteration"] for r in grid) == [3, 3]
+    for result in grid:  # each trial trained at its config's LR throughout
+        assert set(result.metrics_dataframe["trained_lr"]) == {result.config["lr"]}
+        assert sched.trial_state(result.metrics["trial_id"]).skipped is not None
+    assert any("observation format 1 vs 2" in r.message for r in caplog.records)
+
+
+def test_experiment_state_does_not_grow_with_the_number_of_monitored_layers(ray_session,
+                                                                             tmp_path):
+    from qan_ray.scheduler import QANScheduler
+
+    sizes = {}
+    for name, hidden in (("small", [8]), ("deep", [32, 32, 32, 32, 32])):
+        _tuner(tmp_path / name, QANScheduler(policy=_halving()), {"lr": 0.1, "hidden": hidden},
+               iterations=3, name=name).fit()
+        (state,) = (tmp_path / name / name).glob("experiment_state-*.json")
+        text = state.read_text()
+        assert "qan_obs\"" not in text and "qan_obs_ref" in text
+        sizes[name] = len(text)
+    assert abs(sizes["deep"] - sizes["small"]) < 300, sizes  # hidden sizes differ in the config
+
+
+def test_minibatch_controller_drives_the_builtin_trainable(ray_session, tmp_path):
+    """Minibatch mode in Tune: the controller's class reaches the trainer's roulette through the
+    channel (action_mode read from the controller's spec)."""
+    from ray import tune
+
+    from qan_ray.scheduler import QANScheduler
+    from trainables import digits_mlp
+
+    sched = QANScheduler(policy=fixed_action_controller(action=3, action_mode="minibatch"))
+    assert sched.action_mode == "minibatch"
+    tuner = tune.Tuner(
+        tune.with_resources(digits_mlp, {"cpu": 1}),
+        param_space={"lr": 0.05, "epochs": 3, "action_mode": "minibatch", "checkpoint_every": 0},
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=sched),
+        run_config=tune.RunConfig(name="minibatch", storage_path=str(tmp_path), verbose=0))
+    result = tuner.fit()[0]
+    assert result.error is None
+    assert result.metrics_dataframe["focus_class"].tolist() == [9, 3, 3]
+    assert [h[1] for h in sched.trial_state(result.metrics["trial_id"]).history] == [3, 3]

@@ -11,9 +11,10 @@ One training iteration = one epoch of the target network. Each iteration:
 Config keys: any `QANConfig` field (task, lr, momentum, weight_decay, seed, ...) plus
 `TRAINABLE_KEYS`. Reported metrics: val_accuracy, val_loss, val_score (accuracy with a tiny
 validation-loss tie-breaker, see `val_score`), train_loss, lr, epoch, epochs_this_iter, diverged,
-and test_accuracy at the last epoch. Divergence -- the environment's one rule,
-`TargetTrainer.diverged`: a non-finite loss or one above divergence_factor x the initial loss --
-ends the trial (reported with diverged=True), under every scheduler alike.
+test_accuracy at the last epoch, and focus_class in minibatch mode. Divergence -- the
+environment's one rule, `TargetTrainer.diverged`: a non-finite loss or one above
+divergence_factor x the initial loss -- ends the trial (reported with diverged=True), under every
+scheduler alike.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def target_trainable(config: dict[str, Any]) -> None:
         }
         if last:
             metrics["test_accuracy"] = trainer.evaluate("test")[1]
+        if cfg.action_mode == "minibatch":  # the class the batches of this epoch emphasised
+            metrics["focus_class"] = int(list(trainer.roulette)[-1])
         metrics.update(reporter.metrics(trainer.model, train_loss=train_loss, val_loss=val_loss,
                                         val_accuracy=val_acc, progress=(epoch + 1) / epochs,
                                         initial_loss=trainer.initial_loss, lr=trainer.lr))
