@@ -324,6 +324,24 @@ def test_meta_training_runs_on_the_user_task(ray_session, tmp_path):
     assert saved["task"] == TASK and from_dict(saved) == qan  # what --resume rebuilds
 
 
+@pytest.mark.ray
+def test_a_tune_trial_trains_the_user_task(ray_session, tmp_path):
+    from ray import tune
+
+    from trainables.targets import target_trainable
+
+    tuner = tune.Tuner(
+        tune.with_resources(target_trainable, {"cpu": 1}),
+        param_space={"task": TASK, "lr": tune.grid_search([0.05]), "epochs": 2,
+                     "checkpoint_every": 0},
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max"),
+        run_config=tune.RunConfig(name="user", storage_path=str(tmp_path), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    result = tuner.fit().get_best_result()
+    assert result.error is None and result.metrics["epoch"] == 2
+    assert result.metrics["val_accuracy"] > 0.5 and 0 < result.metrics["test_accuracy"] <= 1
+
+
 # --- end to end: the CLI in a subprocess -------------------------------------------------------
 def _qan(*args: str, pythonpath: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
