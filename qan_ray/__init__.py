@@ -9,19 +9,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["QANConfig", "QANScheduler", "TargetTrainer", "TargetTrainingEnv"]
+__all__ = ["QANConfig", "QANScheduler", "TargetTrainer", "TargetTrainingEnv", "UserTask"]
 
 _LAZY = {
     "QANConfig": "qan_ray.config",
     "QANScheduler": "qan_ray.scheduler",
     "TargetTrainer": "qan_ray.trainer",
     "TargetTrainingEnv": "qan_ray.env",
+    "UserTask": "qan_ray.tasks",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from qan_ray.config import QANConfig
     from qan_ray.env import TargetTrainingEnv
     from qan_ray.scheduler import QANScheduler
+    from qan_ray.tasks import UserTask
     from qan_ray.trainer import TargetTrainer
 
 

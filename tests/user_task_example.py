@@ -11,7 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from qan_ray.tasks import UserTask
+from qan_ray import UserTask
 
 
 def small_cnn() -> nn.Module:  # called once per episode: a fresh, seeded init
