@@ -3,10 +3,11 @@
 
 Claim under test (issue 4): QANScheduler reaches the best baseline's accuracy with at most half the
 epochs ASHA and PBT need, at equal or better final accuracy.
-Evidence: `qan compare` (qan_ray/compare.py) on the same trainable, search space (LR log-uniform
-in [1e-3, 1], a per-trial init seed), trial configs (BasicVariantGenerator(random_state=seed)),
-resources (2 concurrent trials x 1 CPU, reuse_actors) and budget (samples x epochs) for every
-scheduler, over >= 3 seeds; mean and sd per scheduler. Writes benchmarks/results/schedulers.md
+Evidence: `qan compare` (protocol: qan_ray/protocol.py) on the same trainable, search space (LR
+log-uniform in [1e-3, 1], a per-trial init seed), trial configs
+(BasicVariantGenerator(random_state=seed)), resources (2 concurrent trials x 1 CPU,
+reuse_actors) and budget (samples x epochs) for every scheduler, over >= 3 seeds; mean and sd
+per scheduler. Writes benchmarks/results/schedulers.md
 (+ .parquet, .png, trace .parquet).
 
 The controller: --policy DIR, or --train-episodes N to meta-train one first with `qan train`
@@ -33,15 +34,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from qan_ray.compare import (  # noqa: E402
-    Protocol,
-    add_targets,
-    compare,
-    markdown,
-    plot,
-    table_rows,
-)
+from qan_ray.compare import compare  # noqa: E402
 from qan_ray.config import from_dict  # noqa: E402
+from qan_ray.plots import plot_compare  # noqa: E402
+from qan_ray.protocol import Protocol  # noqa: E402
+from qan_ray.summaries import add_targets, markdown, table_rows  # noqa: E402
 
 TASK = "digits-mlp"
 LR_RANGE = (1e-3, 1.0)
@@ -132,12 +129,21 @@ def best_accuracy_line(runs: list[dict], names: list[str]) -> list[str]:
     return lines
 
 
+def _spec_summary(path: Path) -> dict:
+    """A controller's spec.json as the flat facts this report prints."""
+    from qan_ray.contract import ControllerSpec
+
+    spec = ControllerSpec.load(path)
+    return {**spec.provenance, "qan": spec.task, "hidden": list(spec.hidden),
+            "action_labels": spec.action.labels}
+
+
 def _builtin_note() -> str:
     from policies.qnet import BUILTIN
 
     if not (BUILTIN / "spec.json").exists():
         return "not shipped"
-    spec = json.loads((BUILTIN / "spec.json").read_text())
+    spec = _spec_summary(BUILTIN / "spec.json")
     q = spec.get("qan", {})
     return (f"{spec.get('episodes')} episodes, control interval {q.get('control_interval')} "
             f"batches, every episode from LR {q.get('lr')} (no initial-LR range), command "
@@ -214,7 +220,7 @@ def main() -> int:
         for name in ("qnet.pt", "spec.json"):
             (kept / name).write_bytes((trained / name).read_bytes())
         policy = kept
-    spec = json.loads((policy / "spec.json").read_text())
+    spec = _spec_summary(policy / "spec.json")
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.schedulers.split(",")
     task_config = {"task": args.task, **({"data_root": args.data_root} if args.data_root else {})}
@@ -233,7 +239,7 @@ def main() -> int:
         ray.shutdown()
         info = {"argv": sys.argv[1:], "minutes": (time.time() - start) / 60}
         (work / "run_info.json").write_text(json.dumps(info))
-    plot(runs, add_targets(runs, 1.0), work / "compare.png")
+    plot_compare(runs, add_targets(runs, 1.0), work / "compare.png")
     for suffix in ("parquet", "png"):
         src = work / f"compare.{suffix}"
         (out / f"{tag}.{suffix}").write_bytes(src.read_bytes())
