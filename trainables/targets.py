@@ -37,7 +37,7 @@ STATE_FILE = "trainer.pt"
 def val_score(val_accuracy: float, val_loss: float) -> float:
     """Validation accuracy minus 1e-3 x min(val_loss, 3): ranks like accuracy (the shift is below
     one sample's worth of accuracy on a 300+ sample validation set) but breaks ties by loss, so
-    PBT's quantiles do not loop on tied accuracies (shared/RAY_NOTES.md)."""
+    PBT's quantiles do not loop on tied accuracies (docs/background.md)."""
     if not (math.isfinite(val_accuracy) and math.isfinite(val_loss)):
         return float("nan")
     return float(val_accuracy - 1e-3 * min(val_loss, 3.0))
