@@ -227,8 +227,10 @@ class QANScheduler(FIFOScheduler):
         if obs is None:
             return decision
         due = core.control_due(iteration, self.control_every)
-        if not core.should_act(decision, due, fresh, core.is_finite(value),
-                               core.finished(result)):
+        # a non-finite entry (NaN weights, a NaN loss) means the trial is broken: the stopper's
+        # business, not the controller's (it would otherwise keep changing a dead trial's LR)
+        healthy = core.is_finite(value) and obs[-1] == 0
+        if not core.should_act(decision, due, fresh, healthy, core.finished(result)):
             return decision
         action = greedy_action(self.controller.q_values(obs), self.fallback)
         changed = self._act(trial, state, iteration, action)

@@ -190,8 +190,11 @@ def test_scheduler_nonfinite_metric_continues_without_acting(mode, bad):
     s.on_trial_add(tc, trial)
     assert s.on_trial_result(tc, trial, _result(1, bad)) == CONTINUE
     assert trial.config["lr"] == 0.1 and s.trial_state("t0").history == []
-    # a NaN inside the observation is cleaned, not fatal
-    assert s.on_trial_result(tc, trial, _result(2, 0.5, obs=[NAN] * OBS)) == PAUSE
+    # a NaN inside the observation (NaN weights) is cleaned, not fatal, and QAN leaves the
+    # broken trial alone; a healthy result after it is acted on again
+    assert s.on_trial_result(tc, trial, _result(2, 0.5, obs=[NAN] * OBS)) == CONTINUE
+    assert trial.config["lr"] == 0.1
+    assert s.on_trial_result(tc, trial, _result(3, 0.5)) == PAUSE
 
 
 def test_scheduler_missing_features_error_by_default_and_warn_once_with_the_flag(caplog):
