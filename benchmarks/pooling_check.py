@@ -84,13 +84,18 @@ def main() -> None:
     p.add_argument("--meta-seeds", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--arms", default="per-layer,pooled,contract")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep an arm's existing result file instead of re-running it")
     args = p.parse_args()
     arms = {
         "per-layer": lambda: worktree(Path("/tmp/qan-pooling-per-layer"), pooled=False),
         "pooled": lambda: worktree(Path("/tmp/qan-pooling-pooled"), pooled=True),
         "contract": lambda: ROOT,
     }
-    outs = {name: run_arm(name, arms[name](), args) for name in args.arms.split(",")}
+    outs = {}
+    for name in args.arms.split(","):
+        done = RESULTS / f"pooling_check_{name}.md"
+        outs[name] = done if args.reuse and done.exists() else run_arm(name, arms[name](), args)
     lines = ["# Pooling check: per-layer vs depth-pooled weight statistics (digits-mlp)", "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
              "| arm | greedy final val acc | test acc | mini-batches to target (reached) | "
