@@ -122,3 +122,37 @@ def plot_class_shares(curves: list[dict], path) -> Path:
     ax.legend(fontsize=7, ncol=5, loc="upper center")
     ax.set_title("class shares of the batches the controller chose (mean over seeds)")
     return _save(fig, path)
+
+
+def plot_compare(runs: list[dict], summaries: list[dict], path) -> Path:
+    """`qan compare`: best validation accuracy against cumulative epochs, one colour per
+    scheduler (one line per seed), the per-seed target accuracies dotted. `runs` are
+    {"summary": {...}, "rows": [...]} of `qan_ray.protocol.run_experiment`, `summaries` the rows
+    of `qan_ray.summaries.add_targets`."""
+    import math
+
+    from qan_ray.summaries import best_curve
+
+    names = list(dict.fromkeys(r["summary"]["scheduler"] for r in runs))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        name = r["summary"]["scheduler"]
+        curve = best_curve(r["rows"])
+        if curve:
+            xs, ys = zip(*curve)
+            first = r is next(x for x in runs if x["summary"]["scheduler"] == name)
+            ax.step(xs, ys, where="post", color=colours[name], alpha=0.8,
+                    label=name if first else None)
+    for t in sorted({s["target_accuracy"] for s in summaries}):
+        ax.axhline(t, color="grey", linestyle=":", linewidth=1)
+    finite = [y for r in runs for _, y in best_curve(r["rows"]) if math.isfinite(y)]
+    targets = [s["target_accuracy"] for s in summaries]
+    if finite:  # zoom on the region around the targets; curves enter it from below
+        low = min(finite) if not targets else max(min(finite), min(targets) - 0.08)
+        ax.set_ylim(max(0.0, low - 0.01), min(1.0, max(finite) + 0.01))
+    ax.set_xlabel("cumulative training epochs (all trials, arrival order)")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

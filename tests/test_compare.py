@@ -1,14 +1,16 @@
-"""`qan compare`'s pure pieces: curves, epochs to target, targets per seed, the table; plus the
-scheduler factory's errors (no Ray session needed)."""
+"""`qan compare`'s pure pieces: curves, epochs to target, targets per seed, the table; the
+protocol's generated flags; the scheduler factory's errors (no Ray session needed)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 
 import pytest
 from controllers import fixed_action_controller
 
-from qan_ray import compare as c
+from qan_ray import protocol, summaries
 
 NAN = float("nan")
 ROWS = [  # arrival order: epochs are cumulative over all trials
@@ -21,17 +23,18 @@ ROWS = [  # arrival order: epochs are cumulative over all trials
 
 
 def test_best_curve_is_the_running_max_and_skips_nan():
-    assert c.best_curve(ROWS) == [(1.0, 0.5), (2.0, 0.5), (3.0, 0.9), (4.0, 0.9), (5.0, 0.95)]
+    assert summaries.best_curve(ROWS) == [(1.0, 0.5), (2.0, 0.5), (3.0, 0.9), (4.0, 0.9),
+                                          (5.0, 0.95)]
 
 
 @pytest.mark.parametrize("target, epochs", [(0.5, 1.0), (0.85, 3.0), (0.95, 5.0), (0.96, None)])
 def test_epochs_to_target(target, epochs):
-    assert c.epochs_to_target(ROWS, target) == epochs
+    assert summaries.epochs_to_target(ROWS, target) == epochs
 
 
 def test_best_finished_test_takes_the_best_validated_finished_trial():
-    assert c.best_finished_test(ROWS) == 0.93
-    assert c.best_finished_test(ROWS[:3]) is None
+    assert summaries.best_finished_test(ROWS) == 0.93
+    assert summaries.best_finished_test(ROWS[:3]) is None
 
 
 def _run(name, seed, accs):
@@ -46,20 +49,21 @@ def test_targets_come_from_the_best_baseline_per_seed_and_qan_is_measured_agains
     runs = [_run("qan", 0, [0.8, 0.97, 0.99]), _run("asha", 0, [0.7, 0.9, 0.96]),
             _run("fifo", 0, [0.9, 0.97]), _run("qan", 1, [0.5, 0.6]),
             _run("asha", 1, [0.6, 0.7, 0.8])]
-    out = {(s["scheduler"], s["seed"]): s for s in c.add_targets(runs, 1.0)}
+    out = {(s["scheduler"], s["seed"]): s for s in summaries.add_targets(runs, 1.0)}
     assert out[("qan", 0)]["target_accuracy"] == 0.97  # fifo's best, not QAN's 0.99
     assert out[("qan", 0)]["epochs_to_target"] == 2.0
     assert out[("asha", 0)]["epochs_to_target"] is None
     assert out[("fifo", 0)]["epochs_to_target"] == 2.0
     assert out[("qan", 1)]["epochs_to_target"] is None
     assert out[("asha", 1)]["target_accuracy"] == 0.8
-    half = {(s["scheduler"], s["seed"]): s for s in c.add_targets(runs, 0.5)}
+    half = {(s["scheduler"], s["seed"]): s for s in summaries.add_targets(runs, 0.5)}
     assert half[("qan", 1)]["epochs_to_target"] == 1.0  # 0.5 >= 0.4
-    rows = {r["scheduler"]: r for r in c.table_rows(list(out.values()), ["qan", "asha", "fifo"])}
+    rows = {r["scheduler"]: r
+            for r in summaries.table_rows(list(out.values()), ["qan", "asha", "fifo"])}
     assert rows["qan"]["reached_target"] == 1 and rows["qan"]["seeds"] == 2
     assert rows["qan"]["best_val_accuracy_mean"] == pytest.approx(0.795)
     assert rows["qan"]["best_val_accuracy_sd"] == pytest.approx(math.sqrt(2 * 0.195**2))
-    text = c.markdown(list(rows.values()), "note")
+    text = summaries.markdown(list(rows.values()), "note")
     assert "| qan | 0.7950 ± 0.2758 | 2.0 ± 0.0 (1/2) |" in text
     assert "| asha |" in text and "n/a" in text  # asha reached the target in no seed
 
@@ -71,23 +75,24 @@ def test_targets_come_from_the_best_baseline_per_seed_and_qan_is_measured_agains
     ("asha@builtin", "only QAN schedulers take a policy"),
 ])
 def test_make_scheduler_rejects_unknown_names(name, message):
-    proto = c.Protocol(task_config={"task": "digits-mlp"})
+    proto = protocol.Protocol(task_config={"task": "digits-mlp"})
     with pytest.raises(ValueError, match=message):
-        c.make_scheduler(name, proto)
+        protocol.make_scheduler(name, proto)
 
 
 def test_make_scheduler_builds_qan_with_its_stopper(tmp_path):
-    fixed_action_controller(392).save(tmp_path / "ctrl")
-    proto = c.Protocol(task_config={"task": "digits-mlp"}, policy=str(tmp_path / "ctrl"),
-                       epochs=6)
-    qan = c.make_scheduler("qan+asha", proto)
+    fixed_action_controller().save(tmp_path / "ctrl")
+    proto = protocol.Protocol(task_config={"task": "digits-mlp"}, policy=str(tmp_path / "ctrl"),
+                              epochs=6)
+    qan = protocol.make_scheduler("qan+asha", proto)
     assert type(qan.stopper).__name__ == "AsyncHyperBandScheduler" and qan.stopper._max_t == 6
-    pbt = c.make_scheduler("qan+pbt", proto).stopper
+    pbt = protocol.make_scheduler("qan+pbt", proto).stopper
     assert set(pbt._hyperparam_mutations) == {"momentum"}  # QAN owns the LR
-    assert set(c.make_scheduler("pbt", proto)._hyperparam_mutations) == {"lr"}
-    other = fixed_action_controller(392, action=4).save(tmp_path / "other")
-    assert c.make_scheduler(f"qan@{other}", proto).keep == 2
-    assert c.make_scheduler(f"qan@{other}", proto).controller.act([0.0] * 392) == 4
+    assert set(protocol.make_scheduler("pbt", proto)._hyperparam_mutations) == {"lr"}
+    other = fixed_action_controller(action=4).save(tmp_path / "other")
+    chosen = protocol.make_scheduler(f"qan@{other}", proto)  # @POLICY overrides --policy
+    assert chosen.fallback == 2  # the keep action, read from the controller's spec
+    assert chosen.controller.act([0.0] * chosen.controller.obs_size) == 4
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -97,9 +102,55 @@ def test_make_scheduler_builds_qan_with_its_stopper(tmp_path):
 ])
 def test_protocol_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
-        c.Protocol(task_config={}, **{field: value}).validate()
+        protocol.Protocol(task_config={}, **{field: value}).validate()
 
 
 def test_budget_defaults_to_what_fifo_spends():
-    assert c.Protocol(task_config={}, samples=8, epochs=8).budget == 64
-    assert c.Protocol(task_config={}, budget_epochs=10).budget == 10
+    assert protocol.Protocol(task_config={}, samples=8, epochs=8).budget == 64
+    assert protocol.Protocol(task_config={}, budget_epochs=10).budget == 10
+
+
+def _parse(*argv: str, command: str = "compare"):
+    from qan_ray import compare
+
+    parser = argparse.ArgumentParser()
+    getattr(compare, f"configure_{command}")(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_every_protocol_field_has_a_generated_flag_with_its_docstring_as_help():
+    parser = argparse.ArgumentParser()
+    protocol.add_protocol_arguments(parser)
+    by_dest = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(protocol.Protocol):
+        if f.name in ("task_config", "lr_low", "lr_high"):
+            continue  # the task flags fill task_config; --lr-range sets lr_low and lr_high
+        action = by_dest[protocol.DEST_PREFIX + f.name]
+        assert action.option_strings == ["--" + f.name.replace("_", "-")]
+        assert action.default is None and action.help  # unset = the dataclass default
+    assert "Log-uniform LR search space" in by_dest[protocol.DEST_PREFIX + "lr_range"].help
+
+
+def test_flags_map_to_the_protocol_and_unset_flags_keep_its_defaults():
+    proto = protocol.protocol_from_args(_parse(
+        "--samples", "3", "--epochs", "5", "--lr-range", "0.01,0.5", "--max-concurrent", "1",
+        "--cpus-per-trial", "0.5", "--gpus-per-trial", "0.25", "--budget-epochs", "12",
+        "--policy", "runs/x/controller", "--control-every", "2", "--task", "digits-mlp",
+        "--control-interval", "35"))
+    assert proto == protocol.Protocol(
+        task_config={"task": "digits-mlp", "control_interval": 35}, samples=3, epochs=5,
+        lr_low=0.01, lr_high=0.5, max_concurrent=1, cpus_per_trial=0.5, gpus_per_trial=0.25,
+        budget_epochs=12, policy="runs/x/controller", control_every=2)
+    default = protocol.protocol_from_args(_parse("--out", "somewhere", command="tune"))
+    assert default == protocol.Protocol(task_config={"task": "digits-mlp"})
+    assert default.budget == 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--lr-range", "0.1"), "--lr-range is '0.1'; it must be LOW,HIGH"),
+    (("--lr-range", "1,0.1"), "0 < low < high"),
+    (("--samples", "0"), "`samples` is 0; it must be >= 1"),
+])
+def test_bad_protocol_flags_name_the_value_and_the_fix(argv, message):
+    with pytest.raises(ValueError, match=message):
+        protocol.protocol_from_args(_parse(*argv))
