@@ -6,8 +6,9 @@ Evidence collected:
 - baselines on the same trainer (fixed-LR grid, step decay and cosine from the best fixed LR),
   evaluated on the evaluation seeds once per task;
 - for each meta-training seed: `qan train` (RLlib DQN over 2 trainer actors) in chunks of
-  --eval-every episodes; after each chunk the exported controller runs greedily (epsilon 0) on the
-  same evaluation seeds -> its mean final val accuracy and mini-batches to the target;
+  --eval-every episodes (one run: epsilon decays over all --episodes, whatever the chunks); after
+  each chunk the exported controller runs greedily (epsilon 0) on the same evaluation seeds ->
+  its mean final val accuracy and mini-batches to the target;
 - "episodes until the controller matches the best fixed LR": the first checkpoint whose mean final
   val accuracy >= the best fixed LR's;
 - the final controller (after all episodes) against every baseline: mean +- std over meta seeds.
@@ -123,13 +124,14 @@ def main() -> None:
     rows, finals = [], []
     for ms in range(args.meta_seeds):
         with tempfile.TemporaryDirectory() as tmp:
-            meta = MetaConfig(episodes=0 + args.eval_every, num_actors=args.num_actors,
+            # The whole run's episodes fix the exploration schedule at build time; each chunk
+            # only moves the loop bound (train(until=...)), so epsilon decays over all of them.
+            meta = MetaConfig(episodes=args.episodes, num_actors=args.num_actors,
                               cpus_per_actor=0.9, seed=ms, select_every=args.select_every)
             mt = MetaTrainer(cfg.replace(seed=1000 * ms), meta, Path(tmp) / "run",
                              log=lambda *_: None)
             while mt.progress["episodes"] < args.episodes:
-                mt.meta.episodes = min(args.episodes, mt.progress["episodes"] + args.eval_every)
-                mt.train()
+                mt.train(until=min(args.episodes, mt.progress["episodes"] + args.eval_every))
                 point = controller_point(load_controller(mt.out), cfg, args.eval_seeds, target)
                 rows.append({"meta_seed": ms, "episodes": mt.progress["episodes"], **point})
                 print(f"[{tag}] meta seed {ms} after {mt.progress['episodes']:>3} episodes: "

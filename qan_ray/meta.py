@@ -1,11 +1,12 @@
 """Meta-training: RLlib's DQN (new API stack) learns a controller from trainer actors.
 
-Pattern (see shared/RAY_NOTES.md, "pattern 1"): each of `num_actors` remote RLlib EnvRunners
-(0 CPUs: they only wait) builds one `ActorEnv`, a proxy to its own `TrainerActor`, which owns the
-target-network training on its device (GPU when the cluster has one). EnvRunners step their proxies
-in parallel, so the N trainings run concurrently; RLlib's DQN learner (`DQNConfig`, replay buffer,
-target network, epsilon schedule) learns from the transitions. The same code runs on a laptop and
-on a cluster (`RAY_ADDRESS`): only resources differ.
+Pattern ("one actor per training run" in docs/background.md): each of `num_actors` remote
+RLlib EnvRunners (0 CPUs: they only wait) builds one `ActorEnv`, a proxy to its own
+`TrainerActor`, which owns the target-network training on its device (GPU when the cluster has
+one). EnvRunners step their proxies in parallel, so the N trainings run concurrently; RLlib's DQN
+learner (`DQNConfig`, replay buffer, target network, epsilon schedule) learns from the
+transitions. The same code runs on a laptop and on a cluster (`RAY_ADDRESS`): only resources
+differ.
 
 `qan train` writes, under --out:
   checkpoint/       RLlib Algorithm checkpoint (resume with --resume)
@@ -32,9 +33,15 @@ from typing import Any
 
 from qan_ray.actors import ActorResources
 from qan_ray.config import QANConfig, add_config_arguments, config_from_args, from_dict
+from qan_ray.quiet import quiet_rllib
 from qan_ray.records import append_parts, read_parts
 
-SELECTION_SEED_BASE = 2_000_000  # training: seed + 10,000 x actor + episode; evaluation: 1e6 + i
+SELECTION_SEED_BASE = 2_000_000
+"""First selection seed (2,000,000 + i). Evaluation uses 1,000,000 + i (evaluate.EVAL_SEED_BASE).
+Training episodes never reach either: the first episode of each EnvRunner is seeded by RLlib with
+meta.seed + worker index (1..num_actors); later ones by `ActorEnv` with qan.seed + 10,000 x
+(1,000 x worker index + vector index) + the episodes its trainer actor has started, i.e.
+qan.seed + 10,000,000 x worker + episode (actors.py, env.py)."""
 
 
 @dataclass
@@ -70,7 +77,11 @@ class MetaConfig:
     epsilon_final: float = 0.05
     """Final exploration epsilon (linear decay from 1.0)."""
     explore_fraction: float = 0.5
-    """Share of the total control steps over which epsilon decays."""
+    """Share of the exploration horizon's control steps over which epsilon decays."""
+    explore_episodes: int | None = None
+    """Exploration horizon in episodes (None = episodes): epsilon decays over explore_fraction x
+    explore_episodes x the control steps of one episode. Fixed when a run starts (saved in
+    config.json); resuming with another --episodes moves only the loop bound."""
     double_q: bool = True
     """Double Q-learning."""
     n_step: int = 1
@@ -91,6 +102,13 @@ class MetaConfig:
                                  f"Try --{name.replace('_', '-')} 2.")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"`gamma` is {self.gamma}; it must lie in (0, 1]. Try 0.95.")
+        if self.explore_episodes is not None and (not isinstance(self.explore_episodes, int)
+                                                  or self.explore_episodes < 1):
+            raise ValueError(f"`explore_episodes` is {self.explore_episodes!r}; it must be an "
+                             "integer >= 1 (or unset for --episodes). Try --explore-episodes 20.")
+        if not 0 < self.explore_fraction <= 1:
+            raise ValueError(f"`explore_fraction` is {self.explore_fraction}; it must lie in "
+                             "(0, 1]. Try 0.5.")
         if self.select_every < 0 or self.select_seeds < 1:
             raise ValueError(f"`select_every`/`select_seeds` are {self.select_every}/"
                              f"{self.select_seeds}; they must be >= 0 / >= 1. Try "
@@ -102,16 +120,29 @@ class MetaConfig:
         return self
 
 
+def epsilon_schedule(meta: MetaConfig, steps_per_episode: int) -> list[tuple[int, float]]:
+    """RLlib's epsilon schedule, in control steps sampled over all actors: linear from 1.0 to
+    epsilon_final over explore_fraction x explore_episodes (default episodes) x
+    steps_per_episode, then flat."""
+    horizon = meta.explore_episodes or meta.episodes
+    return [(0, 1.0), (max(1, int(meta.explore_fraction * horizon * steps_per_episode)),
+                       meta.epsilon_final)]
+
+
+def describe_schedule(schedule) -> str:
+    """'epsilon 1 -> 0.05 over the first 64 control steps' for an RLlib [(t, eps), ...]."""
+    (_, start), (steps, final) = schedule[0], schedule[-1]
+    return f"epsilon {start:g} -> {final:g} over the first {steps} control steps"
+
+
 def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episode: int):
-    """The real RLlib `DQNConfig` over `num_actors` ActorEnvs."""
+    """The real RLlib `DQNConfig` over `num_actors` ActorEnvs (epsilon: `epsilon_schedule`)."""
     from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     from policies.rllib_module import QMLPModule
     from qan_ray.actors import ActorEnv
 
-    total_steps = meta.episodes * steps_per_episode
-    explore_steps = max(1, int(meta.explore_fraction * total_steps))
     resources = {"cpus_per_actor": meta.cpus_per_actor, "gpus_per_actor": meta.gpus_per_actor}
     return (
         DQNConfig()
@@ -136,10 +167,25 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
                   / (meta.num_actors + 1),
                   replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
                                         "capacity": meta.replay_capacity},
-                  epsilon=[(0, 1.0), (explore_steps, meta.epsilon_final)])
+                  epsilon=epsilon_schedule(meta, steps_per_episode))
         .reporting(min_sample_timesteps_per_iteration=1, min_time_s_per_iteration=0)
         .debugging(seed=meta.seed)
     )
+
+
+def _original_horizon(meta: MetaConfig, config_file: Path) -> MetaConfig:
+    """On resume: the exploration horizon of the run's config.json (refuses a different one)."""
+    if not config_file.exists():
+        return meta
+    saved = json.loads(config_file.read_text()).get("meta", {}).get("explore_episodes")
+    if saved is None:  # a run from before explore_episodes: its checkpoint holds the schedule
+        return meta
+    if meta.explore_episodes not in (None, saved):
+        raise ValueError(f"`explore_episodes` is {meta.explore_episodes} but the run in "
+                         f"{str(config_file.parent)!r} explores over {saved} episodes; the "
+                         "schedule is fixed when a run starts. Leave it unset to resume, or "
+                         "start a new --out.")
+    return dataclasses.replace(meta, explore_episodes=saved)
 
 
 def _git_commit() -> str:
@@ -182,24 +228,39 @@ class MetaTrainer:
             from ray.rllib.algorithms.algorithm import Algorithm
 
             self.progress.update(json.loads(progress_file.read_text()))
-            self.algo = Algorithm.from_checkpoint(str((self.out / "checkpoint").resolve()))
+            self.meta = _original_horizon(self.meta, self.out / "config.json")
+            with quiet_rllib():
+                self.algo = Algorithm.from_checkpoint(str((self.out / "checkpoint").resolve()))
             log(f"resumed from {self.out / 'checkpoint'} at episode {self.progress['episodes']}")
         else:
             if (self.out / "steps").exists() and any((self.out / "steps").iterdir()):
                 raise ValueError(f"--out {str(self.out)!r} already holds a run; pass --resume to "
                                  "continue it, or choose a new --out (nothing was overwritten).")
-            cfg = build_dqn_config(qan, meta, self._run_tag(), self.steps_per_episode)
-            self.algo = cfg.build_algo()
+            if self.meta.explore_episodes is None:  # the horizon is fixed from here on
+                self.meta = dataclasses.replace(self.meta, explore_episodes=self.meta.episodes)
+            cfg = build_dqn_config(qan, self.meta, self._run_tag(), self.steps_per_episode)
+            with quiet_rllib():
+                self.algo = cfg.build_algo()
+        # The schedule the algorithm really runs (a resumed one keeps its checkpoint's).
+        log(f"exploration: {describe_schedule(self.algo.config.epsilon)} "
+            f"(explore_episodes {self.meta.explore_episodes}, fixed when the run started)")
         self._selector = None
         (self.out / "config.json").write_text(json.dumps(
-            {"qan": qan.to_dict(), "meta": dataclasses.asdict(meta)}, indent=2))
+            {"qan": qan.to_dict(), "meta": dataclasses.asdict(self.meta)}, indent=2))
 
     def _run_tag(self) -> str:
         return f"{self.progress['run']}-{os.getpid()}"
 
     # --- the loop ------------------------------------------------------------------------------
-    def train(self) -> dict[str, Any]:
-        target = self.meta.episodes
+    def train(self, until: int | None = None) -> dict[str, Any]:
+        """Meta-train until `until` episodes are done in all (default meta.episodes), then save
+        and export. A loop bound only: the exploration schedule was fixed when the run started,
+        so training in chunks (train(until=4), train(until=8), ...) explores as one run does."""
+        target = self.meta.episodes if until is None else until
+        if not isinstance(target, int) or target < 1:
+            raise ValueError(f"`until` is {target!r}; it must be an integer >= 1 (the total "
+                             "episodes to reach). Try train(until=meta.episodes).")
+        self._target = target
         start_eps, t0 = self.progress["episodes"], time.time()
         self.log(f"meta-training: {target} episodes of {self.steps_per_episode} control steps on "
                  f"{self.meta.num_actors} trainer actors -> {self.out}")
@@ -268,13 +329,14 @@ class MetaTrainer:
 
     def _print_episode(self, ep: int, rows, start_eps: int, t0: float) -> None:
         done = self.progress["episodes"] - start_eps
-        left = self.meta.episodes - self.progress["episodes"]
+        target = getattr(self, "_target", self.meta.episodes)
+        left = target - self.progress["episodes"]
         eta = (time.time() - t0) / max(1, done) * max(0, left)
         lrs = [r["lr"] for r in rows if r.get("lr") is not None]
         ret = sum(r["reward"] for r in rows)
         diverged = any(r.get("diverged") for r in rows)
         acc = rows[-1].get("val_accuracy") or 0.0
-        self.log(f"episode {ep + 1:>4}/{self.meta.episodes}  return {ret:8.3f}  val acc "
+        self.log(f"episode {ep + 1:>4}/{target}  return {ret:8.3f}  val acc "
                  f"{acc:6.3f}  lr {lrs[0]:.3g} -> min {min(lrs):.3g} max {max(lrs):.3g} final "
                  f"{lrs[-1]:.3g}{'  DIVERGED' if diverged else ''}  ETA {eta:5.0f}s")
 
@@ -367,13 +429,21 @@ def run_train(args: argparse.Namespace) -> int:
         saved = json.loads((out / "config.json").read_text())
         qan = from_dict(saved["qan"])
         meta = MetaConfig(**{**saved["meta"], "hidden": tuple(saved["meta"]["hidden"])})
-        if args.meta_episodes:
+        horizon = getattr(args, "meta_explore_episodes", None)
+        if horizon is not None and horizon != meta.explore_episodes:
+            raise ValueError(f"--explore-episodes is {horizon} but the run in {str(out)!r} "
+                             f"explores over {meta.explore_episodes} episodes; the schedule is "
+                             "fixed when a run starts. Drop --explore-episodes to resume, or "
+                             "start a new --out.")
+        if args.meta_episodes and args.meta_episodes != meta.episodes:
+            print(f"resume: --episodes {args.meta_episodes} (was {meta.episodes}) changes only "
+                  "the loop bound; the exploration schedule stays that of the original run.")
             meta = dataclasses.replace(meta, episodes=args.meta_episodes)
     else:
         qan = config_from_args(args)
         meta = meta_from_args(args)
-    trainer = MetaTrainer(qan, meta, out, resume=args.resume)
     start = time.time()
+    trainer = MetaTrainer(qan, meta, out, resume=args.resume)
     trainer.train()
     trainer.stop()
     print(f"done in {time.time() - start:.0f}s: controller {out / 'controller'}, log "

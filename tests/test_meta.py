@@ -1,6 +1,10 @@
-"""Integration tests: RLlib's real DQN learner over real Ray trainer actors (one Ray session)."""
+"""RLlib's real DQN learner over real Ray trainer actors (one Ray session; the tests that use it
+are marked `ray` by conftest.py), and the pure parts of meta-training (no Ray)."""
 
 from __future__ import annotations
+
+import argparse
+import json
 
 import numpy as np
 import pytest
@@ -8,8 +12,6 @@ import torch
 
 from qan_ray.config import from_dict
 from qan_ray.records import STEP_SCHEMA, read_parts
-
-pytestmark = pytest.mark.ray
 
 QAN = from_dict(task="digits-mlp", epochs_per_episode=1.0)  # 35 batches -> 4 control steps
 
@@ -125,8 +127,7 @@ def test_killed_actor_is_replaced_and_finished_episodes_survive(run):
     victim_name = sorted(set(names))[0]
     victim = ray.get_actor(victim_name, namespace=ACTOR_NAMESPACE)
     ray.kill(victim, no_restart=True)
-    run.meta.episodes = run.progress["episodes"] + 3
-    run.train()
+    run.train(until=run.progress["episodes"] + 3)
     assert read_parts(run.out / "steps").num_rows > logged_before
     replacements = run.algo.env_runner_group.foreach_env_runner(
         lambda er: er.env.unwrapped.envs[0].unwrapped.replacements, local_env_runner=False)
@@ -146,6 +147,9 @@ def test_resume_continues_the_episode_count(run):
                           log=lambda *_: None)
     try:
         assert resumed.progress["episodes"] == done
+        # the horizon of the original run (4 episodes), not of the new loop bound
+        assert resumed.meta.explore_episodes == 4
+        assert resumed.algo.config.epsilon == [(0, 1.0), (2 * run.steps_per_episode, 0.05)]
         result = resumed.train()
         assert resumed.progress["episodes"] >= done + 2
         assert result["env_runners"]["num_episodes_lifetime"] >= done + 2  # RLlib's own count
@@ -154,6 +158,35 @@ def test_resume_continues_the_episode_count(run):
         assert max(r["episode"] for r in rows) == resumed.progress["episodes"] - 1
     finally:
         run.algo = resumed.algo  # the fixture's teardown stops the live algorithm
+
+
+def _train_args(*argv: str) -> argparse.Namespace:
+    from qan_ray.meta import configure_train
+
+    parser = argparse.ArgumentParser()
+    configure_train(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_run_train_resume_with_more_episodes_keeps_the_epsilon_schedule(run, capsys):
+    from qan_ray.meta import run_train
+
+    run.save()
+    done = run.progress["episodes"]
+    run.stop()
+    bound = json.loads((run.out / "config.json").read_text())["meta"]["episodes"]
+    assert run_train(_train_args("--out", str(run.out), "--resume",
+                                 "--episodes", str(done + 1))) == 0
+    printed = capsys.readouterr().out
+    assert (f"resume: --episodes {done + 1} (was {bound}) changes only the loop bound; the "
+            "exploration schedule stays that of the original run.") in printed
+    # printed from the restored algorithm's own config: the original 4-episode horizon
+    steps = int(0.5 * 4 * run.steps_per_episode)
+    assert (f"exploration: epsilon 1 -> 0.05 over the first {steps} control steps "
+            "(explore_episodes 4, fixed when the run started)") in printed
+    saved = json.loads((run.out / "config.json").read_text())["meta"]
+    assert (saved["episodes"], saved["explore_episodes"]) == (done + 1, 4)
+    assert json.loads((run.out / "progress.json").read_text())["episodes"] >= done + 1
 
 
 def test_fresh_run_refuses_to_overwrite_an_existing_log(run):
@@ -189,3 +222,31 @@ def test_meta_config_rejects_bad_values():
         MetaConfig(num_actors=0).validate()
     with pytest.raises(ValueError, match="`gpus_per_actor` is 1.5"):
         MetaConfig(gpus_per_actor=1.5).validate()
+    with pytest.raises(ValueError, match="`explore_episodes` is 0; it must be an integer >= 1"):
+        MetaConfig(explore_episodes=0).validate()
+
+
+def test_epsilon_horizon_is_fixed_at_build_and_not_by_the_loop_bound():
+    from qan_ray.meta import MetaConfig, build_dqn_config, epsilon_schedule
+
+    steps = 4  # control steps per episode
+    assert epsilon_schedule(MetaConfig(episodes=4), steps) == [(0, 1.0), (8, 0.05)]
+    # a run meant for 20 episodes but trained in chunks of 4 decays over all 20 (0.5 x 20 x 4)
+    chunked = MetaConfig(episodes=4, explore_episodes=20, epsilon_final=0.1)
+    assert epsilon_schedule(chunked, steps) == [(0, 1.0), (40, 0.1)]
+    cfg = build_dqn_config(QAN, chunked, "t", steps)  # the real DQNConfig (no Ray started)
+    assert cfg.epsilon == [(0, 1.0), (40, 0.1)]
+    assert build_dqn_config(QAN, MetaConfig(episodes=40, explore_episodes=20), "t",
+                            steps).epsilon == [(0, 1.0), (40, 0.05)]
+
+
+def test_resume_refuses_another_exploration_horizon(tmp_path):
+    from qan_ray.meta import MetaConfig, run_train
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"qan": QAN.to_dict(), "meta": {**MetaConfig().__dict__, "hidden": [64, 64],
+                                        "explore_episodes": 4}}))
+    with pytest.raises(ValueError, match="--explore-episodes is 8 but the run in .* explores "
+                                         "over 4 episodes; the schedule is fixed when a run "
+                                         "starts"):
+        run_train(_train_args("--out", str(tmp_path), "--resume", "--explore-episodes", "8"))
