@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check qan_ray trainables policies tests benchmarks
 	$(BIN)/python -m pytest -q tests
+
+# Unit tests only: no Ray session and no CLI or Ray-job subprocess (`ray` and `e2e` deselected).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray and not e2e" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check qan_ray trainables policies tests benchmarks

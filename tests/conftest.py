@@ -15,6 +15,30 @@ torch.set_num_threads(1)
 from qan_ray.formats import write_cifar10, write_mnist  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tiers: every test that uses the Ray session (directly or through another fixture) is
+    marked `ray`, so `make test-fast` (-m "not ray and not e2e") never starts Ray. Tests that run
+    the CLI or a Ray job in a subprocess carry `e2e` in their module."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_do_not_start_ray(request):
+    """A test outside the `ray` and `e2e` tiers that starts Ray fails: mark it (or use the
+    `ray_session` fixture) so the fast tier stays fast."""
+    ray = sys.modules.get("ray")
+    before = ray is not None and getattr(ray, "is_initialized", bool)()
+    yield
+    if request.node.get_closest_marker("ray") or request.node.get_closest_marker("e2e"):
+        return
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and getattr(ray, "is_initialized", bool)():
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked `ray`; use the "
+                    "`ray_session` fixture (conftest.py marks its users) or @pytest.mark.ray.")
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,14 @@ def qan(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=ENV)
 
 
-def test_help_lists_the_subcommands():
+def test_help_lists_every_subcommand_with_its_help_line():
     out = qan("--help")
     assert out.returncode == 0
-    for command in ("train", "evaluate", "episode"):
-        assert command in out.stdout
+    # argparse lists each subcommand on its own line, indented by 4: "    train   meta-train ..."
+    listed = dict(re.findall(r"^    (\w+) +(\S.*)$", out.stdout, re.M))
+    assert list(listed) == ["episode", "train", "evaluate", "tune", "compare"]
+    assert listed["train"].startswith("meta-train a controller")
+    assert listed["compare"].startswith("QAN vs ASHA/PBT")
 
 
 def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path):

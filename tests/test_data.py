@@ -15,6 +15,19 @@ def test_digits_split_is_fixed_by_seed_and_disjoint():
     assert a.n_train + len(a.y_val) + len(a.y_test) == 1797
     c = load_data(from_dict(data_seed=1), torch.device("cpu"))
     assert not torch.equal(a.y_val, c.y_val) and torch.equal(a.y_test, c.y_test)
+    for data in (a, c):  # the 1,797 digits images are distinct, so images identify samples
+        train, val, test = (_images(x) for x in (data.x_train, data.x_val, data.x_test))
+        assert (len(train), len(val), len(test)) == (data.n_train, len(data.y_val),
+                                                     len(data.y_test))
+        shared = {"train&val": len(train & val), "train&test": len(train & test),
+                  "val&test": len(val & test)}
+        assert shared == {"train&val": 0, "train&test": 0, "val&test": 0}
+        assert len(train | val | test) == 1797  # together: the whole dataset, each image once
+
+
+def _images(x: torch.Tensor) -> set[bytes]:
+    """The distinct images of a split (one split normalises all three alike)."""
+    return {row.tobytes() for row in x.reshape(len(x), -1).numpy()}
 
 
 def test_class_index_rows_hold_only_their_class():
