@@ -1,0 +1,316 @@
+"""PopulationTrainer: K target networks trained in lockstep on one device, as one computation.
+
+Each member is one training run of the task's model, as `TargetTrainer` runs it: its own init
+seed, batch order (an on-device permutation from its own generator), learning rate, optimizer
+state and divergence flag. Per mini-batch the whole population costs a fixed number of ops:
+
+- the K parameter sets live in one flat (K, P) buffer (`theta`); the model's parameters are
+  views of a row, so `member_model(i)` is a plain nn.Module sharing that row's storage;
+- the batch is one (K, B) index tensor gathered from the K permutations, and the inputs one
+  advanced-indexing gather (K, B, ...);
+- loss and gradients come from `torch.func.vmap(grad_and_value(...))` over
+  `torch.func.functional_call`, with the row split into the parameters inside the function, so
+  the gradient arrives as one (K, P) tensor;
+- the optimizer (qan_ray.popoptim) updates the flat buffer with a per-member LR in a handful of
+  ops, whatever the layer count;
+- losses accumulate on the device and are read once per `train(k)` call.
+
+K = 1 gives TargetTrainer's numbers to float tolerance (same init, same batch order, same
+arithmetic; tests/test_population.py). Models with buffers (BatchNorm's running statistics) are
+refused: vmap cannot update one buffer per member in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from qan_ray.config import QANConfig
+from qan_ray.data import NUM_CLASSES, DeviceData, augment_batch, load_data, resolve_device
+from qan_ray.models import build_model
+from qan_ray.popoptim import PopulationOptimizer
+
+EVAL_BATCH = 1024
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy over the last dim: F.cross_entropy(reduction='none')'s value
+    (to float rounding) from elementwise ops and reductions. On the CPU, log_softmax over a
+    10-wide last dim is the slowest op of a small MLP's step (about 10x an exp of the same size);
+    this costs a fraction of it, forward and backward."""
+    z = logits - logits.detach().amax(dim=-1, keepdim=True)
+    return z.exp().sum(dim=-1).log() - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+class PopulationTrainer:
+    """K members of one task config trained in lockstep (K = len(seeds))."""
+
+    def __init__(self, cfg: QANConfig, k: int | None = None, seeds: Sequence[int] | None = None,
+                 data: DeviceData | None = None, device: torch.device | str | None = None):
+        if seeds is None:
+            if k is None:
+                k = 1
+            seeds = [cfg.seed + i for i in range(int(k))]
+        seeds = [int(s) for s in seeds]
+        if k is not None and int(k) != len(seeds):
+            raise ValueError(f"population size k={k} but {len(seeds)} seeds were given; pass "
+                             "one seed per member (or only k).")
+        if not seeds:
+            raise ValueError("a population needs k >= 1 members; got 0 seeds.")
+        if cfg.action_mode == "minibatch":
+            raise ValueError("action_mode 'minibatch' is not supported by PopulationTrainer "
+                             "yet; use TargetTrainer (population size 1) for it.")
+        if cfg.mm_coef > 0:
+            raise ValueError(f"mm_coef is {cfg.mm_coef} (meta-momentum) but PopulationTrainer "
+                             "does not support meta-momentum yet; use TargetTrainer "
+                             "(population size 1) or set mm_coef 0.")
+        self.cfg = cfg
+        self.k = len(seeds)
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        self.data = data if data is not None else load_data(cfg, self.device)
+        self.batch_size = min(cfg.batch_size, self.data.n_train)
+        self.batches_per_epoch = max(1, self.data.n_train // self.batch_size)
+        self.total_batches = max(1, round(cfg.epochs_per_episode * self.batches_per_epoch))
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        if cfg.augment and len(self.data.input_shape) != 3:
+            raise ValueError(f"`augment` is True but the inputs of task {cfg.task!r} have shape "
+                             f"{self.data.input_shape} per sample; flip + crop needs (C, H, W) "
+                             "images. Pass --no-augment, or give image tensors.")
+
+        models = [self._fresh_model(s) for s in seeds]
+        template = models[0]
+        buffers = [n for n, _ in template.named_buffers()]
+        if buffers:
+            norms = sorted({type(m).__name__ for m in template.modules()
+                            if isinstance(m, nn.modules.batchnorm._NormBase)})
+            raise ValueError(
+                f"model {cfg.model!r} ({type(template).__name__}) has buffers {buffers[:3]}"
+                f"{'...' if len(buffers) > 3 else ''} ({', '.join(norms) or 'running state'}), "
+                "which PopulationTrainer cannot train under torch.func.vmap (each member would "
+                "update them in place). Use population size 1 (TargetTrainer, the plain loop), "
+                "or a model without BatchNorm (e.g. --model lenet or --model mlp).")
+        self._names = [n for n, _ in template.named_parameters()]
+        self._shapes = [tuple(p.shape) for _, p in template.named_parameters()]
+        self._sizes = [math.prod(s) for s in self._shapes]
+        self._offsets = np.cumsum([0, *self._sizes]).tolist()
+        self.num_params = self._offsets[-1]
+        dtype = next(template.parameters()).dtype
+        self.theta = torch.empty(self.k, self.num_params, device=self.device, dtype=dtype)
+        self._template = copy.deepcopy(template)
+        self._models: list[nn.Module] = models
+        for i, m in enumerate(models):
+            self._bind(i, m)
+        self.optimizer = PopulationOptimizer(
+            [self.theta], cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay)
+        self._lr_host = np.full(self.k, float(cfg.lr))
+        self._grad_fn = vmap(grad_and_value(self._loss), randomness="different")
+        self._forward = vmap(self._logits, in_dims=(0, None), randomness="different")
+        self.gens = [torch.Generator(device=self.device) for _ in range(self.k)]
+        n = self.data.n_train
+        self._perm = torch.zeros(self.k, n, dtype=torch.long, device=self.device)
+        self._pos = np.full(self.k, n)  # n: a fresh permutation before the first batch
+        self._arange_b = torch.arange(self.batch_size, device=self.device)
+        self._rows = torch.arange(self.k, device=self.device)[:, None]
+        self.steps = np.zeros(self.k, dtype=np.int64)
+        self.seeds = list(seeds)
+        self.initial_loss = np.zeros(self.k)
+        for i, s in enumerate(seeds):
+            self._start_member(i, s)
+
+    # --- members ---------------------------------------------------------------------------
+    def _fresh_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(int(seed))  # TargetTrainer.reset's init
+        return build_model(self.cfg, self.data.input_shape, NUM_CLASSES).to(self.device)
+
+    def _views(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(row, self._sizes)
+        return {n: t.view(s) for n, t, s in zip(self._names, parts, self._shapes)}
+
+    def _bind(self, i: int, model: nn.Module) -> None:
+        """Copy `model`'s parameters into row i and make them views of it."""
+        views = self._views(self.theta[i])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                views[name].copy_(p)
+                p.data = views[name]
+
+    def _start_member(self, i: int, seed: int) -> None:
+        self.seeds[i] = int(seed)
+        self.gens[i].manual_seed(int(seed))
+        self._pos[i] = self.data.n_train
+        self.steps[i] = 0
+        self.optimizer.reset_member(i)
+        self.initial_loss[i] = self._probe_member(i)
+
+    def reset(self, seeds: Sequence[int] | None = None) -> None:
+        """Every member from a fresh init (seeds: one per member; default cfg.seed + i)."""
+        seeds = list(seeds) if seeds is not None else [self.cfg.seed + i for i in range(self.k)]
+        if len(seeds) != self.k:
+            raise ValueError(f"reset got {len(seeds)} seeds for a population of {self.k}.")
+        for i, s in enumerate(seeds):
+            self.reset_member(i, s)
+
+    def reset_member(self, i: int, seed: int) -> None:
+        """Member i alone from a fresh init, optimizer state, batch order and the config's LR;
+        the other members are untouched."""
+        if not 0 <= int(i) < self.k:
+            raise ValueError(f"member {i} is outside 0..{self.k - 1}.")
+        fresh = self._fresh_model(seed)
+        with torch.no_grad():
+            self.theta[i].copy_(torch.cat([p.reshape(-1) for p in fresh.parameters()]))
+        lr = self._lr_host.copy()
+        lr[i] = self.cfg.lr
+        self._write_lr(lr)
+        self._start_member(i, seed)
+
+    def member_model(self, i: int) -> nn.Module:
+        """Member i as an nn.Module whose parameters are views of its row (no copy)."""
+        return self._models[i]
+
+    @property
+    def stacked_params(self) -> dict[str, torch.Tensor]:
+        """Every parameter as a (K, *shape) view of the flat buffer."""
+        return {n: self.theta[:, a:b].view(self.k, *s) for n, s, a, b in
+                zip(self._names, self._shapes, self._offsets, self._offsets[1:])}
+
+    # --- hyperparameters -------------------------------------------------------------------
+    @property
+    def lr(self) -> list[float]:
+        return self._lr_host.tolist()
+
+    def set_lr(self, lr: Sequence[float] | torch.Tensor | float) -> list[float]:
+        """Clamp each member's LR to [lr_min, lr_max] and write it now (a scalar sets all).
+        Returns the LRs set."""
+        values = np.asarray(torch.as_tensor(lr, dtype=torch.float64).cpu(), dtype=np.float64)
+        values = np.broadcast_to(values, (self.k,)) if values.ndim == 0 else values
+        if values.shape != (self.k,):
+            raise ValueError(f"set_lr got {values.shape[0]} LRs for a population of {self.k}; "
+                             "pass one per member or one scalar.")
+        self._write_lr(np.clip(values, self.cfg.lr_min, self.cfg.lr_max))
+        return self.lr
+
+    def _write_lr(self, values: np.ndarray) -> None:
+        self._lr_host = np.array(values, dtype=np.float64)
+        self.optimizer.set_lr(torch.from_numpy(self._lr_host))
+
+    # --- training ----------------------------------------------------------------------------
+    def _logits(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._template, self._views(row), (x,))
+
+    def _loss(self, row: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(self._logits(row, x).float(), y).mean()
+
+    def _next_indices(self) -> torch.Tensor:
+        """(K, B) train indices: the next slice of each member's permutation."""
+        b, n = self.batch_size, self.data.n_train
+        for i in np.flatnonzero(self._pos + b > n):  # only members starting a new epoch
+            self._perm[i] = torch.randperm(n, device=self.device, generator=self.gens[i])
+            self._pos[i] = 0
+        start = int(self._pos[0])
+        self._pos += b
+        if (self._pos == self._pos[0]).all():
+            return self._perm[:, start:start + b]
+        pos = torch.from_numpy(self._pos - b).to(self.device)
+        return self._perm[self._rows, pos[:, None] + self._arange_b]
+
+    def train(self, num_batches: int) -> torch.Tensor:
+        """Train every member `num_batches` mini-batches at its current LR; return the (K,)
+        mean losses (one host read). NaN/inf is returned, never raised."""
+        data, cfg = self.data, self.cfg
+        loss_sum = torch.zeros(self.k, device=self.device)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_amp
+                    else contextlib.nullcontext())
+        for _ in range(num_batches):
+            idx = self._next_indices()
+            x, y = data.x_train[idx], data.y_train[idx]
+            if cfg.augment:
+                shape = x.shape
+                x = augment_batch(x.reshape(-1, *shape[2:]), self.gens[0]).reshape(shape)
+            with autocast:
+                grads, loss = self._grad_fn(self.theta, x, y)
+            self.optimizer.step([grads])
+            loss_sum += loss.detach()
+        self.steps += num_batches
+        return (loss_sum / max(1, num_batches)).cpu()
+
+    def diverged(self, losses: torch.Tensor | Sequence[float]) -> np.ndarray:
+        """(K,) bool: TargetTrainer's rule per member (NaN/inf or > divergence_factor x L_0)."""
+        losses = np.asarray(torch.as_tensor(losses, dtype=torch.float64))
+        with np.errstate(invalid="ignore"):
+            return ~np.isfinite(losses) | (losses > self.cfg.divergence_factor
+                                            * self.initial_loss)
+
+    # --- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _loss_acc(self, x: torch.Tensor, y: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = self.theta if rows is None else rows
+        loss = torch.zeros(theta.shape[0], device=self.device)
+        correct = torch.zeros(theta.shape[0], device=self.device, dtype=torch.long)
+        for i in range(0, len(y), EVAL_BATCH):
+            xb, yb = x[i:i + EVAL_BATCH], y[i:i + EVAL_BATCH]
+            out = self._forward(theta, xb).float()  # (K, n, C)
+            loss += cross_entropy(out, yb.expand(out.shape[0], -1)).sum(dim=1)
+            correct += (out.argmax(2) == yb).sum(dim=1)
+        n = max(1, len(y))
+        both = torch.stack([loss.double() / n, correct.double() / n]).cpu()  # one host read
+        return both[0], both[1]
+
+    def evaluate(self, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) mean losses and (K,) accuracies on 'val' (first val_max_samples) or 'test',
+        every member in one batched pass."""
+        d = self.data
+        if split == "val":
+            n = self.cfg.val_max_samples
+            return self._loss_acc(d.x_val[:n], d.y_val[:n])
+        if split == "test":
+            return self._loss_acc(d.x_test, d.y_test)
+        raise ValueError(f"split {split!r} must be 'val' or 'test'.")
+
+    def _probe_member(self, i: int) -> float:
+        n = min(1024, self.data.n_train)
+        losses, _ = self._loss_acc(self.data.x_train[:n], self.data.y_train[:n],
+                                   self.theta[i:i + 1])
+        return float(losses[0])
+
+    @property
+    def progress(self) -> np.ndarray:
+        return np.minimum(1.0, self.steps / self.total_batches)
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.steps >= self.total_batches
+
+    # --- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume: weights, optimizer state and LRs, generators,
+        permutations, positions, steps, seeds, initial losses (a copy)."""
+        return {"theta": self.theta.clone(), "optimizer": self.optimizer.state_dict(),
+                "lr": self._lr_host.copy(), "gens": [g.get_state() for g in self.gens],
+                "perm": self._perm.clone(), "pos": self._pos.copy(), "steps": self.steps.copy(),
+                "seeds": list(self.seeds), "initial_loss": self.initial_loss.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["theta"].shape) != tuple(self.theta.shape):
+            raise ValueError(f"the state holds weights of shape {tuple(state['theta'].shape)} "
+                             f"but this population has {tuple(self.theta.shape)}; load it into "
+                             "a PopulationTrainer of the same config and size.")
+        with torch.no_grad():
+            self.theta.copy_(state["theta"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._lr_host = np.array(state["lr"], dtype=np.float64)
+        for g, s in zip(self.gens, state["gens"], strict=True):
+            g.set_state(s)
+        self._perm.copy_(state["perm"])
+        self._pos = np.array(state["pos"])
+        self.steps = np.array(state["steps"])
+        self.seeds = list(state["seeds"])
+        self.initial_loss = np.array(state["initial_loss"])

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from qan_ray.config import from_dict
+from qan_ray.data import load_data
+from qan_ray.models import build_model
+from qan_ray.population import PopulationTrainer, cross_entropy
+from qan_ray.trainer import TargetTrainer
+
+CFG = from_dict(task="digits-mlp")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(CFG, torch.device("cpu"))
+
+
+def _plain_loop(cfg, data, seed: int, lr: float, batches: int) -> list[float]:
+    """Today's training as a bare torch loop: seeded init, torch.optim.SGD, a fresh on-device
+    permutation per epoch from a generator seeded like the trainer's."""
+    torch.manual_seed(seed)
+    model = build_model(cfg, data.input_shape, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+    gen = torch.Generator().manual_seed(seed)
+    b, n = cfg.batch_size, data.n_train
+    perm, pos, losses = None, n, []
+    for _ in range(batches):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + b]
+        pos += b
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_k1_gives_todays_loss_trajectory(data):
+    # 80 batches cross two epoch boundaries (35 batches per epoch): new permutations included.
+    pop = PopulationTrainer(CFG, seeds=[CFG.seed], data=data)
+    tr = TargetTrainer(CFG, data=data)
+    assert pop.initial_loss[0] == pytest.approx(tr.initial_loss, rel=1e-6)
+    got = [float(pop.train(1)[0]) for _ in range(80)]
+    ref = _plain_loop(CFG, data, CFG.seed, CFG.lr, 80)
+    today = [tr.train(1) for _ in range(80)]
+    assert today == pytest.approx(ref, rel=1e-6)
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    loss, acc = pop.evaluate("val")
+    assert (float(loss[0]), float(acc[0])) == pytest.approx(tr.evaluate("val"), rel=1e-4)
+    for p_pop, p_tr in zip(pop.member_model(0).parameters(), tr.model.parameters()):
+        assert torch.allclose(p_pop, p_tr, rtol=1e-4, atol=1e-5)
+
+
+def test_member_i_trains_with_its_own_seed_and_lr(data):
+    seeds, lrs = [3, 4, 5], [0.01, 0.05, 0.2]
+    pop = PopulationTrainer(CFG, seeds=seeds, data=data)
+    assert pop.set_lr(lrs) == pytest.approx(lrs)
+    losses = torch.stack([pop.train(1) for _ in range(40)], dim=1)  # (K, 40)
+    for i, (s, lr) in enumerate(zip(seeds, lrs)):
+        ref = _plain_loop(CFG, data, s, lr, 40)
+        assert losses[i].tolist() == pytest.approx(ref, rel=1e-4, abs=1e-6), i
+    # the members really differ (not K copies of one run)
+    assert len({round(v, 4) for v in losses[:, -1].tolist()}) == 3
+
+
+def test_reset_member_restarts_one_member_alone(data):
+    pop = PopulationTrainer(CFG, seeds=[0, 1, 2], data=data)
+    pop.set_lr([0.05, 0.3, 0.05])
+    first = pop.train(20)
+    pop.reset_member(1, seed=7)
+    assert pop.lr == [0.05, CFG.lr, 0.05] and pop.steps.tolist() == [20, 0, 20]
+    after = torch.stack([pop.train(1) for _ in range(20)], dim=1)
+    assert after[1].tolist() == pytest.approx(_plain_loop(CFG, data, 7, CFG.lr, 20), rel=1e-4)
+    for i in (0, 2):  # the others continue their run uninterrupted
+        ref = _plain_loop(CFG, data, i, 0.05, 40)
+        assert sum(ref[:20]) / 20 == pytest.approx(float(first[i]), rel=1e-4)
+        assert after[i].tolist() == pytest.approx(ref[20:], rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="member 3 is outside 0..2"):
+        pop.reset_member(3, 0)
+
+
+def test_evaluate_is_batched_and_equals_each_member(data):
+    pop = PopulationTrainer(CFG, k=4, data=data)
+    pop.set_lr([0.01, 0.05, 0.1, 0.5])
+    pop.train(30)
+    loss, acc = pop.evaluate("test")
+    assert loss.shape == acc.shape == (4,)
+    for i in range(4):
+        with torch.no_grad():
+            out = pop.member_model(i)(data.x_test)
+        assert float(loss[i]) == pytest.approx(F.cross_entropy(out, data.y_test).item(), rel=1e-5)
+        assert float(acc[i]) == pytest.approx((out.argmax(1) == data.y_test).float().mean().item())
+    with pytest.raises(ValueError, match="split 'train' must be 'val' or 'test'"):
+        pop.evaluate("train")
+
+
+def test_member_model_shares_the_population_weights(data):
+    pop = PopulationTrainer(CFG, k=2, data=data)
+    w = pop.member_model(1).net[1].weight
+    before = w.detach().clone()
+    pop.train(3)
+    assert not torch.equal(w.detach(), before)  # a view of row 1, updated in place
+    assert torch.equal(pop.stacked_params["net.1.weight"][1], w.detach())
+
+
+def test_divergence_is_flagged_per_member(data):
+    pop = PopulationTrainer(CFG.replace(lr_max=1e4), k=3, data=data)
+    pop.set_lr([0.05, 1e4, 0.05])
+    losses = pop.train(10)
+    flags = pop.diverged(losses)
+    assert flags.tolist() == [False, True, False]
+    assert torch.isfinite(losses[[0, 2]]).all()  # a diverged member does not leak into others
+
+
+def test_set_lr_clamps_and_checks_the_count(data):
+    pop = PopulationTrainer(CFG, k=3, data=data)
+    assert pop.set_lr([1e-9, 0.1, 50.0]) == [CFG.lr_min, 0.1, CFG.lr_max]
+    assert pop.set_lr(0.2) == [0.2] * 3
+    with pytest.raises(ValueError, match="set_lr got 2 LRs for a population of 3"):
+        pop.set_lr([0.1, 0.2])
+
+
+def test_state_dict_resumes_bit_identically(data):
+    pop = PopulationTrainer(CFG.replace(optimizer="adam", lr=0.01), k=3, data=data)
+    pop.train(20)
+    state = pop.state_dict()
+    cont = pop.train(30)
+    other = PopulationTrainer(CFG.replace(optimizer="adam", lr=0.01), k=3, seeds=[9, 9, 9],
+                              data=data)
+    other.load_state_dict(state)
+    assert torch.equal(other.train(30), cont)
+    with pytest.raises(ValueError, match="load it into a PopulationTrainer of the same"):
+        PopulationTrainer(CFG, k=2, data=data).load_state_dict(state)
+
+
+def test_batchnorm_model_is_refused_with_the_fix():
+    cfg = from_dict(task="digits-mlp", model="wrn", wrn_depth=10, wrn_width=1)
+    with pytest.raises(ValueError, match=r"model 'wrn' \(WideResNet\) has buffers .*BatchNorm2d"
+                                         r".*Use population size 1 \(TargetTrainer"):
+        PopulationTrainer(cfg, k=2)
+
+
+def test_bad_sizes_and_unsupported_modes_are_refused(data):
+    with pytest.raises(ValueError, match="k=3 but 2 seeds"):
+        PopulationTrainer(CFG, k=3, seeds=[0, 1], data=data)
+    with pytest.raises(ValueError, match="k >= 1"):
+        PopulationTrainer(CFG, seeds=[], data=data)
+    with pytest.raises(ValueError, match="'minibatch' is not supported by PopulationTrainer"):
+        PopulationTrainer(CFG.replace(action_mode="minibatch"), k=2, data=data)
+
+
+def test_cross_entropy_matches_torch():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 16, 10, generator=gen) * 30).requires_grad_(True)
+    y = torch.randint(0, 10, (3, 16), generator=gen)
+    ours = cross_entropy(x, y)
+    ref = F.cross_entropy(x.transpose(1, 2), y, reduction="none")
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    g1, = torch.autograd.grad(ours.sum(), x)
+    g2, = torch.autograd.grad(ref.sum(), x)
+    assert torch.allclose(g1, g2, atol=1e-6)
