@@ -29,7 +29,7 @@ def test_package_import_is_lazy_and_exports_the_public_names():
                          env=ENV, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == [
-        "['QANConfig', 'QANScheduler', 'TargetTrainer', 'TargetTrainingEnv']",
+        "['QANConfig', 'QANScheduler', 'TargetTrainer', 'TargetTrainingEnv', 'UserTask']",
         "qan_ray.scheduler True"]
 
 
@@ -42,7 +42,7 @@ def test_missing_controller_and_bad_scheduler_are_one_clear_line(tmp_path):
 
 
 def test_compare_prints_and_writes_the_table(tmp_path):
-    policy = fixed_action_controller(2 * 192 + 8, action=2).save(tmp_path / "ctrl")  # keep
+    policy = fixed_action_controller(action=2).save(tmp_path / "ctrl")  # keep
     out_dir = tmp_path / "cmp"
     out = qan("compare", "--schedulers", "qan,fifo", "--samples", "2", "--epochs", "2",
               "--policy", str(policy), "--out", str(out_dir), timeout=400)
