@@ -15,7 +15,13 @@ differ.
   controller_last/  (with --select-every) the Q-network at the end of training
   steps/            Parquet log, one row per control step, one part file per flushed episode
   progress.json     episodes done, iterations, run name (the resume point)
+  config.json       the QANConfig and MetaConfig of the run (--resume reads them back)
   learning_curve.png
+
+`qan train --out DIR --resume [--episodes N]` continues a run from its checkpoint with the
+config.json it was started with. --episodes N moves only the loop bound; the exploration schedule
+(epsilon over explore_episodes, printed at the start) stays that of the original run, and a
+different --explore-episodes is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ class MetaConfig:
     """How the controller is meta-trained (RLlib DQN and the actors)."""
 
     episodes: int = 20
-    """Target-network training runs (episodes) to learn from, over all actors."""
+    """Target-network training runs (episodes) to learn from, over all actors: the loop bound
+    (with --resume, the new total; the exploration schedule stays that of the original run)."""
     num_actors: int = 2
     """Trainer actors (= RLlib EnvRunners), each running its own episodes in parallel."""
     cpus_per_actor: float = 1.0
