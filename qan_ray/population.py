@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from qan_ray import features as fe
 from qan_ray.config import QANConfig
 from qan_ray.data import NUM_CLASSES, DeviceData, augment_batch, load_data, resolve_device
 from qan_ray.models import build_model
@@ -175,6 +176,15 @@ class PopulationTrainer:
         """Member i as an nn.Module whose parameters are views of its row (no copy)."""
         return self._models[i]
 
+    def weight_features(self, names: tuple[str, ...] | None = None) -> torch.Tensor:
+        """(K, WEIGHT_FEATURES): `features.weight_features(member_model(i), names)` of every
+        member in one batched computation (no per-member loop)."""
+        names = tuple(self.cfg.monitored_layers) if names is None else tuple(names)
+        modules = fe.monitored_modules(self._template, names)
+        stacked = self.stacked_params
+        return population_weight_features([stacked[f"{n}.weight"] for n, _ in modules],
+                                          type(self._template).__name__)
+
     @property
     def stacked_params(self) -> dict[str, torch.Tensor]:
         """Every parameter as a (K, *shape) view of the flat buffer."""
@@ -314,3 +324,105 @@ class PopulationTrainer:
         self.steps = np.array(state["steps"])
         self.seeds = list(state["seeds"])
         self.initial_loss = np.array(state["initial_loss"])
+
+
+# --- observations of a population ----------------------------------------------------------------
+# qan_ray.features computes the statistics of one network; these are the same computations with a
+# leading member dim (tests/test_population.py checks equality with the per-member functions).
+# torch.func.vmap over features.layer_features gives the same numbers too, but its batching rules
+# for the sort/index/reduction mix there are about 3x slower than a per-member loop on the CPU.
+
+def _group_stats(x: torch.Tensor) -> torch.Tensor:
+    """features.group_stats with any leading dims: (..., G, n) -> (..., G, 12)."""
+    x = x.float()
+    n = x.shape[-1]
+    xs = torch.sort(x, dim=-1).values.double()
+    x = x.double()
+    pos = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=x.device) * (n - 1)
+    lo = pos.floor().long()
+    hi = torch.clamp(lo + 1, max=n - 1)
+    xlo = xs.index_select(-1, lo)
+    quartiles = xlo + (xs.index_select(-1, hi) - xlo) * (pos - lo)
+    x2 = x * x
+    x3 = x2 * x
+    raw = torch.stack([x, x2, x3, x2 * x2, x3 * x2], dim=-1).mean(dim=-2)  # (..., G, 5)
+    m1, m2, m3, m4, _ = raw.unbind(-1)
+    var = (m2 - m1 * m1).clamp_min(0.0)
+    safe = var > 1e-10 * m2
+    denom = torch.where(safe, var, torch.ones_like(var))
+    skew = (m3 - 3 * m1 * m2 + 2 * m1 ** 3) / denom ** 1.5
+    kurt = (m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4) / (denom * denom) - 3.0
+    zero = torch.zeros_like(var)
+    shape = torch.stack([var.sqrt(), torch.where(safe, skew, zero),
+                         torch.where(safe, kurt, zero)], dim=-1)
+    return torch.cat([m1[..., None], quartiles, shape, raw], dim=-1).float()
+
+
+def _single_stats(x: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros_like(x)
+    x2 = x * x
+    return torch.stack([x, x, x, x, zero, zero, zero, x, x2, x2 * x, x2 * x2, x2 * x2 * x],
+                       dim=-1)
+
+
+def _summarise(stats: torch.Tensor) -> torch.Tensor:
+    """(K, G, 12) -> (K, 60): mean/median/std/max/min over the groups."""
+    s = stats.transpose(1, 2).contiguous()  # (K, 12, G)
+    return torch.cat([s.mean(dim=2), s.median(dim=2).values, s.std(dim=2, correction=0),
+                      s.amax(dim=2), s.amin(dim=2)], dim=1)
+
+
+def _select(keys: torch.Tensor, cap: int) -> torch.Tensor:
+    """(K, n) keys -> (K, cap) indices at evenly spaced ranks (features._stratified per row)."""
+    ranks = torch.linspace(0, keys.shape[1] - 1, cap, device=keys.device).round().long()
+    return torch.argsort(keys, dim=1).index_select(1, ranks)
+
+
+def layer_view(weight: torch.Tensor) -> torch.Tensor:
+    """features.layer_view of each member of a stacked weight (K, out, in, *k) -> (K, o, i, k)."""
+    kk = weight.shape[0]
+    w3 = weight.detach().float()
+    w3 = w3.reshape(kk, w3.shape[1], w3.shape[2], -1)
+    k = w3.shape[3]
+    side = max(fe.MIN_SIDE, min(fe.MAX_SIDE, int(math.sqrt(fe.ELEMENT_BUDGET / k))))
+    if w3.shape[1] > side:
+        dtype = torch.float64 if w3[0].numel() <= fe.EXACT_NORM_LIMIT else torch.float32
+        keys = torch.linalg.vector_norm(w3.reshape(kk, w3.shape[1], -1), dim=2, dtype=dtype)
+        sel = _select(keys, side)
+        w3 = torch.gather(w3, 1, sel[:, :, None, None].expand(-1, -1, w3.shape[2], k))
+    if w3.shape[2] > side:
+        keys = torch.linalg.vector_norm(w3.transpose(1, 2).reshape(kk, w3.shape[2], -1), dim=2,
+                                        dtype=torch.float64)
+        sel = _select(keys, side)
+        w3 = torch.gather(w3, 2, sel[:, None, :, None].expand(-1, w3.shape[1], -1, k))
+    return w3
+
+
+def layer_features(weight: torch.Tensor) -> torch.Tensor:
+    """features.layer_features of each member: (K, out, in, *k) -> (K, 192)."""
+    w3 = layer_view(weight)
+    kk, out_ch, in_ch, k = w3.shape
+    parts = [
+        _group_stats(w3.reshape(kk, 1, -1))[:, 0],
+        _summarise(_group_stats(w3.reshape(kk, out_ch, -1))),
+        _summarise(_group_stats(w3.transpose(1, 2).reshape(kk, in_ch, -1))),
+        _summarise(_single_stats(w3.reshape(kk, -1)) if k == 1
+                   else _group_stats(w3.reshape(kk, out_ch * in_ch, -1))),
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def population_weight_features(weights: Sequence[torch.Tensor], model: str = "the model"
+                               ) -> torch.Tensor:
+    """features.weight_features of K members from their monitored weights, each stacked
+    (K, out, in, *k) in monitored order: (K, WEIGHT_FEATURES), same pooling."""
+    if not weights:
+        raise ValueError(f"{model} has no Linear/Conv layer to observe. QAN's weight statistics "
+                         "need at least one; train a signals-only controller "
+                         "(--no-weight-features) for such a model.")
+    count = len(weights)
+    pooled = fe.pooled_layers(count)
+    feats = {i: fe.symlog(layer_features(weights[i]))
+             for i in sorted({0, count - 1, *pooled})}
+    mean = torch.stack([feats[i] for i in pooled]).mean(dim=0)
+    return torch.cat([feats[0], feats[count - 1], mean], dim=1)

@@ -164,3 +164,25 @@ def test_cross_entropy_matches_torch():
     g1, = torch.autograd.grad(ours.sum(), x)
     g2, = torch.autograd.grad(ref.sum(), x)
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_weight_features_of_the_population_equal_each_members(data):
+    from qan_ray import features
+    from qan_ray import population as po
+
+    pop = PopulationTrainer(CFG.replace(hidden=(64, 48)), k=5, data=data)
+    pop.set_lr([0.01, 0.05, 0.1, 0.3, 0.6])
+    pop.train(15)
+    got = pop.weight_features()
+    assert got.shape == (5, features.WEIGHT_FEATURES)
+    ref = torch.stack([features.weight_features(pop.member_model(i)) for i in range(5)])
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0], got[4])  # members differ
+    only = pop.weight_features(("net.3",))
+    assert torch.allclose(only[2], features.weight_features(pop.member_model(2), ("net.3",)))
+    # conv weights (out, in, kh, kw), subsampled rows and columns: the same per member
+    w = torch.randn(3, 80, 40, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(po.layer_features(w),
+                          torch.stack([features.layer_features(m) for m in w]), rtol=1e-5)
+    with pytest.raises(ValueError, match="has no Linear/Conv layer to observe"):
+        po.population_weight_features([], "Net")
