@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "user")
-MODELS = ("mlp", "lenet", "wrn", "user")
+DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "user")
+EMBEDDED_DATASETS = ("digits", "mnist1d")  # built in-process: no data_root, no download
+MODELS = ("mlp", "lenet", "cnn1d", "wrn", "user")
 USER = "user"  # dataset and model of a module:function task: the task supplies both
 OPTIMIZERS = ("sgd", "adam")
 ACTION_MODES = ("lr", "minibatch")
@@ -28,6 +29,19 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
     "digits-mlp": dict(
         dataset="digits", model="mlp", hidden=(64,), optimizer="sgd", lr=0.05, momentum=0.9,
         batch_size=32, epochs_per_episode=8.0, control_interval=10,
+    ),
+    # MNIST-1D (Greydanus 2020), built by its generator in-process (no download): 4,000 train
+    # (less the validation share) / 1,000 test signals of length 40. An MLP and the paper's 1-D
+    # CNN; the MLP-CNN gap (reported 68% vs 94% test) leaves room for a schedule to matter.
+    # 32 batches of 100 per epoch, one decision per epoch (what a Tune trainable reports). LR and
+    # epochs measured in benchmarks/mnist1d_check.py (benchmarks/results/mnist1d_check.md).
+    "mnist1d-mlp": dict(
+        dataset="mnist1d", model="mlp", hidden=(100, 100), optimizer="sgd", lr=0.1,
+        momentum=0.9, batch_size=100, epochs_per_episode=40.0, control_interval=32,
+    ),
+    "mnist1d-cnn": dict(
+        dataset="mnist1d", model="cnn1d", optimizer="sgd", lr=0.1, momentum=0.9,
+        batch_size=100, epochs_per_episode=40.0, control_interval=32,
     ),
     "mnist-mlp": dict(
         dataset="mnist", model="mlp", hidden=(256,), optimizer="sgd", lr=0.05, momentum=0.9,
@@ -46,8 +60,9 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
         momentum=0.9, nesterov=True, weight_decay=5e-4, batch_size=128, epochs_per_episode=10.0,
         control_interval=195, augment=True,
     ),
-    # Reproduction presets of Fu et al. (2016), with the corrections of shared/QAN.md: the action
-    # really reaches the optimizer, optimizer state persists, float32 states, greedy evaluation.
+    # Reproduction presets of Fu et al. (2016), with the corrections of docs/background.md: the
+    # action really reaches the optimizer, optimizer state persists, float32 states, greedy
+    # evaluation.
     "paper-mnist-lr": dict(
         dataset="mnist", model="lenet", optimizer="sgd", lr=0.05, momentum=0.0, batch_size=10,
         epochs_per_episode=20.0, control_interval=100, action_mode="lr",
@@ -69,17 +84,18 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class QANConfig:
-    """One target-training task plus the control problem over it (see shared/QAN.md)."""
+    """One target-training task plus the control problem over it (see docs/background.md)."""
 
     task: str = "digits-mlp"
     """A preset name (TASK_PRESETS), or your own task as module:function (a function returning
     qan_ray.tasks.UserTask: model factory, data, optimizer settings; docs/user_tasks.md). It
     fills the fields below that are not given."""
     dataset: str = "digits"
-    """digits (embedded, no download) | mnist | fashion-mnist | cifar10 | user (the data of a
-    module:function task)."""
+    """digits (embedded, no download) | mnist1d (MNIST-1D, built by its generator, no download) |
+    mnist | fashion-mnist | cifar10 | user (the data of a module:function task)."""
     data_root: str | None = None
-    """Folder holding torchvision's on-disk dataset files; required for all but digits."""
+    """Folder holding torchvision's on-disk dataset files; required for all but digits and
+    mnist1d."""
     download: bool = False
     """Let torchvision download the dataset into data_root (only when the user asks)."""
     val_fraction: float = 0.2
@@ -92,8 +108,8 @@ class QANConfig:
     """Random flip + pad-4 crop on the device (CIFAR-10)."""
 
     model: str = "mlp"
-    """mlp | lenet (the paper's MNIST CNN) | wrn (WideResNet-depth-width) | user (the model
-    factory of a module:function task)."""
+    """mlp | lenet (the paper's MNIST CNN) | cnn1d (the MNIST-1D paper's 1-D CNN) | wrn
+    (WideResNet-depth-width) | user (the model factory of a module:function task)."""
     hidden: tuple[int, ...] = (64,)
     """Hidden layer widths of the MLP."""
     wrn_depth: int = 16
@@ -217,15 +233,25 @@ class QANConfig:
         if self.mm_reference not in MM_REFERENCES:
             raise bad("mm_reference", self.mm_reference, f"it must be one of {MM_REFERENCES}",
                       "Try --mm-reference final.")
-        if self.dataset not in ("digits", USER) and not self.data_root:
+        if self.dataset not in (*EMBEDDED_DATASETS, USER) and not self.data_root:
             raise bad("data_root", self.data_root, f"dataset {self.dataset!r} is read from disk",
                       "Pass --data-root DIR (add --download to let torchvision fetch it).")
         if self.model == "wrn" and (self.wrn_depth < 10 or (self.wrn_depth - 4) % 6):
             raise bad("wrn_depth", self.wrn_depth, "it must be 6n+4 with n >= 1",
                       "Try 10, 16, 28 or 40.")
-        if self.model == "lenet" and self.dataset in ("digits", "cifar10"):
+        if self.model == "lenet" and self.dataset in ("digits", "mnist1d", "cifar10"):
             raise bad("model", self.model, "the paper's LeNet expects 28x28 grey images",
                       "Use mnist/fashion-mnist, or --model mlp / wrn.")
+        if self.model == "wrn" and self.dataset == "mnist1d":
+            raise bad("model", self.model, "WideResNet needs (C, H, W) images and mnist1d gives "
+                      "1-D signals of shape (1, 40)", "Use --model cnn1d or mlp.")
+        if self.model == "cnn1d" and self.dataset != "mnist1d":
+            raise bad("model", self.model, f"the 1-D CNN needs 1-D signals, but dataset "
+                      f"{self.dataset!r} gives images", "Use --dataset mnist1d (or --task "
+                      "mnist1d-cnn), or another --model.")
+        if self.augment and self.dataset == "mnist1d":
+            raise bad("augment", self.augment, "flip + crop augmentation is for images, and "
+                      "mnist1d gives 1-D signals", "Pass --no-augment.")
         for name in ("control_interval", "batch_size", "wrn_width", "val_max_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

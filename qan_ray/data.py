@@ -4,7 +4,8 @@ A dataset is loaded once, normalised, split by a fixed seed and moved to the dev
 index slices of an on-device permutation (no DataLoader, no host copies per step). Per-class index
 tensors, padded into one matrix, serve mini-batch class selection.
 
-Sources: scikit-learn's embedded 8x8 digits (no download), torchvision's MNIST, Fashion-MNIST
+Sources: scikit-learn's embedded 8x8 digits (no download), MNIST-1D (Greydanus 2020) built by
+the `mnist1d` package's procedural generator (no download), torchvision's MNIST, Fashion-MNIST
 and CIFAR-10 dataset classes reading their standard on-disk formats from `data_root`, and the
 tensors of a `module:function` user task (qan_ray.tasks).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +74,32 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[train], y[train], x[test], y[test]
 
 
+@functools.lru_cache(maxsize=1)
+def mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST-1D with the package's default arguments, built by its generator (never its
+    downloader): 4,000 train / 1,000 test signals of length 40, 10 classes, as
+    (x_train (N, 1, 40) float32, y_train int64, x_test, y_test). Cached per process.
+
+    The generator calls `mnist1d.utils.set_seed`, which reseeds Python's and NumPy's global RNGs;
+    both (and torch's, for safety) are saved before and restored after, so building the data
+    never changes a caller's random streams."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), \
+        torch.get_rng_state()
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        d = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+    def prep(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.astype(np.float32)[:, None])  # (N, 1, 40)
+
+    return prep(d["x"]), d["y"].astype(np.int64), prep(d["x_test"]), d["y_test"].astype(np.int64)
+
+
 def _missing(name: str, root: str, expected: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"`data_root` is {root!r} but the {name} files were not found there (expected "
@@ -126,6 +154,8 @@ def _load_cifar10(root: str, download: bool):
 def _load_numpy(dataset: str, data_root: str | None, download: bool):
     if dataset == "digits":
         return _load_digits()
+    if dataset == "mnist1d":
+        return mnist1d_arrays()
     if not data_root:
         raise ValueError(f"`data_root` is None; dataset {dataset!r} is read from disk. "
                          "Pass --data-root DIR (add --download to fetch it).")
@@ -135,8 +165,8 @@ def _load_numpy(dataset: str, data_root: str | None, download: bool):
         return _load_mnist_like(dataset, data_root, download)
     if dataset == "cifar10":
         return _load_cifar10(data_root, download)
-    raise ValueError(f"`dataset` is {dataset!r}; it must be digits, mnist, fashion-mnist or "
-                     "cifar10.")
+    raise ValueError(f"`dataset` is {dataset!r}; it must be digits, mnist1d, mnist, "
+                     "fashion-mnist or cifar10.")
 
 
 def class_index_matrix(y: torch.Tensor, num_classes: int = NUM_CLASSES,
@@ -170,9 +200,10 @@ def _load_device_data(dataset: str, data_root: str | None, download: bool, val_f
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     if max_train_samples is not None:
         train_idx = train_idx[:max_train_samples]
-    # Normalise with the training split's per-channel statistics.
+    # Normalise with the training split's per-channel statistics ((N, C, H, W) images or
+    # (N, C, L) signals).
     xt = x_tr[train_idx]
-    axes = (0, 2, 3)
+    axes = (0, *range(2, xt.ndim))
     mean = xt.mean(axis=axes, keepdims=True)
     std = xt.std(axis=axes, keepdims=True) + 1e-6
     dev = torch.device(device)

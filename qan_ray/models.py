@@ -1,7 +1,9 @@
-"""Target networks: an MLP, the paper's LeNet-style MNIST CNN and WideResNet WRN-d-k (plus the
-model factory of a `module:function` user task, qan_ray.tasks)."""
+"""Target networks: an MLP, the paper's LeNet-style MNIST CNN, the MNIST-1D paper's small 1-D CNN
+and WideResNet WRN-d-k (plus the model factory of a `module:function` user task, qan_ray.tasks)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -35,6 +37,29 @@ class LeNet(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(64 * side * side, 200), nn.Tanh(), nn.Linear(200, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CNN1D(nn.Module):
+    """The MNIST-1D benchmark CNN (Greydanus 2020, `ConvBase`): conv 25 k5 s2 p1, conv 25 k3 s2 p1,
+    conv 25 k3 s2 p1, each with ReLU, then Linear to the classes (length 40 -> 19 -> 10 -> 5, so
+    25 x 5 = 125 features)."""
+
+    def __init__(self, in_channels: int = 1, length: int = 40, num_classes: int = 10,
+                 channels: int = 25):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin, size = in_channels, length
+        for kernel in (5, 3, 3):
+            layers += [nn.Conv1d(cin, channels, kernel, stride=2, padding=1), nn.ReLU()]
+            cin, size = channels, (size + 2 - kernel) // 2 + 1
+        if size < 1:
+            raise ValueError(f"the 1-D CNN needs signals of length >= 3; got length {length}. "
+                             "Use --model mlp for shorter inputs.")
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * size, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -86,18 +111,34 @@ class WideResNet(nn.Module):
 
 
 def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:
-    """The target network named by cfg.model for inputs of shape (C, H, W); for a
-    `module:function` task (model "user"), a fresh network from the task's model factory."""
+    """The target network named by cfg.model for inputs of shape (C, H, W) (images) or (C, L)
+    (1-D signals: mlp, cnn1d); for a `module:function` task (model "user"), a fresh network from
+    the task's model factory."""
     if cfg.model == "user":
         from qan_ray.tasks import load_user_task
 
         return load_user_task(cfg.task).model()
-    c, h, w = input_shape
     if cfg.model == "mlp":
-        return MLP(c * h * w, tuple(cfg.hidden), num_classes)
+        return MLP(math.prod(input_shape), tuple(cfg.hidden), num_classes)
+    if cfg.model == "cnn1d":
+        if len(input_shape) != 2:
+            raise ValueError(f"`model` is 'cnn1d' but the inputs have shape {input_shape} per "
+                             "sample; the 1-D CNN needs (channels, length) signals such as "
+                             "mnist1d's (1, 40). Use --task mnist1d-cnn, or --model mlp.")
+        return CNN1D(input_shape[0], input_shape[1], num_classes)
+    if cfg.model not in ("lenet", "wrn"):
+        raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet, cnn1d or wrn (or "
+                         "user, with a module:function task). Try --model mlp.")
+    c, h, w = _image_shape(cfg.model, input_shape)
     if cfg.model == "lenet":
         return LeNet(c, num_classes, h)
-    if cfg.model == "wrn":
-        return WideResNet(cfg.wrn_depth, cfg.wrn_width, c, num_classes)
-    raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet or wrn (or "
-                     "user, with a module:function task). Try --model mlp.")
+    return WideResNet(cfg.wrn_depth, cfg.wrn_width, c, num_classes)
+
+
+def _image_shape(model: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"`model` is {model!r} but the inputs have shape {input_shape} per "
+                         "sample; it needs (C, H, W) images. Use --model cnn1d or mlp for 1-D "
+                         "signals.")
+    c, h, w = input_shape
+    return c, h, w

@@ -76,3 +76,10 @@ def test_validate_checks_the_task_against_dataset_and_model():
     with pytest.raises(ValueError, match="`dataset` is 'user'; 'user' is the dataset of a "
                                          "module:function task"):
         QANConfig(dataset="user").validate()
+
+
+def test_mnist1d_presets_are_embedded_and_need_no_data_root():
+    for task, model in (("mnist1d-mlp", "mlp"), ("mnist1d-cnn", "cnn1d")):
+        cfg = from_dict(task=task)
+        assert (cfg.dataset, cfg.model, cfg.data_root, cfg.lr) == ("mnist1d", model, None, 0.1)
+        assert cfg.control_interval == 32 and cfg.epochs_per_episode == 40.0

@@ -41,5 +41,11 @@ def test_build_model_rejects_an_unknown_model_name():
     class Cfg:
         model, task = "resnet", "digits-mlp"
 
-    with pytest.raises(ValueError, match="`model` is 'resnet'; it must be mlp, lenet or wrn"):
+    with pytest.raises(ValueError,
+                       match="`model` is 'resnet'; it must be mlp, lenet, cnn1d or wrn"):
         build_model(Cfg(), (1, 8, 8))
+
+
+def test_build_model_mlp_flattens_1d_signals():
+    net = build_model(from_dict(task="mnist1d-mlp"), (1, 40))
+    assert net.net[1].in_features == 40 and net(torch.zeros(2, 1, 40)).shape == (2, 10)
