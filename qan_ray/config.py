@@ -20,7 +20,7 @@ MODELS = ("mlp", "lenet", "cnn1d", "wrn", "user")
 USER = "user"  # dataset and model of a module:function task: the task supplies both
 OPTIMIZERS = ("sgd", "adam")
 ACTION_MODES = ("lr", "minibatch")
-REWARDS = ("log_loss", "val_loss", "time_to_target")
+REWARDS = ("log_loss", "val_loss", "time_to_target", "final_val", "final_acc")
 MM_REFERENCES = ("final", "trajectory")
 
 # Task presets: a name the user types -> the fields it sets. Anything given explicitly wins.
@@ -155,7 +155,9 @@ class QANConfig:
 
     reward: str = "log_loss"
     """log_loss: -(log L_t - log L_{t-1}) on training loss | val_loss: same on validation loss |
-    time_to_target: -1/steps per step until val accuracy >= target_accuracy."""
+    time_to_target: -1/steps per step until val accuracy >= target_accuracy | final_val: 0 per
+    step, log L_val_0 - log L_val_T at the episode's end | final_acc: 0 per step,
+    (acc_T - acc_0) / 0.9 at the end (use gamma = 1 or close with the final_* rewards)."""
     reward_scale: float = 1.0
     """Multiplies every reward (not the divergence penalty)."""
     target_accuracy: float = 0.95
@@ -164,6 +166,9 @@ class QANConfig:
     """Loss above divergence_factor x the first loss (or NaN/inf) ends the episode."""
     divergence_penalty: float = 5.0
     """Reward given on divergence is -divergence_penalty."""
+    chance_penalty: float | None = None
+    """Subtracted on the last step of a run whose final val accuracy is still within 2 points of
+    chance (0.1 for 10 classes), whatever the reward: None = divergence_penalty / 2, 0 = off."""
 
     mm_coef: float = 0.0
     """Meta-momentum pull W <- W + c (W* - W) after each step (0 = off; paper 0.001-0.01)."""
@@ -186,6 +191,13 @@ class QANConfig:
     """auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N."""
 
     # --- derived helpers -------------------------------------------------------------------
+    @property
+    def chance_penalty_value(self) -> float:
+        """The penalty a run ending at chance pays (chance_penalty, or divergence_penalty / 2)."""
+        if self.chance_penalty is None:
+            return self.divergence_penalty / 2
+        return float(self.chance_penalty)
+
     @property
     def num_actions(self) -> int:
         if self.action_mode == "minibatch":
@@ -300,6 +312,14 @@ class QANConfig:
         if not (0 < self.target_accuracy <= 1):
             raise bad("target_accuracy", self.target_accuracy, "it must lie in (0, 1]",
                       "Try 0.95.")
+        if self.divergence_penalty < 0 or not math.isfinite(self.divergence_penalty):
+            raise bad("divergence_penalty", self.divergence_penalty, "it must be a finite "
+                      "number >= 0 (it is subtracted)", "Try --divergence-penalty 5.")
+        if self.chance_penalty is not None and not (
+                self.chance_penalty >= 0 and math.isfinite(self.chance_penalty)):
+            raise bad("chance_penalty", self.chance_penalty, "it must be a finite number >= 0 "
+                      "(it is subtracted), or unset for divergence_penalty / 2",
+                      "Try --chance-penalty 2.5, or 0 to switch it off.")
         if self.divergence_factor <= 1:
             raise bad("divergence_factor", self.divergence_factor, "it must be > 1", "Try 10.")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

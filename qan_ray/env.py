@@ -5,7 +5,10 @@ one step = `control_interval` mini-batches at the hyperparameters the action set
 is built by the contract's `Observer` (pooled weight statistics + normalised training signals,
 the same vector a Tune trial reports through `QANReporter`). Divergence (the trainer's one rule:
 NaN/inf or loss > divergence_factor x L_0) ends the episode with -divergence_penalty; it never
-raises. Constructed from a plain config dict, so RLlib can build it by name.
+raises. The last step of an episode that did not diverge also pays the terminal reward of the
+final_* rewards (qan_ray.rewards) and, whatever the reward, -chance_penalty if the run's val
+accuracy is still within 2 points of chance. Constructed from a plain config dict, so RLlib can
+build it by name.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from qan_ray.config import QANConfig, from_dict
 from qan_ray.contract import Observer, observation_spec
 from qan_ray.control import action_spec, apply_action
-from qan_ray.rewards import step_reward
+from qan_ray.rewards import chance_penalty, step_reward, terminal_reward
 from qan_ray.trainer import TargetTrainer, reference_run
 
 # Every entry is a symlog statistic, a log loss/LR, an accuracy, a fraction or a count of
@@ -61,6 +64,7 @@ class TargetTrainingEnv(gym.Env):
         val_loss, val_acc = tr.evaluate("val")
         self._t = 0
         self._last = {"train_loss": tr.initial_loss, "val_loss": val_loss, "val_accuracy": val_acc}
+        self._initial = dict(self._last)  # the episode's start, for the terminal rewards
         return self._observe(tr.initial_loss, val_loss, val_acc), self._info(diverged=False)
 
     def step(self, action):
@@ -81,10 +85,21 @@ class TargetTrainingEnv(gym.Env):
             scale=cfg.reward_scale)
         self._last = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
         terminated = tr.done or (cfg.reward == "time_to_target" and reached)
+        if terminated:
+            reward += self._episode_end_reward(val_loss, val_acc)
         obs = self._observe(train_loss, val_loss, val_acc)
         return obs, float(reward), bool(terminated), False, self._info(diverged=False)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _episode_end_reward(self, val_loss: float, val_acc: float) -> float:
+        """Paid once, on the last step of an episode that did not diverge: the terminal part of
+        the reward (final_val, final_acc; 0 for the per-step kinds) plus the chance penalty."""
+        cfg, start = self.cfg, self._initial
+        end = terminal_reward(cfg.reward, initial_val=start["val_loss"], val=val_loss,
+                              initial_accuracy=start["val_accuracy"], val_accuracy=val_acc,
+                              scale=cfg.reward_scale)
+        return end + chance_penalty(val_acc, cfg.chance_penalty_value)
+
     @property
     def initial_lr(self) -> float:
         return self.observer.initial_lr

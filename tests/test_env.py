@@ -5,7 +5,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from qan_ray.env import TargetTrainingEnv
-from qan_ray.rewards import log_improvement, step_reward
+from qan_ray.rewards import chance_penalty, log_improvement, step_reward, terminal_reward
 
 
 def test_env_passes_gymnasium_check_env():
@@ -78,3 +78,66 @@ def test_signals_only_observation_ablation():
     obs, _ = env.reset(seed=0)
     assert env.observation_space.shape == (13,) and obs.shape == (13,)
     assert obs[0] == pytest.approx(np.log10(0.05))  # log10 LR comes first
+
+
+def test_terminal_rewards_and_chance_penalty_on_hand_built_values():
+    # per step the final_* rewards pay nothing
+    for kind in ("final_val", "final_acc"):
+        assert step_reward(kind, prev_train=2, train=1, prev_val=2, val=1, val_accuracy=0.5,
+                           target_accuracy=0.9, total_steps=4) == (0.0, False)
+    end = dict(initial_val=2.0, val=0.5, initial_accuracy=0.1, val_accuracy=0.82)
+    assert terminal_reward("final_val", **end) == pytest.approx(np.log(4))
+    assert terminal_reward("final_acc", **end) == pytest.approx(0.8)  # 0.72 / 0.9
+    assert terminal_reward("final_acc", **end, scale=2.0) == pytest.approx(1.6)
+    assert terminal_reward("log_loss", **end) == 0.0
+    assert terminal_reward("final_val", **{**end, "val": float("nan")}) == 0.0
+    assert chance_penalty(0.115, 2.5) == -2.5 and chance_penalty(0.05, 2.5) == -2.5
+    assert chance_penalty(0.125, 2.5) == 0.0 and chance_penalty(float("nan"), 1.0) == -1.0
+    with pytest.raises(ValueError, match="`reward` is 'x'; it must be one of"):
+        terminal_reward("x", **end)
+
+
+def _episode(cfg: dict, seed: int):
+    env = TargetTrainingEnv(cfg)
+    _, info0 = env.reset(seed=seed)
+    rewards, terminated = [], False
+    while not terminated:
+        _, r, terminated, _, info = env.step(2)
+        rewards.append(r)
+    return env, info0, info, rewards
+
+
+@pytest.mark.parametrize("kind", ["final_val", "final_acc"])
+def test_final_rewards_pay_only_at_the_end_of_an_episode(kind):
+    _, info0, info, rewards = _episode({"reward": kind, "epochs_per_episode": 2}, 3)
+    assert len(rewards) > 2 and rewards[:-1] == [0.0] * (len(rewards) - 1)
+    if kind == "final_val":
+        expected = np.log(info0["val_loss"]) - np.log(info["val_loss"])
+    else:
+        expected = (info["val_accuracy"] - info0["val_accuracy"]) / 0.9
+    assert info["val_accuracy"] > 0.5 and rewards[-1] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_run_still_at_chance_pays_the_chance_penalty_on_its_last_step():
+    # LR 1e-5 for half an epoch: the MLP does not move from its ~10% initial accuracy
+    cfg = {"lr": 1e-5, "lr_min": 1e-6, "epochs_per_episode": 0.5, "reward": "final_acc",
+           "divergence_penalty": 6.0}
+    _, info0, info, rewards = _episode(cfg, 2)
+    assert abs(info["val_accuracy"] - 0.1) <= 0.02
+    gain = (info["val_accuracy"] - info0["val_accuracy"]) / 0.9
+    assert rewards[-1] == pytest.approx(gain - 3.0)  # default: divergence_penalty / 2
+    assert rewards[:-1] == [0.0] * (len(rewards) - 1)
+    *_, rewards = _episode({**cfg, "chance_penalty": 1.25, "reward": "log_loss"}, 2)
+    log_loss_only = _episode({**cfg, "chance_penalty": 0.0, "reward": "log_loss"}, 2)[3]
+    assert rewards[-1] == pytest.approx(log_loss_only[-1] - 1.25)
+    assert rewards[:-1] == log_loss_only[:-1]
+
+
+def test_chance_penalty_must_be_a_finite_number_at_least_zero():
+    from qan_ray.config import from_dict
+
+    with pytest.raises(ValueError, match="`chance_penalty` is -1.0; it must be a finite number"
+                                         " >= 0"):
+        from_dict(chance_penalty=-1.0)
+    assert from_dict(divergence_penalty=8.0).chance_penalty_value == 4.0
+    assert from_dict(chance_penalty=0.0).chance_penalty_value == 0.0
