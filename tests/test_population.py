@@ -186,3 +186,47 @@ def test_weight_features_of_the_population_equal_each_members(data):
                           torch.stack([features.layer_features(m) for m in w]), rtol=1e-5)
     with pytest.raises(ValueError, match="has no Linear/Conv layer to observe"):
         po.population_weight_features([], "Net")
+
+
+def test_vector_env_k1_matches_the_single_env():
+    import numpy as np
+
+    from qan_ray.env import TargetTrainingEnv
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    conf = {"task": "digits-mlp", "epochs_per_episode": 1.0, "control_interval": 7,
+            "lr_init_range": (0.01, 0.5)}
+    venv = PopulationVectorEnv({**conf, "num_envs": 1})
+    env = TargetTrainingEnv(conf)
+    obs_v, _ = venv.reset()
+    obs_e, _ = env.reset()
+    assert obs_v.shape == (1, env.observation_space.shape[0])
+    assert np.allclose(obs_v[0], obs_e, rtol=1e-4, atol=1e-4)
+    for action in (4, 1, 2, 0, 3):  # 35 batches = 5 steps of 7
+        obs_v, r_v, term_v, _, info = venv.step([action])
+        obs_e, r_e, term_e, _, _ = env.step(action)
+        assert np.allclose(obs_v[0], obs_e, rtol=1e-4, atol=1e-4)
+        assert r_v[0] == pytest.approx(r_e, rel=1e-3, abs=1e-5)
+        assert bool(term_v[0]) == term_e
+    assert term_e and info["batches"].tolist() == [35]
+
+
+def test_vector_env_resets_a_diverged_member_alone():
+    import numpy as np
+
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    venv = PopulationVectorEnv({"task": "digits-mlp", "lr_max": 1e4, "num_envs": 3})
+    venv.reset(seed=100)
+    venv.trainer.set_lr([0.05, 1e4, 0.05])
+    obs, rewards, term, trunc, info = venv.step([2, 2, 2])
+    assert term.tolist() == [False, True, False] and info["diverged"].tolist()[1]
+    assert rewards[1] == -venv.cfg.divergence_penalty and not trunc.any()
+    obs, rewards, term, _, info = venv.step([2, 2, 2])
+    # member 1 started over (a fresh episode, seed 100 + 3, the config's LR, 0 batches); the
+    # others went on to step 2
+    assert info["step"].tolist() == [2, 0, 2]
+    assert info["batches"].tolist() == [20, 0, 20]
+    assert rewards[1] == 0.0 and not term.any()
+    assert venv.trainer.seeds[1] == 103 and info["lr"][1] == pytest.approx(venv.cfg.lr)
+    assert np.isfinite(obs).all()

@@ -1,0 +1,169 @@
+"""PopulationVectorEnv: K QAN episodes on one PopulationTrainer, as one gymnasium VectorEnv.
+
+Sub-env i is member i of the population: the same episode as `TargetTrainingEnv` (fresh init,
+optional log-uniform start LR, `control_interval` mini-batches per step, the contract's
+observation, the task's reward, divergence ends the episode with -divergence_penalty). All K
+members train in one batched computation per step, and their weight features and validation
+passes are batched too.
+
+Autoreset follows gymnasium's NEXT_STEP mode, which RLlib 2.60's SingleAgentEnvRunner expects:
+a member that terminated at step t is reset alone at step t + 1 (its action is ignored, reward
+0, the reset observation returned); the other members continue.
+
+RLlib builds it through `config.env_runners(gym_env_vectorize_mode="vector_entry_point",
+num_envs_per_env_runner=K)` with a registered creator: the runner calls the creator with the
+env config plus {"num_envs": K} and expects a VectorEnv back (single_agent_env_runner.py,
+`make_env`), so `PopulationVectorEnv(config)` reads K from `config["num_envs"]`.
+
+Limits (lr action mode only, no meta-momentum, as PopulationTrainer): an episode's last step
+trains a full control interval even when fewer batches remain, if the members are out of step
+(the default presets' episodes are a whole number of intervals).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from qan_ray.config import QANConfig, from_dict
+from qan_ray.contract import Observer, clean, observation_spec
+from qan_ray.control import action_spec
+from qan_ray.env import OBS_BOUND
+from qan_ray.population import PopulationTrainer
+from qan_ray.rewards import step_reward
+
+
+class PopulationVectorEnv(gym.vector.VectorEnv):
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, config: dict[str, Any] | None = None, num_envs: int | None = None):
+        config = dict(config or {})
+        k = int(num_envs if num_envs is not None else config.pop("num_envs", 1))
+        config.pop("num_envs", None)
+        cfg = from_dict({n: v for n, v in config.items() if n in QANConfig.__dataclass_fields__})
+        if cfg.action_mode != "lr":
+            raise ValueError(f"action_mode {cfg.action_mode!r}: PopulationVectorEnv supports "
+                             "the lr mode only; use TargetTrainingEnv for minibatch mode.")
+        self.cfg, self.num_envs = cfg, k
+        self.rule = action_spec(cfg)
+        self.trainer = PopulationTrainer(cfg, k=k)
+        spec = observation_spec(cfg)
+        self.observers = [Observer(spec, cfg.lr) for _ in range(k)]
+        size = spec.size
+        self.single_observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (size,), np.float32)
+        self.single_action_space = gym.spaces.Discrete(cfg.num_actions)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, k)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, k)
+        self.total_steps = math.ceil(self.trainer.total_batches / cfg.control_interval)
+        self.episodes_started = 0
+        self._t = np.zeros(k, dtype=np.int64)
+        self._needs_reset = np.zeros(k, dtype=bool)
+        self._last = [dict() for _ in range(k)]
+        self._base_seed = cfg.seed
+
+    # --- members ---------------------------------------------------------------------------
+    def _start(self, i: int) -> None:
+        seed = self._base_seed + self.episodes_started
+        self.episodes_started += 1
+        self.trainer.reset_member(i, seed)
+        lr = self.cfg.lr
+        if self.cfg.lr_init_range is not None:
+            low, high = (math.log(x) for x in self.cfg.lr_init_range)
+            lrs = self.trainer.lr
+            lrs[i] = math.exp(np.random.default_rng(seed).uniform(low, high))
+            lr = self.trainer.set_lr(lrs)[i]
+        self.observers[i].reset(lr)
+        self._t[i] = 0
+
+    def _observe(self, members: np.ndarray, train: np.ndarray, val: np.ndarray,
+                 acc: np.ndarray) -> np.ndarray:
+        """Observations of `members` (indices); the rows of the others are left zero."""
+        tr, size = self.trainer, self.single_observation_space.shape[0]
+        obs = np.zeros((self.num_envs, size), dtype=np.float32)
+        weights = tr.weight_features().cpu().numpy() if self.cfg.weight_features else None
+        lrs, progress = tr.lr, tr.progress
+        for i in members:
+            sig = self.observers[i].signals(lr=lrs[i], train_loss=float(train[i]),
+                                            val_loss=float(val[i]),
+                                            val_accuracy=float(acc[i]),
+                                            progress=float(progress[i]))
+            vec = sig if weights is None else np.concatenate([weights[i], sig])
+            obs[i] = clean(vec, size)
+        return obs
+
+    def _infos(self, diverged: np.ndarray) -> dict[str, Any]:
+        return {"lr": np.asarray(self.trainer.lr), "step": self._t.copy(),
+                "batches": self.trainer.steps.copy(), "diverged": diverged.copy(),
+                **{key: np.array([last.get(key, np.nan) for last in self._last])
+                   for key in ("train_loss", "val_loss", "val_accuracy")}}
+
+    # --- gymnasium API ---------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._base_seed = int(seed)
+            self.episodes_started = 0
+        for i in range(self.num_envs):
+            self._start(i)
+        val, acc = (t.numpy() for t in self.trainer.evaluate("val"))
+        train = self.trainer.initial_loss.copy()
+        self._needs_reset[:] = False
+        self._last = [{"train_loss": train[i], "val_loss": val[i], "val_accuracy": acc[i]}
+                      for i in range(self.num_envs)]
+        obs = self._observe(np.arange(self.num_envs), train, val, acc)
+        return obs, self._infos(np.zeros(self.num_envs, dtype=bool))
+
+    def step(self, actions):
+        cfg, tr, k = self.cfg, self.trainer, self.num_envs
+        actions = np.asarray(actions).reshape(k)
+        fresh = np.flatnonzero(self._needs_reset)
+        running = np.flatnonzero(~self._needs_reset)
+        lrs = tr.lr
+        for i in running:
+            lrs[i] = self.rule.next_lr(lrs[i], int(actions[i]))
+        tr.set_lr(lrs)
+        rewards = np.zeros(k)
+        terminated = np.zeros(k, dtype=bool)
+        diverged = np.zeros(k, dtype=bool)
+        if len(running):
+            losses = tr.train(cfg.control_interval).numpy()
+        else:
+            losses = np.full(k, np.nan)
+        # NEXT_STEP autoreset: members that ended last step start over now (their action is
+        # ignored; they trained along in lockstep above, and that work is dropped here).
+        for i in fresh:
+            self._start(i)
+        val, acc = (t.numpy() for t in tr.evaluate("val"))
+        train = losses.copy()
+        train[fresh] = tr.initial_loss[fresh]
+        div = tr.diverged(losses)
+        for i in running:
+            self._t[i] += 1
+            if div[i]:
+                diverged[i] = terminated[i] = True
+                rewards[i] = -cfg.divergence_penalty
+                val[i], acc[i] = np.nan, 0.0
+            else:
+                last = self._last[i]
+                reward, reached = step_reward(
+                    cfg.reward, prev_train=last["train_loss"], train=float(train[i]),
+                    prev_val=last["val_loss"], val=float(val[i]), val_accuracy=float(acc[i]),
+                    target_accuracy=cfg.target_accuracy, total_steps=self.total_steps,
+                    scale=cfg.reward_scale)
+                rewards[i] = reward
+                terminated[i] = bool(tr.done[i]) or (cfg.reward == "time_to_target"
+                                                      and reached)
+        for i in range(k):
+            self._last[i] = {"train_loss": float(train[i]), "val_loss": float(val[i]),
+                             "val_accuracy": float(acc[i])}
+        obs = self._observe(np.arange(k), train, val, acc)
+        self._needs_reset = terminated.copy()
+        truncated = np.zeros(k, dtype=bool)
+        return obs, rewards, terminated, truncated, self._infos(diverged)
+
+
+def make_population_env(config: dict[str, Any] | None = None) -> PopulationVectorEnv:
+    """The creator to register for RLlib (`tune.register_env(name, make_population_env)`)."""
+    return PopulationVectorEnv(dict(config or {}))
