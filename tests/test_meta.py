@@ -91,7 +91,7 @@ def test_exported_controller_matches_rllib_q_values(run):
 
     run.export_controller()
     ctrl = load_controller(run.out / "controller_last")  # the learner's current network
-    assert ctrl.spec["obs_size"] == run.obs_size and ctrl.spec["hidden"] == [16, 16]
+    assert ctrl.spec.obs_size == run.obs_size and tuple(ctrl.spec.hidden) == (16, 16)
     obs = np.random.default_rng(0).normal(size=(5, run.obs_size)).astype(np.float32)
     module = run.algo.get_module(DEFAULT_MODULE_ID)
     with torch.no_grad():
@@ -110,10 +110,10 @@ def test_model_selection_keeps_the_best_greedy_controller(run):
     best = run.progress["best"]
     assert 2 <= best["episode"] <= run.progress["episodes"] and 0.0 <= best["score"] <= 1.0
     chosen = load_controller(run.out)  # controller/ = the selected one
-    assert chosen.spec["selection"] == best
+    assert chosen.spec.provenance["selection"] == best
     # Re-running the chosen controller on the selection seed reproduces its recorded score.
     accs = ray.get(run._selector.greedy_final_accuracy.remote(
-        chosen.net.state_dict(), chosen.spec, [SELECTION_SEED_BASE]))
+        chosen.net.state_dict(), chosen.spec.to_dict(), [SELECTION_SEED_BASE]))
     assert accs == [best["score"]]
 
 
