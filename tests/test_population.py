@@ -230,3 +230,26 @@ def test_vector_env_resets_a_diverged_member_alone():
     assert rewards[1] == 0.0 and not term.any()
     assert venv.trainer.seeds[1] == 103 and info["lr"][1] == pytest.approx(venv.cfg.lr)
     assert np.isfinite(obs).all()
+
+
+def test_vector_env_builds_the_way_rllib_makes_it():
+    # RLlib 2.60 SingleAgentEnvRunner.make_env with gym_env_vectorize_mode="vector_entry_point":
+    # gym.register(vector_entry_point=lambda num_envs: creator(env_ctx | {"num_envs": ...})),
+    # gym.make_vec(..., vectorization_mode=VECTOR_ENTRY_POINT), then DictInfoToList.
+    import gymnasium as gym
+    from gymnasium.wrappers.vector import DictInfoToList
+
+    from qan_ray.vector_env import make_population_env
+
+    ctx = {"task": "digits-mlp", "epochs_per_episode": 0.5}
+    gym.register("qan-population-test-v0", entry_point=lambda: make_population_env(ctx),
+                 vector_entry_point=lambda num_envs: make_population_env(
+                     ctx | {"num_envs": num_envs}))
+    env = DictInfoToList(gym.make_vec("qan-population-test-v0", num_envs=3,
+                                      vectorization_mode=gym.VectorizeMode("vector_entry_point")))
+    assert env.num_envs == 3
+    obs, infos = env.reset(seed=5)
+    assert obs.shape == (3, env.single_observation_space.shape[0]) and len(infos) == 3
+    obs, rewards, term, trunc, infos = env.step(env.action_space.sample())
+    assert rewards.shape == (3,) and infos[2]["batches"] == 10
+    assert env.unwrapped.trainer.seeds == [5, 6, 7]
