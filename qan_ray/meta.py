@@ -223,7 +223,7 @@ class MetaTrainer:
         ray.kill(probe)
         self.steps_per_episode = spec["total_steps"]
         self.obs_size = spec["obs_size"]
-        self.feature_names = spec["feature_names"]
+        self.observation = spec["observation"]
         self.progress = {"episodes": 0, "iterations": 0, "run": self.out.name or "qan",
                          "started": time.time()}
         progress_file = self.out / "progress.json"
@@ -302,15 +302,15 @@ class MetaTrainer:
                 ActorResources(0.0, self.meta.gpus_per_actor))
         seeds = [SELECTION_SEED_BASE + i for i in range(self.meta.select_seeds)]
         accs = ray.get(self._selector.greedy_final_accuracy.remote(
-            {k: v.clone() for k, v in net.state_dict().items()}, spec, seeds))
+            {k: v.clone() for k, v in net.state_dict().items()}, spec.to_dict(), seeds))
         score = sum(accs) / len(accs)
         best = self.progress.get("best")
         if best is None or score > best["score"]:
             self.progress["best"] = {"score": score, "episode": self.progress["episodes"]}
             from policies.qnet import Controller
 
-            Controller(net, {**spec, "selection": self.progress["best"]}).save(
-                self.out / "controller")
+            spec.provenance["selection"] = self.progress["best"]
+            Controller(net, spec).save(self.out / "controller")
         b = self.progress["best"]
         self.log(f"selection after episode {self.progress['episodes']}: greedy val acc "
                  f"{score:.4f} on {len(seeds)} selection seeds (best {b['score']:.4f} after "
@@ -355,24 +355,22 @@ class MetaTrainer:
         os.replace(tmp, self.out / "progress.json")
 
     def _current_controller(self):
-        """The learner's current Q-network as a plain nn.Sequential, and its spec."""
+        """The learner's current Q-network as a plain nn.Sequential, and its ControllerSpec."""
         from ray.rllib.core import DEFAULT_MODULE_ID
 
         from policies.qnet import export_qnet, plain_qnet
-        from qan_ray.control import action_labels
+        from qan_ray.contract import ObservationSpec, spec_for
 
         state = self.algo.get_module(DEFAULT_MODULE_ID).get_state()
         net = plain_qnet(self.obs_size, tuple(self.meta.hidden), self.qan.num_actions)
         net.load_state_dict(export_qnet(state))
-        spec = {
-            "obs_size": self.obs_size, "num_actions": self.qan.num_actions,
-            "hidden": list(self.meta.hidden), "action_labels": action_labels(self.qan),
-            "action_mode": self.qan.action_mode, "qan": self.qan.to_dict(),
-            "meta": dataclasses.asdict(self.meta), "feature_names": self.feature_names,
-            "episodes": self.progress["episodes"], "commit": _git_commit(),
+        spec = spec_for(self.qan, self.meta.hidden, {
+            "meta": dataclasses.asdict(self.meta), "episodes": self.progress["episodes"],
+            "commit": _git_commit(),
             "command": " ".join(["qan", *sys.argv[1:]]) if sys.argv else "",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        })
+        spec.check_fits(ObservationSpec.from_dict(self.observation), "the trainer actors' task")
         return net, spec
 
     def export_controller(self) -> Path:

@@ -13,7 +13,6 @@ import pytest
 from controllers import fixed_action_controller
 
 from qan_ray.config import from_dict
-from qan_ray.env import TargetTrainingEnv
 
 pytestmark = pytest.mark.e2e
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -55,9 +54,8 @@ def test_episode_prints_both_controllers():
 
 def _keep_controller(folder: Path, cfg) -> Path:
     """A controller whose greedy action is always 'keep' (factor 1.0), for task `cfg`."""
-    env = TargetTrainingEnv(cfg)
-    ctrl = fixed_action_controller(env.observation_space.shape[0], cfg.lr_factors.index(1.0))
-    ctrl.spec["qan"] = cfg.to_dict()  # what `qan evaluate` reads the task from
+    ctrl = fixed_action_controller(cfg.lr_factors.index(1.0))
+    ctrl.spec.provenance["task"] = cfg.to_dict()  # what `qan evaluate` reads the task from
     return ctrl.save(folder)
 
 
