@@ -55,6 +55,9 @@ arithmetic dominates. The 1-D CNN at batch 100 is arithmetic-bound on the CPU al
 `mkldnn_convolution` / `convolution_backward` of the grouped convolution take about as long as
 the K separate convolutions, and the population gains little there (a GPU, where one grouped
 kernel replaces K launches, is where it should pay off).
+At K = 1 the population is about 0.3-0.5x a bare loop on the MLP (vmap/functional_call wrapping
+costs more than one tiny network's step): TargetTrainer stays the plain loop for one network,
+and the population is for K >= 8.
 Multi-threaded runs on a machine shared with other jobs are unreliable for both sides: an
 OpenMP region waits for its slowest thread, which another process may have descheduled (we saw
 single ops take 10x longer at 2 threads than at 1 under load). The default is 1 thread.
