@@ -253,3 +253,56 @@ def test_vector_env_builds_the_way_rllib_makes_it():
     obs, rewards, term, trunc, infos = env.step(env.action_space.sample())
     assert rewards.shape == (3,) and infos[2]["batches"] == 10
     assert env.unwrapped.trainer.seeds == [5, 6, 7]
+
+
+def _dqn_on_population(k: int, ctx: dict, name: str):
+    from ray.rllib.algorithms.dqn import DQNConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.tune.registry import register_env
+
+    from policies.rllib_module import QMLPModule
+    from qan_ray.vector_env import make_population_env
+
+    register_env(name, make_population_env)
+    return (
+        DQNConfig()
+        .environment(name, env_config=ctx)
+        .framework("torch")
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=k,
+                     gym_env_vectorize_mode="vector_entry_point", rollout_fragment_length=4)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=QMLPModule),
+                   model_config={"qan_hidden": [32]})
+        .training(train_batch_size_per_learner=16, num_steps_sampled_before_learning_starts=8,
+                  replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
+                                        "capacity": 1000})
+        .reporting(min_sample_timesteps_per_iteration=1, min_time_s_per_iteration=0)
+        .debugging(seed=0)
+        .build_algo()
+    )
+
+
+def test_rllib_dqn_trains_on_a_population_vector_env(ray_session):
+    import numpy as np
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    ctx = {"task": "digits-mlp", "epochs_per_episode": 1.0, "control_interval": 7}
+    algo = _dqn_on_population(4, ctx, "qan-population-dqn-test")
+    try:
+        env = algo.env_runner.env.unwrapped
+        assert type(env).__name__ == "PopulationVectorEnv" and env.num_envs == 4
+        before = {n: np.array(v) for n, v in
+                  algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
+        result = {}
+        for _ in range(12):
+            result = algo.train()
+            if result.get("learners", {}).get("default_policy", {}).get("qf_loss") is not None:
+                break
+        sampled = result["env_runners"]["num_env_steps_sampled_lifetime"]
+        assert sampled >= 8
+        assert result["learners"]["__all_modules__"]["num_module_steps_trained_lifetime"] > 0
+        after = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+        assert [n for n in before if not n.startswith("_target")
+                and not np.allclose(before[n], np.asarray(after[n]))]
+        assert env.trainer.steps.max() > 0  # the population really trained
+    finally:
+        algo.stop()
