@@ -306,6 +306,8 @@ def test_builtin_controller_drives_a_lenet_trial(ray_session, tmp_path):
         assert schedule.column("lr").to_pylist() == pytest.approx(df["trained_lr"].tolist())
         assert result.config["lr"] == pytest.approx(df["trained_lr"].iloc[-1])
         assert "qan_obs" not in result.metrics  # the observation never enters Tune's results
+    last = grid.get_dataframe()  # one row per trial: its last result and config
+    assert last["config/lr"].tolist() == pytest.approx(last["trained_lr"].tolist())
     assert "Last decisions" in sched.debug_string()
 
 
