@@ -4,8 +4,13 @@ Every method runs through the same `TargetTrainingEnv` (so the same `TargetTrain
 validation at the same control points); only who sets the learning rate differs:
 - qan: the controller's greedy action at each control point;
 - fixed@LR for every LR of a grid, then the best of them ("best fixed" by mean final val accuracy);
-- step (x0.1 at 50% and 75%) and cosine, both from the best fixed LR (the strongest start we know).
-In minibatch mode the baselines draw ordinary uniform batches at fixed/step/cosine LRs.
+- step (x0.1 at 50% and 75%) and cosine, both from the best fixed LR (the strongest start we know);
+- what a Tune user runs without meta-training, each from the task's LR (the controller's start):
+  cosine with a linear warm-up over the first 5% (warmup_cosine), torch's ReduceLROnPlateau on
+  the validation loss at each control point (factor 0.5, patience 2 control points: plateau), and
+  hypergradient descent (Baydin et al. 2018, SGD-HD's rule once per control point on the
+  interval's mean gradient: hypergradient; qan_ray.control.HypergradientBaseline).
+In minibatch mode the baselines draw ordinary uniform batches.
 
 Evaluation seeds (1,000,000 + i) never occur in meta-training (seed + 10,000 x actor + episode).
 Every method starts from the task's LR (`lr_init_range` is a training-time option).
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qan_ray.config import QANConfig, add_config_arguments, from_dict
-from qan_ray.control import baseline_schedule
+from qan_ray.control import make_baseline
 from qan_ray.env import TargetTrainingEnv, keep_action, rollout
 from qan_ray.records import write_table
 from qan_ray.summaries import mean_sd
@@ -35,13 +40,18 @@ def run_controller(env: TargetTrainingEnv, controller, seed: int) -> list[dict[s
     return rollout(env, lambda obs, info: controller.act(obs), seed)
 
 
+ADAPTIVE_BASELINES = ("warmup_cosine", "plateau", "hypergradient")
+"""Run from the task LR by run_baselines (after fixed@grid, step and cosine)."""
+
+
 def run_schedule(env: TargetTrainingEnv, name: str, lr: float, seed: int) -> list[dict]:
-    """A baseline schedule on the same env: set the LR at each control point, keep-action."""
-    sched = baseline_schedule(name, lr)
+    """A baseline (qan_ray.control.BASELINES) from LR `lr` on the same env: the trainer's LR is
+    set at each control point, then the keep action."""
+    baseline = make_baseline(name, lr)
     keep = keep_action(env.cfg)
 
     def act(obs, info):
-        env.trainer.set_lr(sched(env.trainer.progress))
+        env.trainer.set_lr(baseline.next_lr(env.trainer, info))
         return keep
 
     return rollout(env, act, seed)
@@ -102,9 +112,10 @@ def baseline_config(cfg: QANConfig) -> QANConfig:
 
 
 def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
-                  log=print) -> tuple[Runs, float]:
-    """fixed@LR over the grid, then step and cosine from the best fixed LR. Returns the runs and
-    the best fixed LR."""
+                  log=print, adaptive: tuple[str, ...] = ADAPTIVE_BASELINES
+                  ) -> tuple[Runs, float]:
+    """fixed@LR over the grid, then step and cosine from the best fixed LR, then the `adaptive`
+    baselines from the task LR cfg.lr. Returns the runs and the best fixed LR."""
     bcfg = baseline_config(cfg)
     grid = tuple(sorted(lr_grid or {round(cfg.lr * f, 6) for f in DEFAULT_GRID_FACTORS}))
     grid = tuple(lr for lr in grid if cfg.lr_min <= lr <= cfg.lr_max)
@@ -123,6 +134,12 @@ def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (
             recs, sec = _timed(run_schedule, env, name, best_lr, seed)
             runs.add(f"{name}@{best_lr:g}", seed, recs, env, sec)
         log(f"{name}@{best_lr:g}: final val acc {runs.mean_final(f'{name}@{best_lr:g}'):.4f}")
+    for name in adaptive:
+        method = f"{name}@{cfg.lr:g}"
+        for seed in eval_seeds(seeds):
+            recs, sec = _timed(run_schedule, env, name, cfg.lr, seed)
+            runs.add(method, seed, recs, env, sec)
+        log(f"{method}: final val acc {runs.mean_final(method):.4f}")
     return runs, best_lr
 
 
@@ -156,6 +173,7 @@ def summarise(runs: Runs, target_accuracy: float | None = None) -> dict[str, Any
             "batches_to_target_mean": statistics.mean(reached) if reached else None,
             "reached_target": len(reached), "runs": len(rs),
             "wall_s_mean": statistics.mean(r["wall_s"] for r in rs),
+            "final_lr_mean": statistics.mean(r["recs"][-1]["lr"] for r in rs),
             "diverged": sum(r["diverged"] for r in rs),
             "best_fixed": method == best_fixed, "best_baseline": method == best_baseline,
         })
@@ -189,8 +207,8 @@ def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:
         f"target val accuracy {result['target']:.4f} (best baseline: {result['best_baseline']})",
         "",
         "| method | val acc (mean +- std) | test acc (mean +- std) | batches to target "
-        "(reached) | wall s |",
-        "|---|---|---|---|---|",
+        "(reached) | final LR | wall s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in sorted(result["summary"], key=lambda r: (not r["method"].startswith("qan"),
                                                        -r["val_acc_mean"])):
@@ -199,7 +217,8 @@ def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:
         mark = " (best)" if r["best_baseline"] else ""
         lines.append(f"| {r['method']}{mark} | {r['val_acc_mean']:.4f} +- {r['val_acc_std']:.4f}"
                      f" | {r['test_acc_mean']:.4f} +- {r['test_acc_std']:.4f} | {btt} "
-                     f"({r['reached_target']}/{r['runs']}) | {r['wall_s_mean']:.2f} |")
+                     f"({r['reached_target']}/{r['runs']}) | {r['final_lr_mean']:.3g} | "
+                     f"{r['wall_s_mean']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
