@@ -109,6 +109,52 @@ def population(cfg, data, device, k: int, batches: int) -> float:
     return k * batches / (time.perf_counter() - start)
 
 
+def _rllib_algo(k: int, ctx: dict, fragment: int, learning_starts: int, intensity: float):
+    """RLlib DQN with one (local) env runner over K population members (K = 1: today's
+    TargetTrainingEnv), the meta-trainer's learner settings."""
+    from ray.rllib.algorithms.dqn import DQNConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.tune.registry import register_env
+
+    from policies.rllib_module import QMLPModule
+    from qan_ray.env import TargetTrainingEnv
+    from qan_ray.vector_env import make_population_env
+
+    if k == 1:
+        register_env("qan-bench-single", lambda c: TargetTrainingEnv(dict(c)))
+        env, runners = "qan-bench-single", {}
+    else:
+        register_env("qan-bench-population", make_population_env)
+        env, runners = "qan-bench-population", {"gym_env_vectorize_mode": "vector_entry_point"}
+    return (
+        DQNConfig().environment(env, env_config=ctx).framework("torch")
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=k,
+                     rollout_fragment_length=fragment, **runners)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=QMLPModule),
+                   model_config={"qan_hidden": [64, 64]})
+        .training(train_batch_size_per_learner=32, training_intensity=intensity,
+                  num_steps_sampled_before_learning_starts=learning_starts,
+                  replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
+                                        "capacity": 50_000})
+        .reporting(min_sample_timesteps_per_iteration=1, min_time_s_per_iteration=0)
+        .debugging(seed=0).build_algo())
+
+
+def rllib_control_steps(k: int, task: str, iters: int, learn: bool) -> float:
+    """Control steps (env steps) per second through RLlib DQN's algo.train()."""
+    algo = _rllib_algo(k, {"task": task}, 8, 32 if learn else 10**9, 16.0)
+    try:
+        result = algo.train()  # warm-up: the first sample, the first updates
+        before = result["env_runners"]["num_env_steps_sampled_lifetime"]
+        start = time.perf_counter()
+        for _ in range(iters):
+            result = algo.train()
+        steps = result["env_runners"]["num_env_steps_sampled_lifetime"] - before
+        return steps / (time.perf_counter() - start)
+    finally:
+        algo.stop()
+
+
 def profile_table(fn, *fn_args, rows: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -134,11 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true",
                    help="K = 1, 8, 32; 30 batches; 2 rounds; no profile of the bare side")
+    p.add_argument("--rllib-ks", default="1,32",
+                   help="population sizes for the RLlib control-steps/s part ('' skips it)")
+    p.add_argument("--rllib-iters", type=int, default=10, help="algo.train() calls timed")
     p.add_argument("--out", default=str(RESULTS))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if args.quick:
-        args.ks, args.batches, args.rounds = "1,8,32", 30, 2
+        args.ks, args.batches, args.rounds, args.rllib_iters = "1,8,32", 30, 2, 3
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     ks = [int(k) for k in args.ks.split(",")]
@@ -188,7 +237,37 @@ def main(argv: list[str] | None = None) -> None:
                              "```", profile_table(
                                  bare_loops, cfg, data, device, 32, args.batches),
                              "```", ""]
+    meta_speedup = float("nan")
+    rllib_ks = [int(k) for k in args.rllib_ks.split(",") if k]
+    if rllib_ks:
+        import ray
+
+        task = args.tasks.split(",")[0]
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+                 log_to_driver=False)
+        lines += [f"## Control steps/s through RLlib DQN ({task}, one local env runner)", "",
+                  "algo.train() with the meta-trainer's learner settings (batch 32, replay "
+                  "ratio 16, Q-MLP 64-64, prioritized replay), rollout fragment 8 control steps "
+                  "per member. K = 1 is today's TargetTrainingEnv (in-process: no trainer-actor "
+                  "round trip, so this favours today's side); K > 1 is one "
+                  "PopulationVectorEnv (`gym_env_vectorize_mode='vector_entry_point'`, "
+                  f"`num_envs_per_env_runner=K`). {args.rllib_iters} timed iterations after one "
+                  "warm-up.", "",
+                  "| K | sampling only (steps/s) | with DQN updates (steps/s) |", "|---|---|---|"]
+        rates = {}
+        for k in rllib_ks:
+            rates[k] = (rllib_control_steps(k, task, args.rllib_iters, learn=False),
+                        rllib_control_steps(k, task, args.rllib_iters, learn=True))
+            lines.append(f"| {k} | {rates[k][0]:.0f} | {rates[k][1]:.0f} |")
+            print(lines[-1], flush=True)
+        ray.shutdown()
+        if 1 in rates and len(rates) > 1:
+            top = max(rates)
+            meta_speedup = rates[top][1] / rates[1][1]
+            lines += ["", f"K = {top} vs K = 1: {rates[top][0] / rates[1][0]:.2f}x sampling "
+                      f"only, {meta_speedup:.2f}x with DQN updates.", ""]
     lines += ["## Where the time goes", "", NOTES, *profiles]
+    lines.append(f"meta_steps_speedup: {meta_speedup:.2f}")
     lines.append(f"population_speedup_k32: {speedup32:.2f}" if speedup32 is not None
                  else "population_speedup_k32: nan")
     out = Path(args.out)
