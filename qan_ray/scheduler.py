@@ -37,6 +37,7 @@ from qan_ray.scheduler_core import TrialState
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "qan-scheduler-state.json"
+PERSIST_EVERY_S = 1.0
 SCHEDULE_DIR = "qan-schedules"
 ON_MISSING = ("error", "warn")
 
@@ -145,6 +146,8 @@ class QANScheduler(FIFOScheduler):
         self._experiment: str | None = None
         self._channel = None
         self._loaded_saved = False
+        self._restored = False
+        self._persisted_at = -math.inf
 
     # --- pickling: the channel handle belongs to one driver session ----------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -234,7 +237,7 @@ class QANScheduler(FIFOScheduler):
             return decision
         action = greedy_action(self.controller.q_values(obs), self.fallback)
         changed = self._act(trial, state, iteration, action)
-        self._persist()
+        self._persist(force=False)
         final = core.merge_decision(decision, state.via_channel, changed)
         if final == TrialScheduler.PAUSE and decision != TrialScheduler.PAUSE:
             self._paused_by_qan.add(tid)
@@ -278,7 +281,15 @@ class QANScheduler(FIFOScheduler):
             return None
         import ray
 
-        return ray.get(channel.take_observation.remote(trial_id), timeout=60)
+        try:
+            return ray.get(channel.take_observation.remote(trial_id), timeout=60)
+        except ray.exceptions.RayActorError:  # the channel died: a new one, re-published
+            logger.warning("QANScheduler: the control channel was lost; re-creating it")
+            self._channel = None
+            self._open_channel(verify=True)
+            for tid, state in self._trials.items():
+                self._publish(tid, state)
+            return None
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         if self.stopper is not None:
@@ -412,14 +423,21 @@ class QANScheduler(FIFOScheduler):
         channel.publish.remote(trial_id, hyper, state.version, {self.lr_key: state.initial_lr},
                                self.observe)
 
-    def _open_channel(self):
+    def _open_channel(self, verify: bool = False):
+        """The experiment's channel actor, created on first use. A fresh experiment does not wait
+        for the actor's process to start (about a second here; it starts while the first trial
+        does, and calls queue meanwhile). After a restore, a channel killed a moment ago may still
+        hold the name, so the handle is verified (and re-created) before anything is published."""
         if self._channel is None and self._experiment is not None:
             import ray
 
             from qan_ray.tune import open_channel
 
-            for attempt in range(5):  # a channel killed a moment ago may still hold the name
+            for attempt in range(5):
                 channel = open_channel(self._experiment, create=True)
+                if not verify:
+                    self._channel = channel
+                    break
                 try:
                     ray.get(channel.snapshot.remote(), timeout=30)
                     self._channel = channel
@@ -441,9 +459,10 @@ class QANScheduler(FIFOScheduler):
             saved = os.path.join(self._state_dir, STATE_FILE)
             if os.path.exists(saved):
                 self.restore(saved)
+                self._restored = True
                 logger.info("QANScheduler: restored the state of %d trials from %s",
                             len(self._trials), saved)
-        self._open_channel()
+        self._open_channel(verify=self._restored)
 
     def _finish(self, tune_controller, trial: Trial) -> None:
         self._paused_by_qan.discard(trial.trial_id)
@@ -460,9 +479,17 @@ class QANScheduler(FIFOScheduler):
                 ray.kill(self._channel)
                 self._channel = None
 
-    def _persist(self) -> None:
-        if self._state_dir is not None:
-            self._write_state(os.path.join(self._state_dir, STATE_FILE))
+    def _persist(self, force: bool = True) -> None:
+        """Write the state file; routine writes (after an action) at most every PERSIST_EVERY_S
+        seconds (a write costs a few ms; the last change is written by the next one, at the
+        latest when a trial ends), changes of ownership and trial ends at once."""
+        if self._state_dir is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._persisted_at < PERSIST_EVERY_S:
+            return
+        self._write_state(os.path.join(self._state_dir, STATE_FILE))
+        self._persisted_at = now
 
     def _write_schedule(self, trial_id: str) -> None:
         """`<experiment>/qan-schedules/<trial_id>.parquet`: the LR each iteration trained with,
