@@ -43,13 +43,14 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         config = dict(config or {})
         k = int(num_envs if num_envs is not None else config.pop("num_envs", 1))
         config.pop("num_envs", None)
+        compile_step = bool(config.pop("compile", False))  # PopulationTrainer(compile=...)
         cfg = from_dict({n: v for n, v in config.items() if n in QANConfig.__dataclass_fields__})
         if cfg.action_mode != "lr":
             raise ValueError(f"action_mode {cfg.action_mode!r}: PopulationVectorEnv supports "
                              "the lr mode only; use TargetTrainingEnv for minibatch mode.")
         self.cfg, self.num_envs = cfg, k
         self.rule = action_spec(cfg)
-        self.trainer = PopulationTrainer(cfg, k=k)
+        self.trainer = PopulationTrainer(cfg, k=k, compile=compile_step)
         spec = observation_spec(cfg)
         self.observers = [Observer(spec, cfg.lr) for _ in range(k)]
         size = spec.size
