@@ -20,6 +20,7 @@ MODELS = ("mlp", "lenet", "cnn1d", "wrn", "user")
 USER = "user"  # dataset and model of a module:function task: the task supplies both
 OPTIMIZERS = ("sgd", "adam")
 ACTION_MODES = ("lr", "minibatch")
+LR_SCHEDULES = ("constant", "cosine")
 REWARDS = ("log_loss", "val_loss", "time_to_target", "final_val", "final_acc")
 MM_REFERENCES = ("final", "trajectory")
 
@@ -146,6 +147,9 @@ class QANConfig:
     """Multiplicative LR actions (action i multiplies the LR by lr_factors[i])."""
     restart_lr: float | None = None
     """If set, one more action resets the LR to this value (the paper's 'restart')."""
+    lr_schedule: str = "constant"
+    """constant: each action multiplies the current LR | cosine: actions multiply a correction
+    of a cosine schedule from the episode's initial LR (keep = plain cosine decay)."""
     lr_min: float = 1e-5
     """Lower clamp of the LR."""
     lr_max: float = 1.0
@@ -239,6 +243,9 @@ class QANConfig:
         if self.action_mode not in ACTION_MODES:
             raise bad("action_mode", self.action_mode, f"it must be one of {ACTION_MODES}",
                       "Try --action-mode lr.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", self.lr_schedule, f"it must be one of {LR_SCHEDULES}",
+                      "Try --lr-schedule cosine (actions correct a cosine decay) or constant.")
         if self.reward not in REWARDS:
             raise bad("reward", self.reward, f"it must be one of {REWARDS}",
                       "Try --reward log_loss.")
