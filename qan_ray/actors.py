@@ -8,8 +8,16 @@ process boundary.
 
 `ActorEnv` is the gymnasium environment RLlib's EnvRunners step: a thin proxy that forwards
 reset/step to its TrainerActor. If the actor dies (node lost, OOM, `ray.kill`), the proxy starts a
-replacement and ends the running episode as truncated; finished episodes are already in the
-replay buffer and nothing else is lost.
+replacement at once (the dead handle is dropped first, and the replacement gets a fresh name,
+`<name>-r<n>`, so nothing waits for Ray to release the old one) and ends the running episode as
+truncated (flagged in its rows); finished episodes are already in the replay buffer and nothing
+else is lost.
+
+Episode seeds: every episode asks the run's `EpisodeCounter` (a named 0-CPU actor shared by all
+ActorEnvs) for a global episode index, the lowest one not yet finished or handed out, and trains
+with `episode_seed(meta seed, index)`. On resume the counter starts from the indices the committed
+log holds, so an interrupted and resumed run trains the same episodes as an uninterrupted one and
+a replacement actor never repeats one.
 """
 
 from __future__ import annotations
@@ -27,6 +35,57 @@ import ray
 from qan_ray.env import OBS_BOUND
 
 ACTOR_NAMESPACE = "qan"
+EPISODE_SEED_BASE = 10_000_000
+"""Training episode seeds are EPISODE_SEED_BASE x (meta seed + 1) + global episode index: disjoint
+from evaluation (1,000,000 + i) and selection (2,000,000 + i) seeds."""
+
+
+def episode_seed(meta_seed: int, index: int) -> int:
+    """The seed of training episode `index` (0-based, over all actors) of a run with `meta_seed`:
+    a pure function, so resume and actor replacement reproduce it."""
+    if meta_seed < 0 or index < 0:
+        raise ValueError(f"meta seed {meta_seed} / episode index {index}: both must be >= 0. "
+                         "Try --meta-seed 0.")
+    return EPISODE_SEED_BASE * (int(meta_seed) + 1) + int(index)
+
+
+class _EpisodeCounter:
+    """Hands out global episode indices: the lowest index that is neither done (finished or cut
+    before this session, from the committed log) nor handed out in this session."""
+
+    def __init__(self, done: list[int] | None = None):
+        self.taken = set(int(i) for i in (done or []))
+        self.claims: list[tuple[int, str]] = []
+
+    def claim(self, who: str = "") -> int:
+        index = 0
+        while index in self.taken:
+            index += 1
+        self.taken.add(index)
+        self.claims.append((index, who))
+        return index
+
+    def history(self) -> list[tuple[int, str]]:
+        return list(self.claims)
+
+
+EpisodeCounter = ray.remote(num_cpus=0)(_EpisodeCounter)
+
+
+def start_episode_counter(name: str, done: list[int] | None = None):
+    """The run's named EpisodeCounter (a previous one of that name is killed first)."""
+    try:
+        ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE))
+    except ValueError:
+        pass
+    for attempt in range(40):  # a killed actor's name is released asynchronously
+        try:
+            return EpisodeCounter.options(name=name, namespace=ACTOR_NAMESPACE).remote(done)
+        except ValueError:
+            time.sleep(0.05 * (attempt + 1))
+    raise RuntimeError(f"the episode counter name {name!r} stays taken in namespace "
+                       f"{ACTOR_NAMESPACE!r}; another run with this name is alive. Stop it, or "
+                       "use another --out.")
 
 
 @dataclass
@@ -123,7 +182,8 @@ _INFO_KEYS = ("step", "lr", "train_loss", "val_loss", "val_accuracy", "batches",
               "wall_time")
 
 
-def _row(info: dict[str, Any], action: int, reward: float, obs, actor: str) -> dict[str, Any]:
+def _row(info: dict[str, Any], action: int, reward: float, obs, actor: str
+         ) -> dict[str, Any]:
     """One control step for the Parquet log; `obs` (the state the action was chosen in) is kept
     only until the driver drains it and computes the acting module's Q-values."""
     return {**{k: info.get(k) for k in _INFO_KEYS}, "action": action, "reward": reward,
@@ -177,11 +237,18 @@ class ActorEnv(gym.Env):
         self._resources = ActorResources(**env_config.get("resources", {})).validate()
         worker = getattr(env_config, "worker_index", 0)
         vector = getattr(env_config, "vector_index", 0)
-        self.name = f"trainer-{env_config.get('run', 'qan')}-{worker}-{vector}"
-        # Each sub-env gets its own episode seeds: seed + 10,000 x (actor slot).
+        self.base_name = self.name = f"trainer-{env_config.get('run', 'qan')}-{worker}-{vector}"
+        self._counter_name = env_config.get("counter")
+        self._meta_seed = int(env_config.get("meta_seed", 0))
+        self._counter = None
+        # Without a counter (a bare ActorEnv): this sub-env's own episodes, seed + 10,000 x slot.
         slot = worker * 1000 + vector
         self._qan["seed"] = int(self._qan.get("seed", 0)) + 10_000 * slot
+        self._local_episodes = 0
+        self.index: int | None = None
+        self.seed: int | None = None
         self.replacements = 0
+        self.replace_seconds: list[float] = []
         self._rows: list[dict[str, Any]] = []  # control steps of the running episode
         self.finished: list[list[dict[str, Any]]] = []  # finished episodes, drained by the driver
         self._actor = self._start()
@@ -192,37 +259,64 @@ class ActorEnv(gym.Env):
         self._last_obs = np.zeros(spec["obs_size"], np.float32)
 
     def _start(self):
-        for attempt in range(20):  # a killed actor's name is released asynchronously
-            try:
-                return start_trainer_actor(self._qan, self._resources, self.name)
-            except ValueError:
-                time.sleep(0.25 * (attempt + 1))
-        return start_trainer_actor(self._qan, self._resources, None)
+        try:
+            return start_trainer_actor(self._qan, self._resources, self.name)
+        except ValueError:  # the name is still held (e.g. a run of the same name): go unnamed
+            return start_trainer_actor(self._qan, self._resources, None)
 
     def _replace(self) -> None:
+        """Drop the dead handle first (Ray keeps an actor's name while a handle lives), then
+        start the replacement under a fresh name and wait until it answers."""
+        t0 = time.perf_counter()
+        dead, self._actor = self._actor, None
+        try:
+            ray.kill(dead, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+        del dead
         self.replacements += 1
+        self.name = f"{self.base_name}-r{self.replacements}"
         self._actor = self._start()
+        ray.get(self._actor.spec.remote())
+        self.replace_seconds.append(time.perf_counter() - t0)
+
+    def _next_episode(self) -> tuple[int | None, int]:
+        """(global index, seed) of the next episode: from the run's EpisodeCounter, or this
+        sub-env's own count without one."""
+        if self._counter_name is None:
+            self._local_episodes += 1
+            return None, self._qan["seed"] + self._local_episodes - 1
+        if self._counter is None:
+            self._counter = ray.get_actor(self._counter_name, namespace=ACTOR_NAMESPACE)
+        index = int(ray.get(self._counter.claim.remote(self.name)))
+        return index, episode_seed(self._meta_seed, index)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        # RLlib's reset seed is ignored: the episode's seed comes from its global index.
         super().reset(seed=seed)
+        self.index, self.seed = self._next_episode()
         try:
-            obs, info = ray.get(self._actor.reset.remote(seed))
+            obs, info = ray.get(self._actor.reset.remote(self.seed))
         except ray.exceptions.RayActorError:
             self._replace()
-            obs, info = ray.get(self._actor.reset.remote(seed))
+            obs, info = ray.get(self._actor.reset.remote(self.seed))
         self._last_obs = obs
         self._rows = [_row(info, -1, 0.0, obs=None, actor=self.name)]
-        return obs, {**info, "actor": self.name}
+        return obs, {**info, "actor": self.name, "global_episode": self.index,
+                     "seed": self.seed}
 
     def step(self, action):
         try:
             obs, reward, terminated, truncated, info = ray.get(self._actor.step.remote(action))
         except ray.exceptions.RayActorError:
             # The trainer died mid-episode: replace it and end this episode as truncated (its
-            # earlier transitions stay valid; the next reset starts on the new actor).
+            # earlier transitions stay valid; the next reset starts on the new actor with the
+            # next unused episode index, never this one again).
+            cut = self.name
             self._replace()
-            self._finish()
-            return self._last_obs, 0.0, False, True, {"actor_replaced": True, "actor": self.name}
+            self._finish(truncated=True)
+            return self._last_obs, 0.0, False, True, {"actor_replaced": True, "actor": cut,
+                                                      "replacement": self.name}
         self._rows.append(_row(info, int(action), float(reward), obs=self._last_obs,
                                actor=self.name))
         self._last_obs = obs
@@ -230,7 +324,9 @@ class ActorEnv(gym.Env):
             self._finish()
         return obs, reward, terminated, truncated, {**info, "actor": self.name}
 
-    def _finish(self) -> None:
+    def _finish(self, truncated: bool = False) -> None:
+        for r in self._rows:
+            r.update(global_episode=self.index, seed=self.seed, truncated=truncated)
         if len(self._rows) > 1:
             self.finished.append(self._rows)
         self._rows = []

@@ -9,11 +9,20 @@ The pieces live beside this command module:
 
 `compare()` runs every scheduler on every seed and writes compare.md, compare.parquet,
 trace.parquet and compare.png; see docs/scheduler.md for how to read them.
+
+Faults: every experiment keeps its records under OUT/experiments/<scheduler>-s<seed>/
+(protocol.run_experiment). Ctrl-C ends `qan tune` / `qan compare` with exit status 130 and a list
+of what finished; `compare` then writes no table (it never mixes an interrupted run with complete
+ones). Running the same `qan compare` again reuses the finished experiments (same protocol) and
+reruns the others; `qan tune --resume` continues the interrupted experiment via
+`tune.Tuner.restore`. Outputs and the controllers are checked before Ray starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +31,17 @@ from qan_ray.protocol import (
     BASE_SCHEDULERS,
     SKIP_FLAGS,
     STOPPERS,
+    ExperimentInterrupted,
     Protocol,
     add_protocol_arguments,
-    make_scheduler,
+    align_action_mode,
+    fingerprint,
     protocol_from_args,
+    read_rows,
+    record_dir,
     run_experiment,
 )
+from qan_ray.records import read_json, writable_dir
 from qan_ray.summaries import add_targets, is_baseline, markdown, table_rows, trial_table
 
 
@@ -43,12 +57,28 @@ def compare(names: list[str], proto: Protocol, seeds: list[int], out: Path,
     if not 0 < target_fraction <= 1:
         raise ValueError(f"`target_fraction` is {target_fraction}; it must lie in (0, 1]. "
                          "Try 1.0 (the best baseline's accuracy itself) or 0.99.")
-    for name in names:  # fail fast on a bad name or a missing controller, before any run
-        make_scheduler(name, proto)
+    # fail fast on a bad name, a missing/corrupt controller or a mismatched action mode
+    align_action_mode(names, proto)
+    check_outputs(out, storage)
     runs = []
     for seed in seeds:
         for name in names:
-            runs.append(run_experiment(name, proto, seed, storage or out / "ray", log=log))
+            done = finished_run(out, name, proto, seed)
+            if done is not None:
+                log(f"  {name:<14} seed {seed}: finished before, reused "
+                    f"({record_dir(out, name, seed)})")
+                runs.append(done)
+                continue
+            record = record_dir(out, name, seed)
+            if record.exists():  # an interrupted one: start it over
+                shutil.rmtree(record)
+            try:
+                runs.append(run_experiment(name, proto, seed, storage or out / "ray", log=log,
+                                           record=record))
+            except ExperimentInterrupted as err:
+                finished = [f"{r['summary']['scheduler']} seed {r['summary']['seed']}"
+                            for r in runs]
+                raise CompareInterrupted(err, finished, out) from None
     summaries = add_targets(runs, target_fraction)
     rows = table_rows(summaries, names)
     note = (f"{target_fraction:g} x the best baseline's best validation accuracy, per seed "
@@ -62,6 +92,34 @@ def compare(names: list[str], proto: Protocol, seeds: list[int], out: Path,
                                         for r in runs for row in r["rows"]])
     plot_compare(runs, summaries, out / "compare.png")
     return {"rows": rows, "summaries": summaries, "markdown": text, "runs": runs}
+
+
+class CompareInterrupted(RuntimeError):
+    def __init__(self, err: ExperimentInterrupted, finished: list[str], out: Path):
+        self.err, self.finished, self.out = err, finished, out
+        super().__init__(f"{err}; finished: {finished or 'none'}")
+
+
+def finished_run(out: Path, name: str, proto: Protocol, seed: int) -> dict[str, Any] | None:
+    """A finished experiment of this (scheduler, seed, protocol) recorded under `out`, or None.
+    One of another protocol is refused (a table must not mix protocols)."""
+    record = record_dir(out, name, seed)
+    if not (record / "summary.json").exists():
+        return None
+    saved = read_json(record / "summary.json", "a finished experiment's summary",
+                      f"Delete {record} to run it again.")
+    if saved.get("fingerprint") != fingerprint(name, proto, seed):
+        raise ValueError(f"--out {str(out)!r} holds a finished {name} seed {seed} of another "
+                         f"protocol ({record / 'summary.json'}); one table must use one "
+                         "protocol. Use a new --out, or delete that folder.")
+    return {"summary": saved["summary"], "rows": read_rows(record / "rows.jsonl")}
+
+
+def check_outputs(out: Path, storage: str | Path | None) -> None:
+    """--out and a local --storage-path must be writable folders (checked before Ray)."""
+    writable_dir(out, "--out")
+    if storage is not None and "://" not in str(storage):
+        writable_dir(storage, "--storage-path")
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -90,23 +148,46 @@ def configure_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="qan",
                    help=f"one of {BASE_SCHEDULERS} or qan+STOPPER ({'|'.join(STOPPERS)})")
     p.add_argument("--seed", type=int, default=0, help="seed of the trial configs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment an interrupted `qan tune` with the same flags "
+                        "and --out left (tune.Tuner.restore)")
     _add_arguments(p, out="runs/tune")
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    import ray
+
     proto = protocol_from_args(args)
-    make_scheduler(args.scheduler, proto)  # bad name / missing controller: fail before Ray
-    print(f"qan tune: {args.scheduler} on {proto.task_config['task']}, {proto.samples} trials x "
-          f"{proto.epochs} epochs, LR in [{proto.lr_low:g}, {proto.lr_high:g}], seed {args.seed}")
+    # bad name, missing/corrupt controller, mismatched --action-mode: fail before Ray
+    align_action_mode([args.scheduler], proto)
     out = Path(args.out)
-    run = run_experiment(args.scheduler, proto, args.seed, args.storage_path or out / "ray")
+    check_outputs(out, args.storage_path)
+    print(f"qan tune: {args.scheduler} on {proto.task_config['task']}, {proto.samples} trials x "
+          f"{proto.epochs} epochs, LR in [{proto.lr_low:g}, {proto.lr_high:g}], seed {args.seed}"
+          f"{' (resumed)' if args.resume else ''}")
+    ours = not ray.is_initialized()
+    try:
+        run = run_experiment(args.scheduler, proto, args.seed, args.storage_path or out / "ray",
+                             record=record_dir(out, args.scheduler, args.seed),
+                             resume=args.resume)
+    except ExperimentInterrupted as err:
+        print(f"qan tune: interrupted: {err}. Nothing is reported for an unfinished experiment. "
+              f"Continue with the same command plus --resume (tune.Tuner.restore).",
+              file=sys.stderr)
+        return 130
+    finally:
+        if ours and ray.is_initialized():
+            ray.shutdown()
     print(f"{'trial':<14} {'lr start':>9} {'lr end':>9} {'epochs':>6} {'best val acc':>12}")
     for tid, t in trial_table(run["rows"]).items():
+        best = "diverged" if t["diverged"] else f"{t['best']:.4f}"
         print(f"{tid:<14} {t['first_lr']:>9.4g} {t['last_lr']:>9.4g} {t['epochs']:>6} "
-              f"{t['best']:>12.4f}")
+              f"{best:>12}")
     s = run["summary"]
-    print(f"best val acc {s['best_val_accuracy']:.4f}; {s['total_epochs']:.0f} epochs in total; "
-          f"{s['wall_s']:.1f}s")
+    best = ("n/a (every trial diverged)" if s["best_val_accuracy"] != s["best_val_accuracy"]
+            else f"{s['best_val_accuracy']:.4f}")
+    print(f"best val acc {best} (diverged trials excluded: {s.get('diverged_trials', 0)}); "
+          f"{s['total_epochs']:.0f} epochs in total; {s['wall_s']:.1f}s")
     return 0
 
 
@@ -128,8 +209,21 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"qan compare: {names} on {proto.task_config['task']}, seeds {seeds}, "
           f"{proto.samples} trials x {proto.epochs} epochs (budget {proto.budget} epochs), "
           f"{proto.max_concurrent} concurrent")
-    result = compare(names, proto, seeds, out, target_fraction=args.target_fraction,
-                     storage=args.storage_path)
+    import ray
+
+    ours = not ray.is_initialized()
+    try:
+        result = compare(names, proto, seeds, out, target_fraction=args.target_fraction,
+                         storage=args.storage_path)
+    except CompareInterrupted as err:
+        print(f"qan compare: interrupted: {err.err}. Finished: {err.finished or 'none'} (kept "
+              f"under {out / 'experiments'}). No table was written: it would mix an interrupted "
+              "run with complete ones. Run the same command again to reuse the finished "
+              "experiments and run the rest.", file=sys.stderr)
+        return 130
+    finally:
+        if ours and ray.is_initialized():
+            ray.shutdown()
     print(result["markdown"])
     print(f"wrote {out / 'compare.md'}, {out / 'compare.parquet'}, {out / 'trace.parquet'}, "
           f"{out / 'compare.png'}")

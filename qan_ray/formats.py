@@ -24,6 +24,46 @@ def _idx(path: Path, array: np.ndarray) -> None:
         f.write(array.astype(np.uint8).tobytes())
 
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+
+
+def idx_problem(path: str | Path) -> str | None:
+    """Why the IDX file at `path` is unreadable (magic, dimensions, size), or None if it is a
+    well-formed unsigned-byte IDX file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror or err})"
+    if len(data) < 4:
+        return f"{path} holds {len(data)} bytes; an IDX file starts with a 4-byte magic number"
+    zero, dtype, ndim = data[0] * 256 + data[1], data[2], data[3]
+    if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
+        return (f"{path} has magic {data[:4].hex()}; an MNIST IDX file starts with 00000801 "
+                "(labels) or 00000803 (images)")
+    if len(data) < 4 + 4 * ndim:
+        return f"{path} is truncated inside its header ({len(data)} bytes)"
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(data) != expected:
+        return (f"{path} holds {len(data)} bytes but its header {list(dims)} needs {expected}; "
+                "it is truncated or padded")
+    return None
+
+
+def check_idx_folder(raw: str | Path) -> None:
+    """ValueError naming the first corrupt IDX file of an MNIST-format raw/ folder (value, rule,
+    fix); nothing if every file present is well formed."""
+    for name in IDX_FILES:
+        path = Path(raw) / name
+        why = idx_problem(path) if path.exists() else None
+        if why is not None:
+            raise ValueError(f"{why}. Replace the file with an intact copy (or delete it and "
+                             "pass --download to let torchvision fetch it), or write your own "
+                             "arrays with qan_ray.formats.write_mnist.")
+
+
 def synthetic_images(n: int, side: int, channels: int, seed: int, contrast: int = 180,
                      jitter: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Uniform noise plus a class-dependent bright square (every class present). `contrast`

@@ -9,12 +9,13 @@ transitions. The same code runs on a laptop and on a cluster (`RAY_ADDRESS`): on
 differ.
 
 `qan train` writes, under --out:
-  checkpoint/       RLlib Algorithm checkpoint (resume with --resume)
+  checkpoint/       RLlib Algorithm checkpoint + qan_progress.json (the commit point; resume
+                    with --resume)
   controller/       exported Q-network (qnet.pt, torch.load(weights_only=True)) + spec.json;
                     with --select-every N the best greedy one on held-out selection seeds
   controller_last/  (with --select-every) the Q-network at the end of training
-  steps/            Parquet log, one row per control step, one part file per flushed episode
-  progress.json     episodes done, iterations, run name (the resume point)
+  steps/            Parquet log, one row per control step, one part file per commit
+  progress.json     episodes done, iterations, run name (a copy of checkpoint/qan_progress.json)
   config.json       the QANConfig and MetaConfig of the run (--resume reads them back)
   learning_curve.png
 
@@ -22,14 +23,26 @@ differ.
 config.json it was started with. --episodes N moves only the loop bound; the exploration schedule
 (epsilon over explore_episodes, printed at the start) stays that of the original run, and a
 different --explore-episodes is refused.
+
+Commits are atomic. After every iteration that finished episodes: (1) the new Parquet part
+`part-c<commit>.parquet` (temp file, rename); (2) the RLlib checkpoint and the new progress into
+`checkpoint.tmp/`; (3) `checkpoint.tmp/` replaces `checkpoint/` (the previous one is kept as
+`checkpoint.old/` until the new one is in place); (4) `progress.json` (temp file, rename). The
+commit point is (3): a restart reads the progress inside `checkpoint/` and drops Parquet parts of
+later commits, so it finds the old state or the new one, never a mix, never duplicate rows. The
+exported controller folders are swapped the same way. `--resume` refuses a folder without its
+config.json, or whose committed rows disagree with its progress; a run whose folder disappears
+stops with an error. Ctrl-C (or SIGTERM) exports the current controller, prints how to resume and
+exits 130; Ray ends with the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,14 +53,22 @@ from typing import Any
 from qan_ray.actors import ActorResources
 from qan_ray.config import QANConfig, add_config_arguments, config_from_args, from_dict
 from qan_ray.quiet import quiet_rllib
-from qan_ray.records import append_parts, read_parts
+from qan_ray.records import (
+    append_parts,
+    fault_point,
+    read_json,
+    read_parts,
+    recover_dir,
+    swap_dir,
+    write_json,
+)
 
 SELECTION_SEED_BASE = 2_000_000
 """First selection seed (2,000,000 + i). Evaluation uses 1,000,000 + i (evaluate.EVAL_SEED_BASE).
-Training episodes never reach either: the first episode of each EnvRunner is seeded by RLlib with
-meta.seed + worker index (1..num_actors); later ones by `ActorEnv` with qan.seed + 10,000 x
-(1,000 x worker index + vector index) + the episodes its trainer actor has started, i.e.
-qan.seed + 10,000,000 x worker + episode (actors.py, env.py)."""
+Training episodes never reach either: episode i (global, over all actors, handed out by the run's
+EpisodeCounter) trains with seed 10,000,000 x (meta.seed + 1) + i (actors.episode_seed)."""
+PROGRESS_IN_CHECKPOINT = "qan_progress.json"
+"""The committed progress, inside checkpoint/ so that it and the RLlib state swap as one."""
 
 
 @dataclass
@@ -154,7 +175,8 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
     return (
         DQNConfig()
         .environment(ActorEnv, env_config={"qan": qan.to_dict(), "resources": resources,
-                                           "run": run})
+                                           "run": run, "counter": counter_name(run),
+                                           "meta_seed": meta.seed})
         .framework("torch")
         .env_runners(num_env_runners=meta.num_actors, num_envs_per_env_runner=1,
                      num_cpus_per_env_runner=0, rollout_fragment_length=steps_per_episode)
@@ -180,11 +202,14 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
     )
 
 
+def counter_name(run: str) -> str:
+    """The name of the run's EpisodeCounter actor (in the `qan` namespace)."""
+    return f"episodes-{run}"
+
+
 def _original_horizon(meta: MetaConfig, config_file: Path) -> MetaConfig:
     """On resume: the exploration horizon of the run's config.json (refuses a different one)."""
-    if not config_file.exists():
-        return meta
-    saved = json.loads(config_file.read_text()).get("meta", {}).get("explore_episodes")
+    saved = _read_config(config_file).get("meta", {}).get("explore_episodes")
     if saved is None:  # a run from before explore_episodes: its checkpoint holds the schedule
         return meta
     if meta.explore_episodes not in (None, saved):
@@ -193,6 +218,23 @@ def _original_horizon(meta: MetaConfig, config_file: Path) -> MetaConfig:
                          "schedule is fixed when a run starts. Leave it unset to resume, or "
                          "start a new --out.")
     return dataclasses.replace(meta, explore_episodes=saved)
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    """A run's config.json; a missing one is refused on resume (never fall back to defaults)."""
+    if not config_file.exists():
+        raise FileNotFoundError(
+            f"--resume: {str(config_file)!r} is missing, so the run's task and meta-training "
+            "settings are unknown; it must exist to resume (defaults would change the run). "
+            "Restore it from a copy of the run folder, or start a new --out without --resume.")
+    return read_json(config_file, "the run's config",
+                     "Restore it from a copy of the run folder, or start a new --out.")
+
+
+def _part_commit(path: Path) -> int | None:
+    """The commit number of a `part-c<commit>.parquet` (None: a part of another naming)."""
+    stem = path.name[len("part-"):-len(".parquet")]
+    return int(stem[1:]) if stem.startswith("c") and stem[1:].isdigit() else None
 
 
 def _git_commit() -> str:
@@ -225,38 +267,100 @@ class MetaTrainer:
         self.obs_size = spec["obs_size"]
         self.observation = spec["observation"]
         self.progress = {"episodes": 0, "iterations": 0, "run": self.out.name or "qan",
-                         "started": time.time()}
-        progress_file = self.out / "progress.json"
+                         "started": time.time(), "commits": 0, "truncated": 0}
+        self._counter = None
         if resume:
-            if not (self.out / "checkpoint").is_dir() or not progress_file.exists():
-                raise FileNotFoundError(f"--resume: no checkpoint/ + progress.json under "
-                                        f"{str(self.out)!r}. Start without --resume, or pass the "
-                                        "--out of the interrupted run.")
             from ray.rllib.algorithms.algorithm import Algorithm
 
-            self.progress.update(json.loads(progress_file.read_text()))
             self.meta = _original_horizon(self.meta, self.out / "config.json")
-            with quiet_rllib():
-                self.algo = Algorithm.from_checkpoint(str((self.out / "checkpoint").resolve()))
-            log(f"resumed from {self.out / 'checkpoint'} at episode {self.progress['episodes']}")
+            done = self._recover()
+            if "tag" in self.progress:  # the counter the restored EnvRunners ask for
+                from qan_ray.actors import start_episode_counter
+
+                self._counter = start_episode_counter(counter_name(self.progress["tag"]), done)
+            ckpt = (self.out / "checkpoint").resolve()
+            try:
+                with quiet_rllib():
+                    self.algo = Algorithm.from_checkpoint(str(ckpt))
+            except Exception as err:  # noqa: BLE001 - a corrupt checkpoint: name it, no trace
+                raise ValueError(f"{str(ckpt)!r} is not a readable RLlib checkpoint "
+                                 f"({type(err).__name__}: {str(err)[:300]}); it must be the "
+                                 "checkpoint/ a `qan train` run committed. Restore the run "
+                                 "folder from a copy, or start a new --out.") from None
+            log(f"resumed from {self.out / 'checkpoint'} at episode {self.progress['episodes']}"
+                f" (commit {self.progress['commits']})")
         else:
             if (self.out / "steps").exists() and any((self.out / "steps").iterdir()):
                 raise ValueError(f"--out {str(self.out)!r} already holds a run; pass --resume to "
                                  "continue it, or choose a new --out (nothing was overwritten).")
             if self.meta.explore_episodes is None:  # the horizon is fixed from here on
                 self.meta = dataclasses.replace(self.meta, explore_episodes=self.meta.episodes)
-            cfg = build_dqn_config(qan, self.meta, self._run_tag(), self.steps_per_episode)
+            from qan_ray.actors import start_episode_counter
+
+            self.progress["tag"] = self._run_tag()
+            self._counter = start_episode_counter(counter_name(self.progress["tag"]), [])
+            cfg = build_dqn_config(qan, self.meta, self.progress["tag"], self.steps_per_episode)
             with quiet_rllib():
                 self.algo = cfg.build_algo()
         # The schedule the algorithm really runs (a resumed one keeps its checkpoint's).
         log(f"exploration: {describe_schedule(self.algo.config.epsilon)} "
             f"(explore_episodes {self.meta.explore_episodes}, fixed when the run started)")
         self._selector = None
-        (self.out / "config.json").write_text(json.dumps(
-            {"qan": qan.to_dict(), "meta": dataclasses.asdict(self.meta)}, indent=2))
+        write_json(self.out / "config.json",
+                   {"qan": qan.to_dict(), "meta": dataclasses.asdict(self.meta)})
 
     def _run_tag(self) -> str:
-        return f"{self.progress['run']}-{os.getpid()}"
+        return f"{self.progress['run']}-{os.getpid()}-{time.time_ns() % 10**6}"
+
+    def _recover(self) -> list[int]:
+        """On resume: the committed state after whatever crash. Puts a half-swapped checkpoint/
+        or controller folder back, reads the progress committed with the checkpoint, drops the
+        Parquet parts of later (uncommitted) commits and checks that the committed rows agree
+        with the progress. Returns the global episode indices the log holds (for the counter)."""
+        for name in ("checkpoint", "controller", "controller_last"):
+            recover_dir(self.out / name)
+        inside = self.out / "checkpoint" / PROGRESS_IN_CHECKPOINT
+        legacy = self.out / "progress.json"
+        if not (self.out / "checkpoint").is_dir() or not (inside.exists() or legacy.exists()):
+            raise FileNotFoundError(f"--resume: no committed checkpoint/ under {str(self.out)!r} "
+                                    "(the run stopped before its first commit, or this is not a "
+                                    "run folder). Start without --resume, or pass the --out of "
+                                    "the interrupted run.")
+        fix = "Restore the run folder from a copy, or start a new --out."
+        self.progress.update(read_json(inside if inside.exists() else legacy, "the run's "
+                                       "committed progress", fix))
+        steps = self.out / "steps"
+        for part in sorted(steps.glob("part-*.parquet")) if steps.is_dir() else []:
+            commit = _part_commit(part)
+            if commit is not None and commit >= self.progress.get("commits", 0):
+                part.unlink()  # written, but its commit never completed: its episodes rerun
+                self.log(f"resume: dropped {part.name} (not committed; its episodes run again)")
+        for tmp in steps.glob("*.tmp") if steps.is_dir() else []:
+            tmp.unlink()
+        rows = read_parts(steps).select(["episode", "global_episode", "truncated"]).to_pylist()
+        full = sorted({r["episode"] for r in rows if r["episode"] is not None})
+        if full != list(range(self.progress["episodes"])):
+            raise ValueError(
+                f"--resume: the Parquet log in {str(steps)!r} holds {len(full)} full episodes "
+                f"but the committed progress says {self.progress['episodes']}; they must agree "
+                f"(rows lost or added outside the run). {fix}")
+        indices = [r["global_episode"] for r in rows if r["global_episode"] is not None]
+        per_episode = {(r["episode"], r["global_episode"]) for r in rows
+                       if r["global_episode"] is not None}
+        seen = [g for _, g in per_episode]
+        if len(seen) != len(set(seen)):
+            dup = sorted({g for g in seen if seen.count(g) > 1})
+            raise ValueError(f"--resume: the Parquet log in {str(steps)!r} holds global "
+                             f"episodes {dup[:5]} twice; each must appear once. {fix}")
+        return sorted(set(indices))
+
+    def _check_folder(self) -> None:
+        """A run whose folder (or its config.json) disappeared must stop, not recreate it."""
+        if not (self.out / "config.json").exists():
+            raise FileNotFoundError(
+                f"the run folder {str(self.out)!r} (or its config.json) disappeared during the "
+                "run; it must stay in place until the run ends. Nothing more was written; "
+                "restore it and --resume, or start a new --out.")
 
     # --- the loop ------------------------------------------------------------------------------
     def train(self, until: int | None = None) -> dict[str, Any]:
@@ -307,10 +411,8 @@ class MetaTrainer:
         best = self.progress.get("best")
         if best is None or score > best["score"]:
             self.progress["best"] = {"score": score, "episode": self.progress["episodes"]}
-            from policies.qnet import Controller
-
             spec.provenance["selection"] = self.progress["best"]
-            Controller(net, spec).save(self.out / "controller")
+            self._save_controller(net, spec, "controller")
         b = self.progress["best"]
         self.log(f"selection after episode {self.progress['episodes']}: greedy val acc "
                  f"{score:.4f} on {len(seeds)} selection seeds (best {b['score']:.4f} after "
@@ -325,14 +427,29 @@ class MetaTrainer:
         return [ep for eps in per_runner for ep in eps]
 
     def _flush(self, episodes, result, start_eps: int, t0: float) -> None:
+        """Number the finished episodes and write them as the next commit's Parquet part (the
+        commit itself completes in `save`). A truncated (cut) episode is logged, flagged, and
+        not counted."""
+        self._check_folder()
         rows = []
         for ep_rows in episodes:
+            if any(r.get("truncated") for r in ep_rows):
+                self.progress["truncated"] = self.progress.get("truncated", 0) + 1
+                rows.extend({**r, "episode": None, "run": self.progress["run"]} for r in ep_rows)
+                last = ep_rows[-1]
+                self.log(f"episode cut after {len(ep_rows) - 1} control steps: trainer actor "
+                         f"{last.get('actor')} died and was replaced; TRUNCATED, not counted "
+                         f"(global episode {last.get('global_episode')}, seed {last.get('seed')})")
+                continue
             ep = self.progress["episodes"]
             self.progress["episodes"] += 1
             for r in ep_rows:
                 rows.append({**r, "episode": ep, "run": self.progress["run"]})
             self._print_episode(ep, ep_rows, start_eps, t0)
-        append_parts(self.out / "steps", rows)
+        commit = self.progress.get("commits", 0)
+        append_parts(self.out / "steps", rows, name=f"c{commit:06d}")
+        self.progress["commits"] = commit + 1
+        fault_point("after-parquet")
 
     def _print_episode(self, ep: int, rows, start_eps: int, t0: float) -> None:
         done = self.progress["episodes"] - start_eps
@@ -349,10 +466,29 @@ class MetaTrainer:
 
     # --- outputs -------------------------------------------------------------------------------
     def save(self) -> None:
-        self.algo.save_to_path(str((self.out / "checkpoint").resolve()))
-        tmp = self.out / "progress.json.tmp"
-        tmp.write_text(json.dumps(self.progress, indent=2))
-        os.replace(tmp, self.out / "progress.json")
+        """Commit: checkpoint + progress into checkpoint.tmp/, swapped in for checkpoint/ (the
+        commit point), then the progress.json copy."""
+        self._check_folder()
+        tmp = self.out / "checkpoint.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.algo.save_to_path(str(tmp.resolve()))
+        write_json(tmp / PROGRESS_IN_CHECKPOINT, self.progress)
+        fault_point("after-checkpoint")
+        swap_dir(tmp, self.out / "checkpoint")
+        fault_point("after-swap")
+        write_json(self.out / "progress.json", self.progress)
+
+    def _save_controller(self, net, spec, name: str) -> Path:
+        """Controller folder `name` replaced as a whole (written to name.tmp, then swapped)."""
+        from policies.qnet import Controller
+
+        tmp = self.out / f"{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        Controller(net, spec).save(tmp)
+        fault_point("export")
+        return swap_dir(tmp, self.out / name)
 
     def _current_controller(self):
         """The learner's current Q-network as a plain nn.Sequential, and its ControllerSpec."""
@@ -376,12 +512,10 @@ class MetaTrainer:
     def export_controller(self) -> Path:
         """controller/ = the last Q-network, or with --select-every the best selected one
         (the last then goes to controller_last/)."""
-        from policies.qnet import Controller
-
         net, spec = self._current_controller()
         selecting = bool(self.meta.select_every) and "best" in self.progress
-        folder = Controller(net, spec).save(
-            self.out / ("controller_last" if selecting else "controller"))
+        folder = self._save_controller(net, spec,
+                                       "controller_last" if selecting else "controller")
         if selecting:
             folder = self.out / "controller"
         try:
@@ -393,10 +527,15 @@ class MetaTrainer:
         return folder
 
     def stop(self) -> None:
-        if self._selector is not None:
-            import ray
+        import ray
 
-            ray.kill(self._selector)
+        for actor in (self._selector, self._counter):
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:  # noqa: BLE001 - already gone is fine
+                    pass
+        self._selector = self._counter = None
         self.algo.stop()
 
 
@@ -430,8 +569,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.preset:
         args.task = args.preset
     out = Path(args.out)
-    if args.resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out is {str(out)!r}, which is a file; it must be a run folder. "
+                         "Pass a folder, e.g. --out runs/train.")
+    if args.resume:
+        saved = _read_config(out / "config.json")
         qan = from_dict(saved["qan"])
         meta = MetaConfig(**{**saved["meta"], "hidden": tuple(saved["meta"]["hidden"])})
         horizon = getattr(args, "meta_explore_episodes", None)
@@ -447,11 +589,65 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         qan = config_from_args(args)
         meta = meta_from_args(args)
+    import ray
+
+    from qan_ray.records import writable_dir
+
+    writable_dir(out, "--out")
     start = time.time()
-    trainer = MetaTrainer(qan, meta, out, resume=args.resume)
-    trainer.train()
-    trainer.stop()
-    print(f"done in {time.time() - start:.0f}s: controller {out / 'controller'}, log "
-          f"{out / 'steps'}, checkpoint {out / 'checkpoint'}, figure {out / 'learning_curve.png'}")
-    return 0
+    ours = not ray.is_initialized()  # the command's own Ray ends with it
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum, frame):  # SIGTERM: as Ctrl-C (export, hint, Ray shut down)
+        raise KeyboardInterrupt
+
+    trainer = None
+    try:
+        if threading_main():
+            signal.signal(signal.SIGTERM, _terminate)
+        trainer = MetaTrainer(qan, meta, out, resume=args.resume)
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            return _interrupted(trainer, out)
+        print(f"done in {time.time() - start:.0f}s: controller {out / 'controller'}, log "
+              f"{out / 'steps'}, checkpoint {out / 'checkpoint'}, figure "
+              f"{out / 'learning_curve.png'}")
+        return 0
+    except KeyboardInterrupt:
+        print(f"qan train: interrupted before the first episode; nothing to export. Run the "
+              f"same command again{' with --resume' if args.resume else ''}.", file=sys.stderr)
+        return 130
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGTERM, previous)
+        if trainer is not None:
+            try:
+                trainer.stop()
+            except Exception:  # noqa: BLE001 - shutting down after an interrupt
+                pass
+        if ours and ray.is_initialized():
+            ray.shutdown()
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupted(trainer: MetaTrainer, out: Path) -> int:
+    """Ctrl-C / SIGTERM during `qan train`: export the learner's current controller, say what
+    is committed and how to resume; exit status 130."""
+    p = trainer.progress
+    try:
+        folder = trainer.export_controller()
+        exported = f"the current controller is in {folder}"
+    except Exception as err:  # noqa: BLE001 - report, never hide the interrupt
+        exported = f"the controller could not be exported ({type(err).__name__}: {err})"
+    print(f"qan train: interrupted after {p['episodes']} committed episodes (commit "
+          f"{p.get('commits', 0)}); {exported}. Episodes that were running are not logged and "
+          f"run again on resume. Continue with: qan train --out {out} --resume",
+          file=sys.stderr)
+    return 130
 

@@ -17,13 +17,21 @@ comparison can hold several controllers: qan,qan@builtin,asha,...
 
 The CLI flags of `Protocol` are generated from its fields (`add_protocol_arguments`), as the task
 flags are from `QANConfig`; the only hand-written one is `--lr-range LOW,HIGH` (lr_low, lr_high).
+
+Faults: with a `record` folder, one experiment keeps experiment.json (its Tune path, written
+before it starts), rows.jsonl (every result, appended as it arrives) and, once it has finished,
+summary.json. An experiment stopped by Ctrl-C / SIGINT (Tune's graceful stop returns normally)
+raises `ExperimentInterrupted`; `resume=True` continues it through `tune.Tuner.restore`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,9 +131,41 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
     return Protocol(task_config=task_config, **given).validate()
 
 
+class ExperimentInterrupted(RuntimeError):
+    """A Tune experiment stopped by Ctrl-C / SIGINT before it finished (Tune returns normally)."""
+
+    def __init__(self, name: str, seed: int, epochs: float, budget: float, path: str):
+        self.name, self.seed, self.epochs = name, seed, epochs
+        self.budget, self.path = budget, path
+        super().__init__(f"{name} (seed {seed}) was interrupted at {epochs:.0f} of {budget} "
+                         f"epochs (Tune state: {path})")
+
+
+def _interrupt_flag(event: threading.Event) -> None:
+    """Chain onto the SIGINT handler Tune installed for its graceful stop, so that we know it
+    fired (Tune's fit() returns normally after it). Called from Callback.setup, after Tune set
+    its handler; main thread only, as signals are."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+        if sig is None:
+            continue
+        tune_handler = signal.getsignal(sig)
+
+        def handler(signum, frame, _next=tune_handler):
+            event.set()
+            if callable(_next):
+                _next(signum, frame)
+            else:
+                raise KeyboardInterrupt
+        signal.signal(sig, handler)
+
+
 # --- Tune pieces -------------------------------------------------------------------------------
-def epoch_counter():
-    """A driver-side Tune Callback counting epochs in arrival order (one row per result)."""
+def epoch_counter(log_path: str | Path | None = None):
+    """A driver-side Tune Callback counting epochs in arrival order (one row per result). With
+    `log_path`, each row is appended to that JSON-lines file as it arrives and read back at
+    setup, so a restored experiment keeps counting (Tune pickles the callback at the start)."""
     from ray.tune import Callback
 
     class EpochCounter(Callback):
@@ -133,19 +173,56 @@ def epoch_counter():
             self.total = 0.0
             self.rows: list[dict[str, Any]] = []
             self.start = time.perf_counter()
+            self.log_path = None if log_path is None else str(Path(log_path).resolve())
+            self.interrupted = threading.Event()
+
+        def __getstate__(self):
+            state = dict(self.__dict__)
+            state["interrupted"] = None
+            return state
+
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+            self.interrupted = threading.Event()
+
+        def setup(self, **info) -> None:
+            _interrupt_flag(self.interrupted)
+            self.rows = read_rows(self.log_path) if self.log_path else []
+            self.total = float(self.rows[-1]["epochs"]) if self.rows else 0.0
+            done = self.rows[-1]["seconds"] if self.rows else 0.0
+            self.start = time.perf_counter() - done
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             self.total += float(result.get("epochs_this_iter", 1.0))
-            self.rows.append({
+            row = {
                 "epochs": self.total, "trial": trial.trial_id,
                 "iteration": int(result.get("training_iteration", 0)),
                 "val_accuracy": _num(result.get("val_accuracy")),
                 "val_loss": _num(result.get("val_loss")), "lr": _num(result.get("lr")),
                 "test_accuracy": _num(result.get("test_accuracy")),
+                "diverged": bool(result.get("diverged", False)),
                 "seconds": time.perf_counter() - self.start,
-            })
+            }
+            self.rows.append(row)
+            if self.log_path:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
     return EpochCounter()
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of an experiment's rows.jsonl (a torn last line, from a kill, is dropped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
 
 def epoch_budget(counter, budget: float):
@@ -180,6 +257,23 @@ def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+def align_action_mode(names: list[str], proto: Protocol) -> str | None:
+    """Before Ray starts: load every QAN scheduler's controller (a corrupt or missing one fails
+    here, naming the file), refuse a --action-mode that differs from a controller's, and set the
+    trials' action_mode to the controllers' (a minibatch controller needs minibatch trials)."""
+    modes = {}
+    for name in names:
+        if name.partition("@")[0].partition("+")[0] == "qan":
+            modes[name] = make_scheduler(name, proto).action_mode
+    if len(set(modes.values())) > 1:
+        raise ValueError(f"the QAN controllers have different action modes {modes}; one "
+                         "comparison must use one. Compare lr and minibatch controllers in "
+                         "separate runs.")
+    if modes and "action_mode" not in proto.task_config:
+        proto.task_config["action_mode"] = next(iter(modes.values()))
+    return next(iter(modes.values()), None)
 
 
 def make_scheduler(name: str, proto: Protocol):
@@ -228,6 +322,7 @@ def make_scheduler(name: str, proto: Protocol):
         from qan_ray.scheduler import QANScheduler
 
         return QANScheduler(policy=policy or proto.policy, control_every=proto.control_every,
+                            action_mode=proto.task_config.get("action_mode"),
                             stopper=stopping(stopper, qan=True) if stopper else None)
     return stopping(base)
 
@@ -260,45 +355,116 @@ def storage_uri(storage: str | Path) -> str:
     return text if "://" in text else str(Path(text).resolve())
 
 
+def record_dir(out: str | Path, name: str, seed: int) -> Path:
+    """The folder of one experiment's records under a command's --out."""
+    return Path(out) / "experiments" / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', name)}-s{seed}"
+
+
+def fingerprint(name: str, proto: Protocol, seed: int) -> dict[str, Any]:
+    """What must match for a finished experiment to be reused."""
+    return {"scheduler": name, "seed": seed, "protocol": dataclasses.asdict(proto)}
+
+
 def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
-                   log=print) -> dict[str, Any]:
-    """One Tune experiment with scheduler `name`; returns the summary row and the trace rows."""
+                   log=print, record: str | Path | None = None,
+                   resume: bool = False) -> dict[str, Any]:
+    """One Tune experiment with scheduler `name`; returns the summary row and the trace rows.
+    With `record` (a folder), keeps experiment.json / rows.jsonl / summary.json there; with
+    `resume`, continues the experiment recorded there (tune.Tuner.restore). Raises
+    ExperimentInterrupted when Ctrl-C stopped it before it finished."""
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from trainables.targets import trainable_for
 
+    record = None if record is None else Path(record)
+    rows_file = None if record is None else record / "rows.jsonl"
+    trainable = tune.with_resources(trainable_for(proto.task_config.get("task", "digits-mlp")),
+                                    {"cpu": proto.cpus_per_trial, "gpu": proto.gpus_per_trial})
+    if resume:
+        if record is None or not (record / "experiment.json").exists():
+            raise FileNotFoundError(f"--resume: no experiment.json under {str(record)!r}; "
+                                    "nothing to resume. Run without --resume.")
+        from qan_ray.records import read_json
+
+        saved = read_json(record / "experiment.json", "the experiment's Tune state",
+                          "Run again without --resume.")
+        if saved.get("fingerprint") != fingerprint(name, proto, seed):
+            raise ValueError(f"--resume: the experiment in {str(record)!r} ran "
+                             f"{saved.get('fingerprint')}, not these flags; they must match. "
+                             "Resume with the flags it started with, or drop --resume.")
+        path = saved["path"]
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     quiet_tune()
-    scheduler = make_scheduler(name, proto)
-    counter = epoch_counter()
-    trainable = tune.with_resources(trainable_for(proto.task_config.get("task", "digits-mlp")),
-                                    {"cpu": proto.cpus_per_trial, "gpu": proto.gpus_per_trial})
-    tag = re.sub(r"[^A-Za-z0-9_.]+", "-", name)
-    exp_name = f"{proto.task_config.get('task')}-{tag}-s{seed}-{time.time_ns()}"
-    tuner = tune.Tuner(
-        trainable, param_space=param_space(proto),
-        tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=proto.samples,
-            search_alg=BasicVariantGenerator(random_state=seed,
-                                             max_concurrent=proto.max_concurrent),
-            reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=exp_name, storage_path=storage_uri(storage), verbose=0,
-            stop=epoch_budget(counter, proto.budget), callbacks=[counter],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            failure_config=tune.FailureConfig(max_failures=0)))
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise FileNotFoundError(f"--resume: the Tune experiment {path!r} recorded in "
+                                    f"{str(record)!r} has no restorable state; run again "
+                                    "without --resume.")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   param_space=param_space(proto))
+        exp_path = path
+    else:
+        scheduler = make_scheduler(name, proto)
+        counter = epoch_counter(rows_file)
+        tag = re.sub(r"[^A-Za-z0-9_.]+", "-", name)
+        exp_name = f"{proto.task_config.get('task')}-{tag}-s{seed}-{time.time_ns()}"
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(proto),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=proto.samples,
+                search_alg=BasicVariantGenerator(random_state=seed,
+                                                 max_concurrent=proto.max_concurrent),
+                reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=exp_name, storage_path=storage_uri(storage), verbose=0,
+                stop=epoch_budget(counter, proto.budget), callbacks=[counter],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                failure_config=tune.FailureConfig(max_failures=0)))
+        exp_path = f"{storage_uri(storage).rstrip('/')}/{exp_name}"
+        if record is not None:
+            from qan_ray.records import write_json
+
+            record.mkdir(parents=True, exist_ok=True)
+            if rows_file.exists():
+                rows_file.unlink()
+            write_json(record / "experiment.json",
+                       {"path": exp_path, "fingerprint": fingerprint(name, proto, seed)})
     start = time.perf_counter()
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C, or Tune's handler disabled
+        rows = read_rows(rows_file) if rows_file else []
+        raise ExperimentInterrupted(name, seed, rows[-1]["epochs"] if rows else 0.0,
+                                    proto.budget, exp_path) from None
     wall = time.perf_counter() - start
+    callback = _counter_of(tuner) if resume else counter
+    rows = read_rows(rows_file) if rows_file else callback.rows
+    if callback is not None and callback.interrupted.is_set():
+        raise ExperimentInterrupted(name, seed, rows[-1]["epochs"] if rows else 0.0,
+                                    proto.budget, exp_path)
     errors = [str(r.error) for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"{name} (seed {seed}): {len(errors)} trial(s) failed; first: "
                            f"{errors[0][:2000]}")
-    summary = run_summary(name, seed, counter.rows, trials=len(results), wall_s=wall,
+    summary = run_summary(name, seed, rows, trials=len(results), wall_s=wall,
                           budget=proto.budget)
     log(f"  {name:<14} seed {seed}: best val acc {summary['best_val_accuracy']:.4f}, "
         f"{summary['total_epochs']:.0f} epochs, {wall:.1f}s")
-    return {"summary": summary, "rows": counter.rows}
+    if record is not None:
+        from qan_ray.records import write_json
+
+        write_json(record / "summary.json", {"summary": summary,
+                                             "fingerprint": fingerprint(name, proto, seed)})
+    return {"summary": summary, "rows": rows}
+
+
+def _counter_of(tuner):
+    """The EpochCounter a restored Tuner runs with (Tune unpickled it from the experiment)."""
+    try:
+        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+    except AttributeError:
+        return None
+    return next((c for c in callbacks if hasattr(c, "interrupted")), None)

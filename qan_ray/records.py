@@ -2,11 +2,18 @@
 
 Files are written per flush (one part file per flush), so a crash loses at most what was not yet
 flushed; `read_parts` reads a folder of parts back as one table.
+
+Also the small pieces of crash safety every writer here shares: `fault_point` (a named step where a
+test can kill the process: QAN_FAULT=name or name:count makes the count-th pass `os._exit(86)`),
+`swap_dir` (replace a folder by a complete new one; the old stays until the new is in place),
+`write_json` (temp file + rename) and `writable_dir` (an output folder checked before any work).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,119 @@ STEP_SCHEMA = pa.schema([
     ("diverged", pa.bool_()),
     ("actor", pa.string()),
     ("wall_time", pa.float64()),
+    ("global_episode", pa.int64()),
+    ("seed", pa.int64()),
+    ("truncated", pa.bool_()),
 ])
+"""`episode`: the full episode's number in commit order (null for a truncated one);
+`global_episode` and `seed`: the index the run's episode counter handed out and the seed
+derived from it (actors.episode_seed); `truncated`: the episode was cut (its trainer actor died)
+and is not counted as a full episode."""
+
+FAULT_ENV = "QAN_FAULT"
+FAULT_EXIT = 86
+_fault_passes: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named step of a commit sequence. With QAN_FAULT=name (or name:count) the process ends at
+    once (`os._exit(86)`, no cleanup: what a SIGKILL or power cut leaves) on the count-th pass
+    (default 1st); name:count:raise raises FaultInjected instead. Tests use it to check that a
+    restart finds the old state or the new one."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, _, rest = spec.partition(":")
+    if target != name:
+        return
+    count, _, action = rest.partition(":")
+    _fault_passes[name] = _fault_passes.get(name, 0) + 1
+    if _fault_passes[name] == int(count or 1):
+        if action == "raise":  # in-process tests: the same on-disk state, the process lives
+            raise FaultInjected(name)
+        os._exit(FAULT_EXIT)
+
+
+class FaultInjected(BaseException):
+    """Raised at a fault point with QAN_FAULT=name:count:raise (not an Exception, so no handler
+    on the way swallows it)."""
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """`data` as JSON at `path`, atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """JSON from `path`; a corrupt file is a ValueError naming it, what it is and the fix."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} ({what}) is not valid JSON ({err.__class__.__name__}: {err}); "
+                         f"it may be truncated. {fix}") from None
+
+
+def swap_dir(new: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Make the complete folder `new` the folder `final`: `final` -> `final.old`, `new` ->
+    `final`, then remove `final.old`. A crash in between leaves `final.old` (the previous
+    state), which `recover_dir` puts back."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    fault_point("swap-dir")
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def recover_dir(final: str | os.PathLike) -> Path | None:
+    """After a crash inside `swap_dir`: put `final.old` back if `final` is missing; drop a
+    leftover `final.old` / `final.tmp` otherwise. Returns `final` if it exists afterwards."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    tmp = final.with_name(final.name + ".tmp")
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+    if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final if final.exists() else None
+
+
+def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Check, before any work, that `path` is (or can become) a folder this process can write:
+    it must not be a file, nor lie under one, and a probe file must be writable there. Creates the
+    folder. ValueError naming the value, the rule and the fix otherwise."""
+    path = Path(path)
+    fix = f"Pass a writable folder, e.g. {flag} runs/out."
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} is {str(path)!r} but {str(parent)!r} is a file; it must be "
+                             f"a folder (existing or new). {fix}")
+        if parent.exists():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".qan-write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{flag} is {str(path)!r}, which cannot be written "
+                         f"({err.strerror or err}); it must be a writable folder. {fix}") from None
+    return path
 
 
 def _column(rows: list[dict[str, Any]], field: pa.Field) -> list:
@@ -43,14 +162,16 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema = STEP_SCHEMA) -> pa.
 
 
 def append_parts(folder: str | os.PathLike, rows: list[dict[str, Any]],
-                 schema: pa.Schema = STEP_SCHEMA) -> Path | None:
-    """Write `rows` as a new part file in `folder` (atomically: temp file, then rename)."""
+                 schema: pa.Schema = STEP_SCHEMA, name: str | None = None) -> Path | None:
+    """Write `rows` as a new part file in `folder` (atomically: temp file, then rename); `name`
+    (default: the next index + a random tag) names it `part-<name>.parquet`."""
     if not rows:
         return None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    index = len(list(folder.glob("part-*.parquet")))
-    path = folder / f"part-{index:05d}-{uuid.uuid4().hex[:8]}.parquet"
+    if name is None:
+        name = f"{len(list(folder.glob('part-*.parquet'))):05d}-{uuid.uuid4().hex[:8]}"
+    path = folder / f"part-{name}.parquet"
     tmp = path.with_suffix(".tmp")
     pq.write_table(to_table(rows, schema), tmp)
     os.replace(tmp, path)
@@ -62,7 +183,19 @@ def read_parts(folder: str | os.PathLike, schema: pa.Schema = STEP_SCHEMA) -> pa
     parts = sorted(Path(folder).glob("part-*.parquet"))
     if not parts:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=schema) for p in parts])
+    tables = []
+    for p in parts:
+        try:
+            table = pq.read_table(p)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"{p} is not a readable Parquet part ({err}); it may be truncated. "
+                             "Move it out of the folder (its episodes are lost) and --resume "
+                             "again.") from None
+        # parts from before a column was added get it as nulls
+        tables.append(pa.table({f.name: (table[f.name].cast(f.type) if f.name in
+                                         table.column_names else pa.nulls(len(table), f.type))
+                                for f in schema}, schema=schema))
+    return pa.concat_tables(tables)
 
 
 def write_table(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:

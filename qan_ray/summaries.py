@@ -5,6 +5,8 @@ Measured per run: best validation accuracy, epochs until the target accuracy (ta
 baseline's best validation accuracy x target_fraction, per seed; baselines = the schedulers whose
 name does not start with "qan"), total epochs, wall time, and the test accuracy of the best trial
 that finished its budget. `table_rows` and `markdown` turn them into mean ± sd per scheduler.
+Diverged trials never count as a best: their results (every result of a trial that reported
+diverged=True) are left out of the best accuracies and the epochs to target.
 """
 
 from __future__ import annotations
@@ -14,22 +16,34 @@ import statistics
 from typing import Any
 
 
+def diverged_trials(rows: list[dict[str, Any]]) -> set[str]:
+    """The trials that reported diverged=True at some result."""
+    return {r["trial"] for r in rows if r.get("diverged")}
+
+
+def _usable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results that may count as a best: finite accuracy, from a trial that never
+    diverged."""
+    bad = diverged_trials(rows)
+    return [r for r in rows if r.get("trial") not in bad and r.get("val_accuracy") is not None
+            and math.isfinite(r["val_accuracy"])]
+
+
 def best_curve(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
     """(cumulative epochs, best validation accuracy so far) after every result."""
     best, out = -math.inf, []
+    usable = {id(r) for r in _usable(rows)}
     for r in rows:
-        acc = r.get("val_accuracy")
-        if acc is not None and math.isfinite(acc):
-            best = max(best, acc)
+        if id(r) in usable:
+            best = max(best, r["val_accuracy"])
         out.append((r["epochs"], best))
     return out
 
 
 def epochs_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
     """Cumulative epochs at the first result whose validation accuracy reaches `target`."""
-    for r in rows:
-        acc = r.get("val_accuracy")
-        if acc is not None and math.isfinite(acc) and acc >= target - 1e-12:
+    for r in _usable(rows):
+        if r["val_accuracy"] >= target - 1e-12:
             return float(r["epochs"])
     return None
 
@@ -37,8 +51,7 @@ def epochs_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
 def best_finished_test(rows: list[dict[str, Any]]) -> float | None:
     """Test accuracy of the trial whose last-epoch validation accuracy is best (among trials that
     trained their whole budget, i.e. reported test_accuracy)."""
-    finished = [r for r in rows if r.get("test_accuracy") is not None
-                and r.get("val_accuracy") is not None and math.isfinite(r["val_accuracy"])]
+    finished = [r for r in _usable(rows) if r.get("test_accuracy") is not None]
     if not finished:
         return None
     return float(max(finished, key=lambda r: r["val_accuracy"])["test_accuracy"])
@@ -62,21 +75,28 @@ def run_summary(name: str, seed: int, rows: list[dict[str, Any]], trials: int, w
     total = float(rows[-1]["epochs"]) if rows else 0.0
     return {
         "scheduler": name, "seed": seed, "trials": trials,
-        "best_val_accuracy": max((r["val_accuracy"] for r in rows
-                                  if r["val_accuracy"] is not None), default=math.nan),
+        "best_val_accuracy": max((r["val_accuracy"] for r in _usable(rows)),
+                                 default=math.nan),
+        "diverged_trials": len(diverged_trials(rows)),
         "total_epochs": total, "wall_s": wall_s, "hit_budget": total >= budget,
         "test_accuracy_best_finished": best_finished_test(rows),
     }
 
 
 def trial_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per trial: first and last LR, epochs trained and best validation accuracy."""
+    """Per trial: first and last LR, epochs trained, best validation accuracy (nan for a
+    trial that diverged) and whether it diverged."""
     by_trial: dict[str, dict[str, Any]] = {}
+    bad = diverged_trials(rows)
     for r in rows:
-        t = by_trial.setdefault(r["trial"], {"first_lr": r["lr"], "best": -math.inf})
+        t = by_trial.setdefault(r["trial"], {"first_lr": r["lr"], "best": -math.inf,
+                                             "diverged": r["trial"] in bad})
         t.update(last_lr=r["lr"], epochs=r["iteration"])
         if r["val_accuracy"] is not None:
             t["best"] = max(t["best"], r["val_accuracy"])
+    for t in by_trial.values():
+        if t["diverged"]:
+            t["best"] = math.nan
     return by_trial
 
 
@@ -87,7 +107,8 @@ def add_targets(runs: list[dict[str, Any]], target_fraction: float) -> list[dict
     for seed in seeds:
         of_seed = [r for r in runs if r["summary"]["seed"] == seed]
         pool = [r for r in of_seed if is_baseline(r["summary"]["scheduler"])] or of_seed
-        best = max(r["summary"]["best_val_accuracy"] for r in pool)
+        best = max((r["summary"]["best_val_accuracy"] for r in pool
+                    if math.isfinite(r["summary"]["best_val_accuracy"])), default=math.nan)
         target = best * target_fraction
         for r in of_seed:
             s = dict(r["summary"], target_accuracy=target,

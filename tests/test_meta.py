@@ -132,8 +132,15 @@ def test_killed_actor_is_replaced_and_finished_episodes_survive(run):
     replacements = run.algo.env_runner_group.foreach_env_runner(
         lambda er: er.env.unwrapped.envs[0].unwrapped.replacements, local_env_runner=False)
     assert sorted(replacements) == [0, 1]
-    replacement = ray.get_actor(victim_name, namespace=ACTOR_NAMESPACE)
+    replacement = ray.get_actor(f"{victim_name}-r1", namespace=ACTOR_NAMESPACE)
     assert replacement._actor_id != victim._actor_id
+    rows = read_parts(run.out / "steps").to_pylist()
+    cut = [r for r in rows if r["truncated"]]
+    # the kill lands mid-episode (a cut, flagged episode) or at a reset (no cut)
+    assert all(r["episode"] is None and r["actor"] == victim_name for r in cut)
+    full = {(r["episode"], r["global_episode"], r["seed"]) for r in rows if not r["truncated"]}
+    indices = [g for _, g, _ in full] + sorted({r["global_episode"] for r in cut})
+    assert len(indices) == len(set(indices))  # the replacement never repeats an episode
 
 
 def test_resume_continues_the_episode_count(run):
@@ -155,7 +162,8 @@ def test_resume_continues_the_episode_count(run):
         assert result["env_runners"]["num_episodes_lifetime"] >= done + 2  # RLlib's own count
         rows = read_parts(run.out / "steps").to_pylist()
         assert len(rows) > rows_before
-        assert max(r["episode"] for r in rows) == resumed.progress["episodes"] - 1
+        assert max(r["episode"] for r in rows if r["episode"] is not None) == (
+            resumed.progress["episodes"] - 1)
     finally:
         run.algo = resumed.algo  # the fixture's teardown stops the live algorithm
 

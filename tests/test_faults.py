@@ -1,0 +1,382 @@
+"""Faults lose nothing and report honestly: interrupts, resume, crashes, corrupt inputs.
+
+Pure checks (no Ray) first; then real Ray (the session fixture: marked `ray`) and the CLI in a
+subprocess (marked `e2e`), on tiny budgets (digits-mlp, 1 actor, --control-interval 35)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from controllers import fixed_action_controller
+
+from qan_ray.config import from_dict
+from qan_ray.records import STEP_SCHEMA, append_parts, read_parts
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+       "PYTHONUNBUFFERED": "1"}
+QAN = from_dict(task="digits-mlp", epochs_per_episode=1.0)  # 35 batches/epoch -> 4 control steps
+
+
+def qan(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qan_ray.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
+
+
+# --- pure: seeds, commits, validation ------------------------------------------------------------
+def test_episode_seed_is_a_pure_function_of_meta_seed_and_global_index():
+    from qan_ray.actors import episode_seed
+    from qan_ray.evaluate import EVAL_SEED_BASE
+    from qan_ray.meta import SELECTION_SEED_BASE
+
+    seeds = [episode_seed(0, i) for i in range(1000)]
+    assert seeds == [episode_seed(0, i) for i in range(1000)] and len(set(seeds)) == 1000
+    assert not {episode_seed(1, i) for i in range(1000)} & set(seeds)
+    held_out = {EVAL_SEED_BASE + i for i in range(1000)} | {SELECTION_SEED_BASE + i
+                                                             for i in range(1000)}
+    assert not held_out & set(seeds)
+
+
+def test_episode_counter_hands_out_the_lowest_unfinished_index_first():
+    from qan_ray.actors import _EpisodeCounter
+
+    counter = _EpisodeCounter(done=[0, 1, 3])  # committed before the interrupt
+    assert [counter.claim("a"), counter.claim("b"), counter.claim("a")] == [2, 4, 5]
+
+
+def _fake_run(folder: Path, episodes: int, commits: int, extra_part: bool = False) -> Path:
+    """A run folder as MetaTrainer commits it: checkpoint/qan_progress.json + Parquet parts."""
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    progress = {"episodes": episodes, "iterations": commits, "run": "x", "commits": commits}
+    (folder / "checkpoint" / "qan_progress.json").write_text(json.dumps(progress))
+    for c in range(commits + int(extra_part)):
+        append_parts(folder / "steps", [{"episode": c, "global_episode": c, "step": s,
+                                         "truncated": False} for s in range(3)],
+                     name=f"c{c:06d}")
+    return folder
+
+
+def _recover(folder: Path) -> tuple[list[int], list[str]]:
+    from qan_ray.meta import MetaTrainer
+
+    lines: list[str] = []
+    mt = MetaTrainer.__new__(MetaTrainer)  # only the recovery logic: no Ray, no RLlib
+    mt.out, mt.log = folder, lines.append
+    mt.progress = {"episodes": 0, "commits": 0}
+    return mt._recover(), lines
+
+
+def test_resume_drops_the_part_of_an_uncommitted_commit(tmp_path):
+    run = _fake_run(tmp_path / "run", episodes=2, commits=2, extra_part=True)  # killed mid-commit
+    done, lines = _recover(run)
+    assert done == [0, 1]  # episode 2 was never committed: it runs again
+    assert sorted(p.name for p in (run / "steps").glob("*.parquet")) == [
+        "part-c000000.parquet", "part-c000001.parquet"]
+    assert any("dropped part-c000002.parquet (not committed" in line for line in lines)
+    assert read_parts(run / "steps").num_rows == 6  # no duplicate rows
+
+
+def test_resume_puts_back_a_half_swapped_checkpoint(tmp_path):
+    run = _fake_run(tmp_path / "run", episodes=1, commits=1)
+    os.replace(run / "checkpoint", run / "checkpoint.old")  # killed inside swap_dir
+    (run / "checkpoint.tmp").mkdir()
+    assert _recover(run)[0] == [0]
+    assert (run / "checkpoint").is_dir() and not (run / "checkpoint.old").exists()
+    assert not (run / "checkpoint.tmp").exists()
+
+
+def test_resume_refuses_rows_that_disagree_with_the_progress(tmp_path):
+    run = _fake_run(tmp_path / "run", episodes=3, commits=2)  # progress says 3, rows hold 2
+    with pytest.raises(ValueError, match=r"holds 2 full episodes but the committed progress says "
+                                         r"3; they must agree"):
+        _recover(run)
+
+
+def test_resume_refuses_a_run_folder_without_config_json(tmp_path):
+    from test_meta import _train_args
+
+    from qan_ray.meta import run_train
+
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "progress.json").write_text('{"episodes": 2}')
+    with pytest.raises(FileNotFoundError, match=r"config.json' is missing, so the run's task .* "
+                                                r"it must exist to resume"):
+        run_train(_train_args("--out", str(tmp_path), "--resume"))
+
+
+def test_corrupt_progress_and_parquet_name_the_file(tmp_path):
+    from qan_ray.records import read_json
+
+    (tmp_path / "progress.json").write_text('{"episodes": 2, "run')
+    with pytest.raises(ValueError, match=r"progress.json \(the progress\) is not valid JSON"):
+        read_json(tmp_path / "progress.json", "the progress", "Fix.")
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "part-c000000.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(ValueError, match=r"part-c000000.parquet is not a readable Parquet part"):
+        read_parts(tmp_path / "steps")
+
+
+def test_swap_dir_killed_in_the_middle_leaves_the_old_folder(tmp_path):
+    code = ("import sys; from pathlib import Path; from qan_ray.records import swap_dir; "
+            "d = Path(sys.argv[1]); (d / 'new').mkdir(); (d / 'new' / 'f').write_text('new'); "
+            "swap_dir(d / 'new', d / 'final')")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "f").write_text("old")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env={
+        **ENV, "QAN_FAULT": "swap-dir"}, cwd=ROOT, capture_output=True, timeout=60)
+    assert out.returncode == 86  # os._exit at the fault point: no cleanup ran
+    from qan_ray.records import recover_dir
+
+    assert recover_dir(tmp_path / "final") == tmp_path / "final"
+    assert (tmp_path / "final" / "f").read_text() == "old"
+
+
+def test_output_folders_are_checked_before_any_work(tmp_path):
+    from qan_ray.records import writable_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out is '.*file' but '.*file' is a file; it must be "
+                                         r"a folder"):
+        writable_dir(tmp_path / "file", "--out")
+    with pytest.raises(ValueError, match=r"--out is '.*file/sub' but '.*file' is a file"):
+        writable_dir(tmp_path / "file" / "sub", "--out")
+    assert writable_dir(tmp_path / "new" / "deep", "--out").is_dir()
+
+
+def test_corrupt_mnist_idx_names_the_file(tmp_path):
+    from qan_ray.data import _load_mnist_like
+    from qan_ray.formats import write_mnist
+
+    write_mnist(tmp_path, n_train=20, n_test=10)
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte holds 1000 bytes but its "
+                                         r"header \[20, 28, 28\] needs 15696; it is truncated.* "
+                                         r"Replace the file"):
+        _load_mnist_like("mnist", str(tmp_path), download=False)
+    images.write_bytes(b"\x12\x34\x56\x78" + b"\0" * 100)
+    with pytest.raises(ValueError, match=r"has magic 12345678; an MNIST IDX file starts with"):
+        _load_mnist_like("mnist", str(tmp_path), download=False)
+
+
+def test_reported_bests_ignore_diverged_trials():
+    from qan_ray.summaries import run_summary, trial_table
+
+    rows = [{"epochs": 1.0, "trial": "a", "iteration": 1, "val_accuracy": 0.6, "lr": 0.1,
+             "test_accuracy": None, "diverged": False},
+            {"epochs": 2.0, "trial": "b", "iteration": 1, "val_accuracy": 0.1, "lr": 9.0,
+             "test_accuracy": 0.1, "diverged": True}]
+    assert run_summary("fifo", 0, rows, 2, 1.0, 2)["best_val_accuracy"] == 0.6
+    table = trial_table(rows)
+    assert table["b"]["diverged"] and table["b"]["best"] != table["b"]["best"]  # nan
+    only_diverged = run_summary("fifo", 0, rows[1:], 1, 1.0, 2)["best_val_accuracy"]
+    assert only_diverged != only_diverged  # nan: no best from a diverged trial
+
+
+def test_a_minibatch_controller_sets_minibatch_trials_and_a_mismatch_is_refused(tmp_path):
+    from qan_ray.protocol import Protocol, align_action_mode
+
+    mb = fixed_action_controller(action=3, action_mode="minibatch").save(tmp_path / "mb")
+    lr = fixed_action_controller(action=2).save(tmp_path / "lr")
+    proto = Protocol(task_config={"task": "digits-mlp"}, policy=str(mb))
+    assert align_action_mode(["qan"], proto) == "minibatch"
+    assert proto.task_config["action_mode"] == "minibatch"  # the trials follow the controller
+    proto = Protocol(task_config={"task": "digits-mlp", "action_mode": "minibatch"},
+                     policy=str(lr))
+    with pytest.raises(ValueError, match=r"`action_mode` is 'minibatch' but the controller was "
+                                         r"trained with action_mode 'lr'"):
+        align_action_mode(["qan", "fifo"], proto)
+
+
+# --- real Ray, in process ------------------------------------------------------------------------
+def _meta(**kw):
+    from qan_ray.meta import MetaConfig
+
+    base = dict(episodes=3, num_actors=1, cpus_per_actor=0.5, learning_starts=4,
+                training_intensity=4.0, hidden=(8,), select_every=0)
+    return MetaConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("fault", ["after-parquet:2:raise", "swap-dir:2:raise"])
+def test_crash_between_commit_steps_then_resume_has_the_seeds_of_an_uninterrupted_run(
+        ray_session, tmp_path, monkeypatch, fault):
+    from qan_ray.actors import episode_seed
+    from qan_ray.meta import MetaTrainer
+    from qan_ray.records import FaultInjected
+
+    out = tmp_path / "run"
+    mt = MetaTrainer(QAN, _meta(), out, log=lambda *_: None)
+    monkeypatch.setenv("QAN_FAULT", fault)
+    with pytest.raises(FaultInjected):
+        mt.train()
+    mt.stop()
+    monkeypatch.delenv("QAN_FAULT")
+    resumed = MetaTrainer(QAN, _meta(), out, resume=True, log=lambda *_: None)
+    try:
+        assert resumed.progress["episodes"] == 1  # the commit the crash cut is not there
+        resumed.train()
+    finally:
+        resumed.stop()
+    rows = read_parts(out / "steps").to_pylist()
+    assert read_parts(out / "steps").schema == STEP_SCHEMA
+    episodes = sorted({(r["episode"], r["global_episode"], r["seed"]) for r in rows})
+    # an uninterrupted 1-actor run trains global episodes 0, 1, 2 with their seeds
+    assert episodes == [(i, i, episode_seed(0, i)) for i in range(3)]
+    assert len(rows) == 3 * (resumed.steps_per_episode + 1)  # no duplicate steps
+    assert json.loads((out / "progress.json").read_text())["episodes"] == 3
+
+
+def test_a_run_whose_folder_disappears_stops_with_an_error(ray_session, tmp_path):
+    import shutil
+
+    from qan_ray.meta import MetaTrainer
+
+    out = tmp_path / "run"
+    mt = MetaTrainer(QAN, _meta(episodes=2), out, log=lambda *_: None)
+    try:
+        mt.train(until=1)
+        shutil.rmtree(out)
+        with pytest.raises(FileNotFoundError, match=r"disappeared during the run; it must stay "
+                                                    r"in place"):
+            mt.train(until=2)
+        assert not out.exists()  # never silently recreated
+    finally:
+        mt.stop()
+
+
+def test_a_killed_trainer_actor_is_replaced_in_seconds_and_its_episode_flagged(ray_session):
+    import ray
+
+    from qan_ray.actors import ActorEnv, start_episode_counter
+
+    start_episode_counter("episodes-kill", [])
+    env = ActorEnv({"qan": QAN.to_dict(), "resources": {"cpus_per_actor": 0.5}, "run": "kill",
+                    "counter": "episodes-kill", "meta_seed": 0})
+    env.reset()
+    env.step(2)
+    ray.kill(env._actor, no_restart=True)
+    t0 = time.perf_counter()
+    obs, reward, terminated, truncated, info = env.step(2)
+    seconds = time.perf_counter() - t0
+    print(f"\ntrainer actor replaced in {seconds:.2f}s (start {env.replace_seconds[0]:.2f}s)")
+    assert truncated and info["actor_replaced"] and info["replacement"] == "trainer-kill-0-0-r1"
+    assert seconds < 10.0
+    cut = env.finished[0]
+    assert all(r["truncated"] and r["global_episode"] == 0 for r in cut)
+    env.reset()  # the next episode: a new index, never the cut one again
+    assert (env.index, env.seed) == (1, 10_000_001)
+    env.close()
+
+
+# --- the CLI in a subprocess ---------------------------------------------------------------------
+TRAIN = ("train", "--task", "digits-mlp", "--epochs-per-episode", "1", "--control-interval", "35",
+         "--num-actors", "1", "--cpus-per-actor", "0.5", "--learning-starts", "4",
+         "--q-hidden", "8")
+
+
+def _wait_for(proc: subprocess.Popen, path: Path, what, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if path.exists() and what(path):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{path} never showed {what} (rc {proc.poll()})")
+
+
+@pytest.mark.e2e
+def test_sigint_on_train_exports_the_controller_and_a_sigkill_resume_is_exact(tmp_path):
+    from policies.qnet import load_controller
+    from qan_ray.actors import episode_seed
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *TRAIN, "--episodes", "20",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, cwd=ROOT)
+    _wait_for(proc, out / "progress.json", lambda p: json.loads(p.read_text())["episodes"] >= 1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Continue with: qan train --out" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    assert load_controller(out).spec.provenance["episodes"] >= 1  # exported at the interrupt
+    # resume, killed (os._exit: no cleanup) right after its second Parquet part, resume again
+    done = json.loads((out / "progress.json").read_text())["episodes"]
+    killed = qan(*TRAIN, "--episodes", str(done + 3), "--out", str(out), "--resume",
+                 env={"QAN_FAULT": "after-parquet:2"})
+    assert killed.returncode == 86, killed.stderr[-2000:]
+    final = qan(*TRAIN, "--episodes", str(done + 3), "--out", str(out), "--resume")
+    assert final.returncode == 0, final.stderr[-2000:]
+    rows = read_parts(out / "steps").to_pylist()
+    full = sorted({(r["episode"], r["global_episode"], r["seed"]) for r in rows})
+    n = json.loads((out / "progress.json").read_text())["episodes"]
+    assert n >= done + 3
+    assert full == [(i, i, episode_seed(0, i)) for i in range(n)]  # as an uninterrupted run
+    assert len(rows) == n * 5  # reset row + 4 control steps each, no duplicates
+
+
+@pytest.mark.e2e
+def test_outputs_and_controllers_are_checked_before_ray_starts(tmp_path):
+    ctrl = fixed_action_controller(action=2).save(tmp_path / "ctrl")
+    (tmp_path / "file").write_text("x")
+    out = qan("evaluate", "--controller", str(ctrl), "--out", str(tmp_path / "file"))
+    assert out.returncode == 2 and "is a file; it must be a folder" in out.stderr
+    assert "evaluating" not in out.stdout  # refused before any episode
+    out = qan("tune", "--policy", str(ctrl), "--out", str(tmp_path / "t"), "--storage-path",
+              str(tmp_path / "file" / "ray"))
+    assert out.returncode == 2 and "--storage-path is" in out.stderr
+    out = qan("tune", "--policy", str(ctrl), "--action-mode", "minibatch", "--out",
+              str(tmp_path / "t"))
+    assert out.returncode == 2 and "trained with action_mode 'lr'" in out.stderr
+    (ctrl / "qnet.pt").write_bytes((ctrl / "qnet.pt").read_bytes()[:50])  # truncated
+    out = qan("compare", "--policy", str(ctrl), "--out", str(tmp_path / "c"))
+    assert out.returncode == 2 and "qnet.pt is not a readable controller" in out.stderr
+    assert "weights_only=False" not in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "c" / "ray").exists()  # no Ray experiment was started
+
+
+def _interrupt_when(proc: subprocess.Popen, rows: Path) -> tuple[str, str]:
+    _wait_for(proc, rows, lambda p: len(p.read_text().splitlines()) >= 1)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=180)
+
+
+@pytest.mark.e2e
+def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(tmp_path):
+    out = tmp_path / "tune"
+    args = ["tune", "--scheduler", "fifo", "--samples", "2", "--epochs", "3",
+            "--max-concurrent", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    stdout, stderr = _interrupt_when(proc, out / "experiments" / "fifo-s0" / "rows.jsonl")
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "--resume" in stderr and "best val acc" not in stdout
+    resumed = qan(*args, "--resume", timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "6 epochs in total" in resumed.stdout
+
+
+@pytest.mark.e2e
+def test_interrupted_compare_writes_no_mixed_table_and_reuses_finished_runs(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--schedulers", "fifo,asha", "--samples", "2", "--epochs", "2",
+            "--max-concurrent", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    stdout, stderr = _interrupt_when(proc, out / "experiments" / "asha-s0" / "rows.jsonl")
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Finished: ['fifo seed 0']" in stderr and "No table was written" in stderr
+    assert not (out / "compare.md").exists()
+    again = qan(*args, timeout=400)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "fifo           seed 0: finished before, reused" in again.stdout
+    rows = pq.read_table(out / "compare.parquet").to_pylist()
+    assert [(r["scheduler"], r["total_epochs"]) for r in rows] == [("fifo", 4.0), ("asha", 4.0)]
