@@ -54,6 +54,9 @@ SIGNAL_NAMES = (
 )
 SLOPE_WINDOW, NOISE_WINDOW = 3, 5
 LR_MODES = ("lr", "minibatch")
+LR_SCHEDULES = ("constant", "cosine")
+CORRECTION_RANGE = (1 / 1024, 1024.0)
+"""Bounds of the cosine schedule's correction factor (the LR itself is clamped too)."""
 
 
 def _safe_log(x: float) -> float:
@@ -231,13 +234,22 @@ class ActionSpec:
     lr_max: float = 1.0
     num_classes: int = 10
     """Minibatch mode: one action per class."""
+    schedule: str = "constant"
+    """constant: an action multiplies the current LR | cosine: an action multiplies a correction
+    c of a cosine decay from the run's initial LR, lr = clamp(lr0 * c * (1 + cos(pi p)) / 2) at
+    progress p, so the keep action is plain cosine (a strong baseline) and the controller only
+    learns deviations from it."""
 
     @classmethod
     def from_config(cls, cfg) -> ActionSpec:
         return cls(mode=cfg.action_mode, lr_factors=tuple(cfg.lr_factors),
-                   restart_lr=cfg.restart_lr, lr_min=cfg.lr_min, lr_max=cfg.lr_max)
+                   restart_lr=cfg.restart_lr, lr_min=cfg.lr_min, lr_max=cfg.lr_max,
+                   schedule=getattr(cfg, "lr_schedule", "constant"))
 
     def validate(self) -> ActionSpec:
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"LR schedule {self.schedule!r} must be one of {LR_SCHEDULES}. "
+                             "Re-export the controller with `qan train`.")
         if self.mode not in LR_MODES:
             raise ValueError(f"action mode {self.mode!r} must be one of {LR_MODES}. Re-export the "
                              "controller with `qan train`.")
@@ -282,17 +294,37 @@ class ActionSpec:
             return self.clamp(lr * self.lr_factors[action])
         return self.clamp(float(self.restart_lr))
 
+    def next_correction(self, correction: float, action: int, initial_lr: float) -> float:
+        """Cosine schedule: the correction after `action` (restart: the correction that puts the
+        schedule's start at restart_lr), within CORRECTION_RANGE."""
+        action = int(action)
+        if not 0 <= action < self.num_actions:
+            raise ValueError(f"action {action} is outside 0..{self.num_actions - 1} for action "
+                             f"mode {self.mode!r}.")
+        if self.mode == "minibatch":
+            return float(correction)
+        c = (correction * self.lr_factors[action] if action < len(self.lr_factors)
+             else float(self.restart_lr) / initial_lr)
+        return float(min(max(c, CORRECTION_RANGE[0]), CORRECTION_RANGE[1]))
+
+    def scheduled_lr(self, initial_lr: float, correction: float, progress: float) -> float:
+        """Cosine schedule: the LR of the interval starting at `progress` (0..1)."""
+        p = min(max(float(progress), 0.0), 1.0)
+        return self.clamp(initial_lr * correction * 0.5 * (1.0 + math.cos(math.pi * p)))
+
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "lr_factors": list(self.lr_factors),
                 "restart_lr": self.restart_lr, "lr_min": self.lr_min, "lr_max": self.lr_max,
-                "labels": self.labels, "num_actions": self.num_actions}
+                "schedule": self.schedule, "labels": self.labels,
+                "num_actions": self.num_actions}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ActionSpec:
         return cls(mode=d.get("mode", "lr"), lr_factors=tuple(d.get("lr_factors",
                                                                     cls.lr_factors)),
                    restart_lr=d.get("restart_lr"), lr_min=float(d.get("lr_min", 1e-5)),
-                   lr_max=float(d.get("lr_max", 1.0))).validate()
+                   lr_max=float(d.get("lr_max", 1.0)),
+                   schedule=d.get("schedule", "constant")).validate()
 
 
 def write_lr(optimizer, lr: float) -> float:

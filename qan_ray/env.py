@@ -41,6 +41,8 @@ class TargetTrainingEnv(gym.Env):
         if cfg.mm_coef > 0:
             self.trainer.set_reference(reference_run(cfg, self.trainer.device))
         self.observer = Observer(observation_spec(cfg), cfg.lr)
+        self.actions = action_spec(cfg)
+        self._correction = 1.0
         size = self.observer.spec.size
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (size,), np.float32)
         self.action_space = gym.spaces.Discrete(cfg.num_actions)
@@ -61,6 +63,7 @@ class TargetTrainingEnv(gym.Env):
             u = np.random.default_rng(episode_seed).uniform(low, high)
             initial_lr = tr.set_lr(math.exp(u))
         self.observer.reset(initial_lr)
+        self._correction = 1.0  # lr_schedule cosine: the controller's factor on the schedule
         val_loss, val_acc = tr.evaluate("val")
         self._t = 0
         self._last = {"train_loss": tr.initial_loss, "val_loss": val_loss, "val_accuracy": val_acc}
@@ -69,7 +72,12 @@ class TargetTrainingEnv(gym.Env):
 
     def step(self, action):
         tr, cfg = self.trainer, self.cfg
-        apply_action(tr, int(action))
+        if self.actions.schedule == "cosine" and self.actions.mode == "lr":
+            self._correction = self.actions.next_correction(self._correction, int(action),
+                                                            self.initial_lr)
+            tr.set_lr(self.actions.scheduled_lr(self.initial_lr, self._correction, tr.progress))
+        else:
+            apply_action(tr, int(action))
         train_loss = tr.train(min(cfg.control_interval, tr.total_batches - tr.step))
         self._t += 1
         if tr.diverged(train_loss):

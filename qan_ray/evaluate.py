@@ -104,8 +104,9 @@ def eval_seeds(n: int) -> list[int]:
 
 
 def baseline_config(cfg: QANConfig) -> QANConfig:
-    """Baselines: uniform batches (lr mode), a keep action available, meta-momentum off."""
-    base = cfg.replace(action_mode="lr", mm_coef=0.0)
+    """Baselines: uniform batches (lr mode), a keep action available, meta-momentum off, and
+    the LR they set held until the next control point (no controller schedule underneath)."""
+    base = cfg.replace(action_mode="lr", mm_coef=0.0, lr_schedule="constant")
     if 1.0 not in base.lr_factors:
         base = base.replace(lr_factors=(*base.lr_factors, 1.0))
     return base
@@ -262,9 +263,11 @@ def configure_evaluate(p: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from policies.qnet import load_controller
     from qan_ray.config import _FIELDS
+    from qan_ray.records import writable_dir
 
     if args.seeds < 1:
         raise ValueError(f"`--seeds` is {args.seeds}; it must be >= 1. Try --seeds 3.")
+    writable_dir(args.out, "--out")  # before any compute: never lose the results at the end
     controller = load_controller(args.controller)
     trained = controller.spec.task
     flags = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}

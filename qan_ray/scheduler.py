@@ -236,7 +236,9 @@ class QANScheduler(FIFOScheduler):
         if not core.should_act(decision, due, fresh, healthy, core.finished(result)):
             return decision
         action = greedy_action(self.controller.q_values(obs), self.fallback)
-        changed = self._act(trial, state, iteration, action)
+        progress = result.get(core.PROGRESS_KEY)
+        changed = self._act(trial, state, iteration, action,
+                            float(progress) if core.is_finite(progress) else 0.0)
         self._persist(force=False)
         final = core.merge_decision(decision, state.via_channel, changed)
         if final == TrialScheduler.PAUSE and decision != TrialScheduler.PAUSE:
@@ -375,14 +377,21 @@ class QANScheduler(FIFOScheduler):
         labels = self.rule.labels
         return labels[action] if action < len(labels) else str(action)
 
-    def _act(self, trial: Trial, state: TrialState, iteration: int, action: int) -> bool:
-        """Apply `action` to the trial; True if the hyperparameters changed."""
+    def _act(self, trial: Trial, state: TrialState, iteration: int, action: int,
+             progress: float = 0.0) -> bool:
+        """Apply `action` to the trial; True if the hyperparameters changed. `progress`: the
+        trial's budget done (the cosine schedule's position for the next iteration)."""
         if self.action_mode == "minibatch":
             state.record_action(iteration, action, state.lr)
             trial.set_config({**trial.config, "focus_class": int(action)})
             self._publish(trial.trial_id, state, {"focus_class": int(action)})
             return True
-        new_lr = self.rule.next_lr(state.lr, action)
+        if self.rule.schedule == "cosine":  # the action corrects a cosine decay
+            state.correction = self.rule.next_correction(state.correction, action,
+                                                         state.initial_lr)
+            new_lr = self.rule.scheduled_lr(state.initial_lr, state.correction, progress)
+        else:
+            new_lr = self.rule.next_lr(state.lr, action)
         changed = not math.isclose(new_lr, state.lr, rel_tol=1e-12)
         if not changed:
             state.history.append([iteration, action, state.lr])

@@ -141,13 +141,15 @@ class TrialState:
     """iteration -> the LR that iteration trained with (a repeat after a rollback overwrites)."""
     skipped: str | None = None
     """Why QAN does not drive this trial (its observation does not fit); None = it does."""
+    correction: float = 1.0
+    """lr_schedule cosine: the controller's factor on the cosine decay from initial_lr."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "initial_lr": self.initial_lr, "version": self.version,
                 "last_iteration": self.last_iteration, "acted_iteration": self.acted_iteration,
                 "via_channel": self.via_channel, "history": [list(h) for h in self.history],
                 "trained": {str(k): v for k, v in self.trained.items()},
-                "skipped": self.skipped}
+                "skipped": self.skipped, "correction": self.correction}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialState:
@@ -158,7 +160,7 @@ class TrialState:
                    via_channel=bool(d.get("via_channel", False)),
                    history=[list(h) for h in d.get("history", [])],
                    trained={int(k): float(v) for k, v in d.get("trained", {}).items()},
-                   skipped=d.get("skipped"))
+                   skipped=d.get("skipped"), correction=float(d.get("correction", 1.0)))
 
     def record_action(self, iteration: int, action: int, lr: float) -> None:
         self.history.append([int(iteration), int(action), float(lr)])

@@ -175,3 +175,31 @@ def test_write_lr_sets_every_param_group_and_clean_counts_nonfinite():
     assert obs.tolist() == [1.0, 0.0, 0.0, 2.0]
     with pytest.raises(ValueError, match="has 3 values but the controller expects 392"):
         clean([0.0] * 3, 392)
+
+
+def test_cosine_schedule_keep_is_plain_cosine_and_actions_correct_it():
+    a = ActionSpec(schedule="cosine", lr_min=1e-5, lr_max=1.0)
+    assert a.scheduled_lr(0.2, 1.0, 0.0) == pytest.approx(0.2)
+    assert a.scheduled_lr(0.2, 1.0, 0.5) == pytest.approx(0.1)
+    assert a.scheduled_lr(0.2, 1.0, 1.0) == 1e-5  # clamped at lr_min
+    c = a.next_correction(1.0, 4, 0.2)  # x2
+    assert c == 2.0 and a.scheduled_lr(0.2, c, 0.5) == pytest.approx(0.2)
+    assert a.next_correction(1.0, 2, 0.2) == 1.0  # keep
+    with pytest.raises(ValueError, match="LR schedule 'linear'"):
+        ActionSpec(schedule="linear").validate()
+
+
+def test_env_with_a_cosine_schedule_and_keep_actions_follows_cosine_exactly():
+    cfg = from_dict(task="digits-mlp", device="cpu", epochs_per_episode=1.0, lr=0.2,
+                    lr_schedule="cosine")
+    env = TargetTrainingEnv(cfg)
+    env.reset(seed=0)
+    lrs, expected, done = [], [], False
+    while not done:
+        expected.append(0.2 * 0.5 * (1 + math.cos(math.pi * env.trainer.progress)))
+        _, _, done, _, info = env.step(2)  # keep
+        lrs.append(info["lr"])
+    assert lrs == pytest.approx(expected)
+    env.reset(seed=0)
+    env.step(4)  # x2 on the schedule
+    assert env.trainer.lr == pytest.approx(0.4) and env._correction == 2.0

@@ -4,6 +4,7 @@ by hand with small stand-in trials (no Ray session either: no channel, so the re
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from controllers import fixed_action_controller
@@ -342,3 +343,18 @@ def test_no_action_after_the_last_iteration_so_config_lr_is_the_last_trained():
     assert s.on_trial_result(tc, trial, _result(2, 0.5, qan_progress=1.0)) == CONTINUE
     assert trial.config["lr"] == 0.05 == s.schedule_rows("t0")[-1]["lr"]
 
+
+
+def test_cosine_controller_keeps_trials_on_the_cosine_schedule():
+    from qan_ray.scheduler import QANScheduler
+
+    s = QANScheduler(policy=fixed_action_controller(action=2, lr_schedule="cosine"), metric="m",
+                     mode="max")  # always keep
+    trial = StandInTrial("t0", 0.2)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    for it, progress in ((1, 0.25), (2, 0.5)):
+        s.on_trial_result(tc, trial, _result(it, 0.5, qan_progress=progress))
+        cosine = 0.2 * 0.5 * (1 + math.cos(math.pi * progress))
+        assert trial.config["lr"] == pytest.approx(cosine)
+    assert s.trial_state("t0").correction == 1.0
