@@ -114,7 +114,13 @@ def _load_mnist_like(kind: str, root: str, download: bool):
     try:
         train = cls(root, train=True, download=download)
         test = cls(root, train=False, download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True"
+    except (RuntimeError, AssertionError, ValueError, IndexError) as err:
+        from qan_ray.formats import check_idx_folder
+
+        check_idx_folder(os.path.join(root, cls.__name__, "raw"))  # a corrupt IDX file: named
+        if not isinstance(err, RuntimeError):
+            raise
+        # torchvision: "Dataset not found. You can use download=True"
         raise _missing(kind, root, f"{os.path.join(root, cls.__name__, 'raw')}/"
                        "train-images-idx3-ubyte etc.") from err
     def prep(ds):
