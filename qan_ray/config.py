@@ -4,7 +4,9 @@
 CLI. Every field is validated in `validate()`; bad input raises `ValueError` naming the value, the
 rule and the fix. Presets (`TASK_PRESETS`) fill in dataset/model/optimizer for a task name; a
 task of your own, "module:function" (qan_ray.tasks, docs/user_tasks.md), fills them from the
-`UserTask.config` its function returns, with dataset and model "user".
+`UserTask.config` its function returns, with dataset and model "user". `tasks` turns the config
+into a task distribution for meta-training (qan_ray.distribution): every episode draws its own
+task from the episode seed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "user")
 EMBEDDED_DATASETS = ("digits", "mnist1d")  # built in-process: no data_root, no download
-MODELS = ("mlp", "lenet", "cnn1d", "wrn", "user")
+MODELS = ("mlp", "lenet", "cnn1d", "cnn2d", "wrn", "user")
 USER = "user"  # dataset and model of a module:function task: the task supplies both
 OPTIMIZERS = ("sgd", "adam")
 ACTION_MODES = ("lr", "minibatch")
@@ -43,6 +45,11 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
     "mnist1d-cnn": dict(
         dataset="mnist1d", model="cnn1d", optimizer="sgd", lr=0.1, momentum=0.9,
         batch_size=100, epochs_per_episode=40.0, control_interval=32,
+    ),
+    # A small 2-D CNN (two 3x3 convs + pooling + a Linear head) on the embedded digits.
+    "digits-cnn": dict(
+        dataset="digits", model="cnn2d", optimizer="sgd", lr=0.05, momentum=0.9,
+        batch_size=32, epochs_per_episode=8.0, control_interval=10,
     ),
     "mnist-mlp": dict(
         dataset="mnist", model="mlp", hidden=(256,), optimizer="sgd", lr=0.05, momentum=0.9,
@@ -91,6 +98,16 @@ class QANConfig:
     """A preset name (TASK_PRESETS), or your own task as module:function (a function returning
     qan_ray.tasks.UserTask: model factory, data, optimizer settings; docs/user_tasks.md). It
     fills the fields below that are not given."""
+    tasks: tuple[str, ...] = ()
+    """Meta-train on a task distribution instead of the single `task`: each episode draws one
+    task from the episode seed, uniformly over the names given here. A name is a distribution
+    (generalist: digits and MNIST-1D; MLPs 1-4 layers of width 32-512, 1-D and 2-D CNNs; SGD,
+    momentum, Nesterov, Adam; batch 16-256; a log-uniform initial LR over 3 decades; one decision
+    per epoch), a preset or your own module:function. Empty = the single `task`."""
+    holdout: tuple[str, ...] = ()
+    """Families left out of the `tasks` distribution (for transfer tests): a dataset (digits,
+    mnist1d), a model (mlp, cnn1d, cnn2d) or model family (cnn), a dataset-model pair
+    (mnist1d-mlp, digits-cnn), an optimizer (sgd, momentum, nesterov, adam) or a task name."""
     dataset: str = "digits"
     """digits (embedded, no download) | mnist1d (MNIST-1D, built by its generator, no download) |
     mnist | fashion-mnist | cifar10 | user (the data of a module:function task)."""
@@ -109,7 +126,8 @@ class QANConfig:
     """Random flip + pad-4 crop on the device (CIFAR-10)."""
 
     model: str = "mlp"
-    """mlp | lenet (the paper's MNIST CNN) | cnn1d (the MNIST-1D paper's 1-D CNN) | wrn
+    """mlp | lenet (the paper's MNIST CNN) | cnn1d (the MNIST-1D paper's 1-D CNN) | cnn2d (a
+    small 2-D CNN: two 3x3 convs + pooling + a Linear head, any image size) | wrn
     (WideResNet-depth-width) | user (the model factory of a module:function task)."""
     hidden: tuple[int, ...] = (64,)
     """Hidden layer widths of the MLP."""
@@ -264,6 +282,9 @@ class QANConfig:
         if self.model == "wrn" and self.dataset == "mnist1d":
             raise bad("model", self.model, "WideResNet needs (C, H, W) images and mnist1d gives "
                       "1-D signals of shape (1, 40)", "Use --model cnn1d or mlp.")
+        if self.model == "cnn2d" and self.dataset == "mnist1d":
+            raise bad("model", self.model, "the 2-D CNN needs (C, H, W) images and mnist1d gives "
+                      "1-D signals of shape (1, 40)", "Use --model cnn1d or mlp.")
         if self.model == "cnn1d" and self.dataset != "mnist1d":
             raise bad("model", self.model, f"the 1-D CNN needs 1-D signals, but dataset "
                       f"{self.dataset!r} gives images", "Use --dataset mnist1d (or --task "
@@ -332,6 +353,10 @@ class QANConfig:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise bad("device", self.device, "it must be auto, cpu, cuda or cuda:N",
                       "Try --device auto.")
+        if self.tasks or self.holdout:
+            from qan_ray.distribution import check_distribution  # the members' rules
+
+            check_distribution(self)
         return self
 
 
@@ -361,7 +386,10 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
     merged.update({k: v for k, v in given.items()
                    if v is not None or _FIELDS[k].default is None})
     merged["task"] = task
-    for key in ("hidden", "lr_factors", "monitored_layers", "lr_init_range"):
+    for key in ("tasks", "holdout"):  # "generalist" or "a,b" means those names, not letters
+        if isinstance(merged.get(key), str):
+            merged[key] = tuple(t.strip() for t in merged[key].split(",") if t.strip())
+    for key in ("hidden", "lr_factors", "monitored_layers", "lr_init_range", "tasks", "holdout"):
         if merged.get(key) is not None and not isinstance(merged[key], tuple):
             merged[key] = tuple(merged[key])
     return QANConfig(**merged).validate()

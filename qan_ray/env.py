@@ -8,7 +8,8 @@ NaN/inf or loss > divergence_factor x L_0) ends the episode with -divergence_pen
 raises. The last step of an episode that did not diverge also pays the terminal reward of the
 final_* rewards (qan_ray.rewards) and, whatever the reward, -chance_penalty if the run's val
 accuracy is still within 2 points of chance. Constructed from a plain config dict, so RLlib can
-build it by name.
+build it by name. With `cfg.tasks` (qan_ray.distribution) every reset draws the episode's task
+from its seed: `cfg`, `trainer` and `total_steps` follow that task, the spaces do not.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import numpy as np
 from qan_ray.config import QANConfig, from_dict
 from qan_ray.contract import Observer, observation_spec
 from qan_ray.control import action_spec, apply_action
+from qan_ray.distribution import describe, sample_task, trainer_key
 from qan_ray.rewards import chance_penalty, step_reward, terminal_reward
 from qan_ray.trainer import TargetTrainer, reference_run
 
 # Every entry is a symlog statistic, a log loss/LR, an accuracy, a fraction or a count of
 # non-finite entries: far inside this bound.
 OBS_BOUND = 1e6
+TRAINER_CACHE = 8  # trainers a task-distribution env keeps (tiny models, shared data)
 
 
 class TargetTrainingEnv(gym.Env):
@@ -49,12 +52,16 @@ class TargetTrainingEnv(gym.Env):
         self.total_steps = math.ceil(self.trainer.total_batches / cfg.control_interval)
         self.episodes_started = 0
         self._last: dict[str, float] = {}
+        self.base_cfg = cfg  # with cfg.tasks, self.cfg is the current episode's task
+        self._trainers: dict[str, TargetTrainer] = {}
 
     # --- gymnasium API -----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         episode_seed = seed if seed is not None else self.cfg.seed + self.episodes_started
         self.episodes_started += 1
+        if self.base_cfg.tasks:
+            self._episode_trainer(episode_seed)
         tr = self.trainer
         tr.reset(episode_seed)
         initial_lr = self.cfg.lr
@@ -99,6 +106,21 @@ class TargetTrainingEnv(gym.Env):
         return obs, float(reward), bool(terminated), False, self._info(diverged=False)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _episode_trainer(self, seed: int) -> None:
+        """A task distribution's episode: draw its task from the seed, and build its trainer or
+        reuse one of an earlier episode that differs only in LR and seed (a few per process)."""
+        task = sample_task(self.base_cfg, seed)
+        key = trainer_key(task)
+        tr = self._trainers.pop(key, None)
+        if tr is None:
+            tr = TargetTrainer(task, device=self.trainer.device)
+        tr.cfg = task  # same key: same data, model and batch plan; reset() applies LR and seed
+        self._trainers[key] = tr  # most recently used last
+        while len(self._trainers) > TRAINER_CACHE:
+            self._trainers.pop(next(iter(self._trainers)))
+        self.cfg, self.trainer = task, tr
+        self.total_steps = math.ceil(tr.total_batches / task.control_interval)
+
     def _episode_end_reward(self, val_loss: float, val_acc: float) -> float:
         """Paid once, on the last step of an episode that did not diverge: the terminal part of
         the reward (final_val, final_acc; 0 for the per-step kinds) plus the chance penalty."""
@@ -121,7 +143,7 @@ class TargetTrainingEnv(gym.Env):
     def _info(self, diverged: bool) -> dict[str, Any]:
         tr = self.trainer
         info = {"lr": tr.lr, "step": self._t, "batches": tr.step, "diverged": diverged,
-                **self._last}
+                "task": describe(self.cfg), **self._last}
         if self.cfg.action_mode == "minibatch":  # samples per class in the batches just used
             info["composition"] = tr.batch_composition()
         return info

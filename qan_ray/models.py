@@ -1,5 +1,6 @@
-"""Target networks: an MLP, the paper's LeNet-style MNIST CNN, the MNIST-1D paper's small 1-D CNN
-and WideResNet WRN-d-k (plus the model factory of a `module:function` user task, qan_ray.tasks)."""
+"""Target networks: an MLP, the paper's LeNet-style MNIST CNN, the MNIST-1D paper's small 1-D CNN,
+a small 2-D CNN for any image size and WideResNet WRN-d-k (plus the model factory of a
+`module:function` user task, qan_ray.tasks)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,29 @@ class CNN1D(nn.Module):
                              "Use --model mlp for shorter inputs.")
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * size, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CNN2D(nn.Module):
+    """A small 2-D CNN for images of any size >= 4x4 (8x8 digits, 28x28 MNIST, 32x32 CIFAR):
+    conv `channels` 3x3 p1, ReLU, maxpool 2, conv 2 x `channels` 3x3 p1, ReLU, maxpool 2, then
+    Linear to the classes (8x8 -> 4 -> 2, so 32 x 2 x 2 = 128 features; 28x28 -> 14 -> 7)."""
+
+    def __init__(self, in_channels: int = 1, image_size: tuple[int, int] = (8, 8),
+                 num_classes: int = 10, channels: int = 16):
+        super().__init__()
+        h, w = image_size
+        if h < 4 or w < 4:
+            raise ValueError(f"the 2-D CNN pools twice by 2, so it needs images of at least 4x4; "
+                             f"got {h}x{w}. Use --model mlp for smaller inputs.")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4), num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -126,12 +150,14 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.
                              "sample; the 1-D CNN needs (channels, length) signals such as "
                              "mnist1d's (1, 40). Use --task mnist1d-cnn, or --model mlp.")
         return CNN1D(input_shape[0], input_shape[1], num_classes)
-    if cfg.model not in ("lenet", "wrn"):
-        raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet, cnn1d or wrn (or "
-                         "user, with a module:function task). Try --model mlp.")
+    if cfg.model not in ("lenet", "cnn2d", "wrn"):
+        raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet, cnn1d, cnn2d or wrn "
+                         "(or user, with a module:function task). Try --model mlp.")
     c, h, w = _image_shape(cfg.model, input_shape)
     if cfg.model == "lenet":
         return LeNet(c, num_classes, h)
+    if cfg.model == "cnn2d":
+        return CNN2D(c, (h, w), num_classes)
     return WideResNet(cfg.wrn_depth, cfg.wrn_width, c, num_classes)
 
 

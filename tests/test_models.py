@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from qan_ray.config import from_dict
-from qan_ray.models import LeNet, WideResNet, build_model
+from qan_ray.models import CNN2D, LeNet, WideResNet, build_model
 
 
 def test_wideresnet_10_1_output_shape_and_depth():
@@ -42,10 +42,34 @@ def test_build_model_rejects_an_unknown_model_name():
         model, task = "resnet", "digits-mlp"
 
     with pytest.raises(ValueError,
-                       match="`model` is 'resnet'; it must be mlp, lenet, cnn1d or wrn"):
+                       match="`model` is 'resnet'; it must be mlp, lenet, cnn1d, cnn2d or wrn"):
         build_model(Cfg(), (1, 8, 8))
 
 
 def test_build_model_mlp_flattens_1d_signals():
     net = build_model(from_dict(task="mnist1d-mlp"), (1, 40))
     assert net.net[1].in_features == 40 and net(torch.zeros(2, 1, 40)).shape == (2, 10)
+
+
+def test_cnn2d_is_two_3x3_convs_with_pooling_and_a_linear_head_for_8x8_and_28x28():
+    digits = build_model(from_dict(task="digits-cnn"), (1, 8, 8))
+    assert isinstance(digits, CNN2D) and digits(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    convs = [m for m in digits.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.kernel_size, m.out_channels) for m in convs] == [((3, 3), 16), ((3, 3), 32)]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in digits.modules()) == 2
+    assert digits.classifier[1].in_features == 32 * 2 * 2  # 8 -> 4 -> 2
+    mnist = CNN2D(1, (28, 28))
+    assert mnist(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert mnist.classifier[1].in_features == 32 * 7 * 7  # 28 -> 14 -> 7
+    assert CNN2D(3, (32, 32))(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_cnn2d_rejects_1d_signals_and_tiny_images():
+    import pytest
+
+    cfg = from_dict(task="digits-cnn")
+    with pytest.raises(ValueError, match=r"`model` is 'cnn2d' but the inputs have shape "
+                       r"\(1, 40\)"):
+        build_model(cfg, (1, 40))
+    with pytest.raises(ValueError, match="needs images of at least 4x4; got 3x3"):
+        CNN2D(1, (3, 3))

@@ -1,0 +1,298 @@
+"""Task distributions for meta-training: every episode trains a task drawn from its seed.
+
+`QANConfig.tasks` names the members of the mix, drawn uniformly per episode:
+- a named distribution: `generalist` (below);
+- a preset (`digits-mlp`, `mnist1d-cnn`, ...): its model, data, optimizer, batch size and epochs;
+- your own task, `module:function` (qan_ray.tasks): the same fields from its `UserTask.config`.
+
+Every sampled task keeps the control problem of the config it was drawn from (actions, LR
+bounds, reward, observation, device, data split), so the observation and action spaces are the
+same for every task. Per task: the initial LR is drawn log-uniformly (`LR_RANGES` per optimizer
+family, or `lr_init_range` when set, both clipped to [lr_min, lr_max]) and the controller decides
+once per epoch (`control_interval` = the task's mini-batches per epoch, what a Tune trainable
+reports at), so an episode of E epochs has E steps.
+
+`generalist`: data digits (8x8 images) or MNIST-1D (length-40 signals), uniformly; on each, an
+MLP (1 to 4 hidden layers, each of width 32, 64, 128, 256 or 512) or its CNN (`cnn2d` on digits,
+`cnn1d` on MNIST-1D), uniformly; SGD, momentum 0.9, Nesterov 0.9 or Adam, uniformly; batch size
+16 to 256 (log-uniform over the powers of two); `EPOCHS` per dataset, uniform integers.
+
+`QANConfig.holdout` removes every task one of whose `families` it names: a dataset (`digits`), a
+model (`cnn2d`) or model family (`cnn`, `mlp`), a dataset-model pair (`mnist1d-mlp`,
+`digits-cnn`, `digits-cnn2d`), an optimizer family (`adam`) or a task name (`mnist-lenet`, a
+user task's `module:function`). Within the mix, each remaining member is equally likely, and
+within `generalist` each remaining (dataset, model, optimizer) combination.
+
+`sample_task(cfg, seed)` is a pure function of the config and the episode seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qan_ray.config import TASK_PRESETS, USER, QANConfig, from_dict, is_user_task
+
+GENERALIST = "generalist"
+DISTRIBUTIONS = (GENERALIST,)
+
+OPTIMIZER_FAMILIES = ("sgd", "momentum", "nesterov", "adam")
+# Initial LR range of each optimizer family: 3 decades, log-uniform. Momentum 0.9 multiplies
+# SGD's step by ~10, so its range sits half a decade lower; Adam's steps are normalised.
+LR_RANGES: dict[str, tuple[float, float]] = {
+    "sgd": (1e-3, 1.0),
+    "momentum": (3e-4, 3e-1),
+    "nesterov": (3e-4, 3e-1),
+    "adam": (1e-4, 1e-1),
+}
+BATCH_SIZES = (16, 32, 64, 128, 256)
+MLP_DEPTHS = (1, 2, 3, 4)
+MLP_WIDTHS = (32, 64, 128, 256, 512)
+EPOCHS: dict[str, tuple[int, int]] = {"digits": (4, 12), "mnist1d": (8, 24)}  # inclusive
+# (dataset, model) of `generalist` -> the preset it is a variation of (its QANConfig.task).
+GENERALIST_PAIRS: dict[tuple[str, str], str] = {
+    ("digits", "mlp"): "digits-mlp",
+    ("digits", "cnn2d"): "digits-cnn",
+    ("mnist1d", "mlp"): "mnist1d-mlp",
+    ("mnist1d", "cnn1d"): "mnist1d-cnn",
+}
+_OPTIMIZER_FIELDS: dict[str, dict[str, Any]] = {
+    "sgd": dict(optimizer="sgd", momentum=0.0, nesterov=False),
+    "momentum": dict(optimizer="sgd", momentum=0.9, nesterov=False),
+    "nesterov": dict(optimizer="sgd", momentum=0.9, nesterov=True),
+    "adam": dict(optimizer="adam", momentum=0.0, nesterov=False),
+}
+# The fields a task brings; every other field (the control problem, data split, device) comes
+# from the config the task is drawn from.
+TASK_FIELDS = ("task", "dataset", "model", "hidden", "wrn_depth", "wrn_width", "optimizer", "lr",
+               "lr_init_range", "momentum", "nesterov", "weight_decay", "batch_size",
+               "epochs_per_episode", "augment", "control_interval", "tasks", "holdout")
+_STREAM = 0x7A5C  # the task draw's own random stream of an episode seed
+_FIXES = "Try --tasks generalist"
+
+
+# --- families and descriptions -------------------------------------------------------------------
+def model_family(model: str) -> str:
+    """mlp | cnn (cnn1d, cnn2d, lenet, wrn) | user."""
+    return model if model in ("mlp", USER) else "cnn"
+
+
+def optimizer_family(cfg: QANConfig) -> str:
+    """sgd | momentum | nesterov | adam."""
+    if cfg.optimizer == "adam":
+        return "adam"
+    if cfg.momentum > 0:
+        return "nesterov" if cfg.nesterov else "momentum"
+    return "sgd"
+
+
+def _families(task: str, dataset: str, model: str, optimizer: str) -> set[str]:
+    if model == USER:
+        return {task, USER, optimizer}
+    fam = model_family(model)
+    return {task, dataset, model, fam, f"{dataset}-{model}", f"{dataset}-{fam}", optimizer}
+
+
+def families(task_cfg: QANConfig) -> set[str]:
+    """The names a `holdout` can exclude this task by: its task name, dataset, model, model
+    family, dataset-model pairs (by model and by family) and optimizer family."""
+    return _families(task_cfg.task, task_cfg.dataset, task_cfg.model, optimizer_family(task_cfg))
+
+
+def describe(cfg: QANConfig) -> str:
+    """One line for logs: data/model optimizer batch LR epochs, e.g.
+    'digits/mlp-256-64 adam bs64 lr0.00312 9ep'."""
+    if cfg.model == USER:
+        what = cfg.task
+    else:
+        model = cfg.model
+        if model == "mlp":
+            model += "-" + "-".join(str(h) for h in cfg.hidden)
+        elif model == "wrn":
+            model += f"-{cfg.wrn_depth}-{cfg.wrn_width}"
+        what = f"{cfg.dataset}/{model}"
+    return (f"{what} {optimizer_family(cfg)} bs{cfg.batch_size} lr{cfg.lr:.3g} "
+            f"{cfg.epochs_per_episode:g}ep")
+
+
+def trainer_key(task_cfg: QANConfig) -> str:
+    """Tasks with equal keys can share a TargetTrainer: they differ only in the initial LR and
+    the seed (which `TargetTrainer.reset` re-applies)."""
+    d = {k: v for k, v in task_cfg.to_dict().items() if k not in ("lr", "seed")}
+    return json.dumps(d, sort_keys=True, default=list)
+
+
+# --- the members of a distribution -------------------------------------------------------------
+@dataclass(frozen=True)
+class _Option:
+    """One (dataset, model, optimizer) combination of `generalist`, or one preset / user task."""
+
+    member: str
+    families: frozenset[str]
+    dataset: str = ""
+    model: str = ""
+    optimizer: str = ""
+    template: QANConfig | None = None  # a preset / user task, with its own fields
+
+
+def _shared(cfg: QANConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in TASK_FIELDS}
+
+
+def _member_fields(name: str) -> dict[str, Any]:
+    if is_user_task(name):
+        from qan_ray.tasks import load_user_task
+
+        return dict(load_user_task(name).config)
+    return dict(TASK_PRESETS[name])
+
+
+def _lr_range(cfg: QANConfig, family: str) -> tuple[float, float]:
+    low, high = cfg.lr_init_range if cfg.lr_init_range is not None else LR_RANGES[family]
+    return max(low, cfg.lr_min), min(high, cfg.lr_max)
+
+
+def _options(cfg: QANConfig, name: str) -> list[_Option]:
+    if name == GENERALIST:
+        return [_Option(GENERALIST, frozenset(_families(task, dataset, model, opt)), dataset,
+                        model, opt)
+                for (dataset, model), task in GENERALIST_PAIRS.items()
+                for opt in OPTIMIZER_FAMILIES]
+    fields = {f.name: f.default for f in dataclasses.fields(QANConfig)}
+    fields.update(_member_fields(name))
+    probe = QANConfig(**{k: fields[k] for k in ("optimizer", "momentum", "nesterov")})
+    low, high = _lr_range(cfg, optimizer_family(probe))
+    try:
+        template = from_dict({**_shared(cfg), "task": name, "lr": low if low <= high else None})
+    except ValueError as err:
+        raise ValueError(f"`tasks` entry {name!r} does not make a valid task with this "
+                         f"config: {err}") from err
+    return [_Option(name, frozenset(families(template)), template.dataset, template.model,
+                    optimizer_family(template), template)]
+
+
+def _available(cfg: QANConfig) -> list[list[_Option]]:
+    """The members of cfg.tasks, each as its options left after cfg.holdout (empty ones
+    dropped)."""
+    held = set(cfg.holdout)
+    members = [[o for o in _options(cfg, name) if not (o.families & held)] for name in cfg.tasks]
+    return [m for m in members if m]
+
+
+def known_families(cfg: QANConfig) -> list[str]:
+    """Every name a holdout may use with cfg.tasks."""
+    return sorted({f for name in cfg.tasks for o in _options(cfg, name) for f in o.families})
+
+
+def check_distribution(cfg: QANConfig) -> None:
+    """The rules of `tasks` and `holdout` (QANConfig.validate calls this); ValueError naming the
+    value, the rule and the fix."""
+    if cfg.holdout and not cfg.tasks:
+        raise ValueError(f"`holdout` is {cfg.holdout!r}, but `tasks` is empty; a holdout leaves "
+                         "families out of a task distribution. Pass --tasks generalist too, or "
+                         "drop --holdout.")
+    for name in cfg.tasks:
+        if not (isinstance(name, str) and (name in DISTRIBUTIONS or name in TASK_PRESETS
+                                           or is_user_task(name))):
+            raise ValueError(f"`tasks` names {name!r}; every entry must be a distribution "
+                             f"({', '.join(DISTRIBUTIONS)}), a preset ({', '.join(TASK_PRESETS)}) "
+                             f"or a task of your own written module:function. {_FIXES}, or fix "
+                             "the spelling.")
+    if cfg.mm_coef > 0:
+        raise ValueError(f"`mm_coef` is {cfg.mm_coef}, but `tasks` is set; meta-momentum pulls "
+                         "towards the weights of a reference run of one task, and a distribution "
+                         "changes the task every episode. Pass --mm-coef 0, or drop --tasks.")
+    for family in OPTIMIZER_FAMILIES:
+        low, high = _lr_range(cfg, family)
+        if low > high:
+            raise ValueError(f"`lr_min/lr_max` are ({cfg.lr_min}, {cfg.lr_max}); with `tasks` the "
+                             f"initial LR of a {family} task is drawn from "
+                             f"{cfg.lr_init_range or LR_RANGES[family]}, which lies outside "
+                             "them. Widen the bounds (e.g. --lr-min 1e-5 --lr-max 1) or set "
+                             "--lr-init-range inside them.")
+    known = known_families(cfg)
+    unknown = [h for h in cfg.holdout if h not in known]
+    if unknown:
+        raise ValueError(f"`holdout` names {unknown}, which are no family of the tasks "
+                         f"{list(cfg.tasks)}; each must be one of {known}. Fix the spelling "
+                         "(e.g. --holdout cnn,mnist1d-mlp).")
+    if not _available(cfg):
+        raise ValueError(f"`holdout` is {list(cfg.holdout)}; it leaves no task of "
+                         f"{list(cfg.tasks)} to sample. Hold out fewer families, or add tasks.")
+
+
+# --- sampling ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _n_train(dataset_or_task: str, data_root: str | None, download: bool, val_fraction: float,
+             data_seed: int, max_train_samples: int | None, minibatch: bool) -> int:
+    import torch
+
+    from qan_ray.data import load_data
+
+    task = dataset_or_task if is_user_task(dataset_or_task) else "digits-mlp"
+    probe = QANConfig(task=task, dataset=USER if is_user_task(task) else dataset_or_task,
+                      model=USER if is_user_task(task) else "mlp", data_root=data_root,
+                      download=download, val_fraction=val_fraction, data_seed=data_seed,
+                      max_train_samples=max_train_samples,
+                      action_mode="minibatch" if minibatch else "lr")
+    return load_data(probe, torch.device("cpu")).n_train
+
+
+def batches_per_epoch(cfg: QANConfig) -> int:
+    """Mini-batches per epoch of a task, as TargetTrainer counts them (loads the data split on
+    the CPU once per process)."""
+    n = _n_train(cfg.task if cfg.model == USER else cfg.dataset, cfg.data_root, cfg.download,
+                 cfg.val_fraction, cfg.data_seed, cfg.max_train_samples,
+                 cfg.action_mode == "minibatch")
+    return max(1, n // min(cfg.batch_size, n))
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(min(max(math.exp(rng.uniform(math.log(low), math.log(high))), low), high))
+
+
+def episode_rng(seed: int) -> np.random.Generator:
+    """The task draw's random stream of an episode seed (apart from the seed's other uses)."""
+    return np.random.default_rng([int(seed), _STREAM])
+
+
+def sample_task(cfg: QANConfig, rng: np.random.Generator | int) -> QANConfig:
+    """The task of one episode: a validated single-task QANConfig (tasks and holdout empty) drawn
+    from cfg.tasks minus cfg.holdout. `rng` is the episode seed (or a Generator). A config
+    without tasks is returned as is."""
+    if not cfg.tasks:
+        return cfg
+    if not isinstance(rng, np.random.Generator):
+        rng = episode_rng(int(rng))
+    members = _available(cfg)
+    options = members[int(rng.integers(len(members)))]
+    option = options[int(rng.integers(len(options)))]
+    if option.template is not None:
+        task = option.template
+        lr = _log_uniform(rng, *_lr_range(cfg, option.optimizer))
+    else:
+        batch = int(rng.choice(BATCH_SIZES))
+        low, high = EPOCHS[option.dataset]
+        epochs = float(rng.integers(low, high + 1))
+        hidden: tuple[int, ...] = QANConfig.hidden
+        if option.model == "mlp":
+            depth = int(rng.choice(MLP_DEPTHS))
+            hidden = tuple(int(w) for w in rng.choice(MLP_WIDTHS, size=depth))
+        lr = _log_uniform(rng, *_lr_range(cfg, option.optimizer))
+        task = from_dict({
+            **_shared(cfg), "task": GENERALIST_PAIRS[(option.dataset, option.model)],
+            "dataset": option.dataset, "model": option.model, "hidden": hidden,
+            **_OPTIMIZER_FIELDS[option.optimizer], "weight_decay": 0.0, "batch_size": batch,
+            "epochs_per_episode": epochs, "augment": False, "lr": lr})
+    return task.replace(lr=lr, lr_init_range=None, control_interval=batches_per_epoch(task))
+
+
+__all__ = ["DISTRIBUTIONS", "GENERALIST", "LR_RANGES", "batches_per_epoch", "check_distribution",
+           "describe", "families", "known_families", "model_family", "optimizer_family",
+           "sample_task", "trainer_key"]
