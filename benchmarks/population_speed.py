@@ -18,6 +18,7 @@ The last line is `population_speedup_k32: <ratio>` (first task).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -161,6 +162,37 @@ def rllib_control_steps(k: int, task: str, iters: int, learn: bool, train_batch:
         algo.stop()
 
 
+def env_step_breakdown(task: str, k: int, steps: int = 5) -> str:
+    """Milliseconds per PopulationVectorEnv.step and its parts (no RLlib)."""
+    import numpy as np
+
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    env = PopulationVectorEnv({"task": task, "num_envs": k})
+    env.reset(seed=0)
+    keep = np.full(k, env.rule.keep if env.rule.keep is not None else 0)
+    env.step(keep)
+
+    def ms(fn) -> float:  # the fastest of `steps` calls: robust to other jobs' load
+        best = math.inf
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best * 1e3
+
+    tr = env.trainer
+    total = ms(lambda: env.step(keep))
+    train = ms(lambda: tr.train(env.cfg.control_interval))
+    evaluate = ms(lambda: tr.evaluate("val"))
+    feats = ms(tr.weight_features)
+    return (f"PopulationVectorEnv.step at K = {k} ({task}, {env.cfg.control_interval} "
+            f"mini-batches per step): {total:.1f} ms = train {train:.1f} + validation pass "
+            f"{evaluate:.1f} + weight features {feats:.1f} + the rest (signals, rewards, "
+            f"observation assembly) {total - train - evaluate - feats:.1f}; "
+            f"{total / k:.2f} ms per member control step (fastest of {steps} calls each).")
+
+
 def profile_table(fn, *fn_args, rows: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -299,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
                       "At replay ratio 16 and batch 32 every control step costs half a "
                       "learner update, and the learner, not the population, sets the pace; a "
                       "larger train batch at the same replay ratio needs fewer updates.", ""]
-    lines += ["## Where the time goes", "", NOTES, *profiles]
+    first = args.tasks.split(",")[0]
+    breakdown = env_step_breakdown(first, 32) if 32 in ks else ""
+    lines += ["## Where the time goes", "", NOTES, breakdown, "", *profiles]
     lines.append(f"meta_steps_speedup: {meta_speedup:.2f}")
     lines.append(f"population_speedup_k32: {speedup32:.2f}" if speedup32 is not None
                  else "population_speedup_k32: nan")

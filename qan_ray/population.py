@@ -371,11 +371,30 @@ def _single_stats(x: torch.Tensor) -> torch.Tensor:
                        dim=-1)
 
 
-def _summarise(stats: torch.Tensor) -> torch.Tensor:
-    """(K, G, 12) -> (K, 60): mean/median/std/max/min over the groups."""
+def _summarise(stats: torch.Tensor, median: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, G, 12) -> (K, 60): mean/median/std/max/min over the groups (`median`: the (K, 12)
+    medians when the caller has them already)."""
     s = stats.transpose(1, 2).contiguous()  # (K, 12, G)
-    return torch.cat([s.mean(dim=2), s.median(dim=2).values, s.std(dim=2, correction=0),
-                      s.amax(dim=2), s.amin(dim=2)], dim=1)
+    if median is None:
+        median = s.median(dim=2).values
+    d = s.double()  # std from the moments in float64: one fused pass instead of Welford's two
+    m1 = d.mean(dim=2)
+    std = (d.square().mean(dim=2) - m1 * m1).clamp_min(0.0).sqrt().float()
+    return torch.cat([s.mean(dim=2), median, std, s.amax(dim=2), s.amin(dim=2)], dim=1)
+
+
+def _single_medians(x: torch.Tensor) -> torch.Tensor:
+    """(K, n) -> (K, 12): the medians of `_single_stats(x)` over n from two selections.
+    torch.median is the lower middle element, and each statistic is a monotone function of x
+    (x, x^3, x^5, as rounded) or of |x| (x^2, x^4), so its median is that function of the
+    median of x or |x|: exactly the same number."""
+    m = x.median(dim=1).values
+    a = x.abs().median(dim=1).values
+    a2 = a * a
+    m2 = m * m
+    zero = torch.zeros_like(m)
+    return torch.stack([m, m, m, m, zero, zero, zero, m, a2, m2 * m, a2 * a2, m2 * m2 * m],
+                       dim=1)
 
 
 def _select(keys: torch.Tensor, cap: int) -> torch.Tensor:
@@ -412,8 +431,8 @@ def layer_features(weight: torch.Tensor) -> torch.Tensor:
         _group_stats(w3.reshape(kk, 1, -1))[:, 0],
         _summarise(_group_stats(w3.reshape(kk, out_ch, -1))),
         _summarise(_group_stats(w3.transpose(1, 2).reshape(kk, in_ch, -1))),
-        _summarise(_single_stats(w3.reshape(kk, -1)) if k == 1
-                   else _group_stats(w3.reshape(kk, out_ch * in_ch, -1))),
+        (_summarise(_single_stats(w3.reshape(kk, -1)), _single_medians(w3.reshape(kk, -1)))
+         if k == 1 else _summarise(_group_stats(w3.reshape(kk, out_ch * in_ch, -1)))),
     ]
     return torch.cat(parts, dim=1)
 
