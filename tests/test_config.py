@@ -83,3 +83,29 @@ def test_mnist1d_presets_are_embedded_and_need_no_data_root():
         cfg = from_dict(task=task)
         assert (cfg.dataset, cfg.model, cfg.data_root, cfg.lr) == ("mnist1d", model, None, 0.1)
         assert cfg.control_interval == 32 and cfg.epochs_per_episode == 40.0
+
+
+def test_tasks_and_holdout_flags_are_comma_separated_names():
+    import argparse
+
+    from qan_ray.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--tasks", "generalist,user_task_example:make_task",
+                              "--holdout", "cnn,mnist1d-mlp"])
+    cfg = config_from_args(args)
+    assert cfg.tasks == ("generalist", "user_task_example:make_task")
+    assert cfg.holdout == ("cnn", "mnist1d-mlp")
+    assert "--tasks" in parser.format_help() and "--holdout" in parser.format_help()
+    assert from_dict(tasks="generalist", holdout="adam").tasks == ("generalist",)  # not letters
+    assert from_dict(tasks=["generalist"], holdout=["adam"]).holdout == ("adam",)  # from JSON
+    assert from_dict().tasks == () and from_dict().holdout == ()
+
+
+def test_digits_cnn_preset_and_cnn2d_needs_images():
+    cfg = from_dict(task="digits-cnn")
+    assert (cfg.dataset, cfg.model, cfg.data_root) == ("digits", "cnn2d", None)
+    with pytest.raises(ValueError, match="`model` is 'cnn2d'; the 2-D CNN needs \\(C, H, W\\) "
+                                         "images and mnist1d gives 1-D signals"):
+        from_dict(task="mnist1d-mlp", model="cnn2d")
