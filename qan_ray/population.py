@@ -116,6 +116,7 @@ class PopulationTrainer:
             [self.theta], cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay)
         self._lr_host = np.full(self.k, float(cfg.lr))
+        self._frozen = np.zeros(self.k, dtype=bool)
         self._grad_fn = vmap(grad_and_value(self._loss), randomness="different")
         if compile:
             self._grad_fn = torch.compile(self._grad_fn)
@@ -175,6 +176,7 @@ class PopulationTrainer:
             self.theta[i].copy_(torch.cat([p.reshape(-1) for p in fresh.parameters()]))
         lr = self._lr_host.copy()
         lr[i] = self.cfg.lr
+        self._frozen[i] = False
         self._write_lr(lr)
         self._start_member(i, seed)
 
@@ -215,7 +217,13 @@ class PopulationTrainer:
 
     def _write_lr(self, values: np.ndarray) -> None:
         self._lr_host = np.array(values, dtype=np.float64)
-        self.optimizer.set_lr(torch.from_numpy(self._lr_host))
+        self.optimizer.set_lr(torch.from_numpy(np.where(self._frozen, 0.0, self._lr_host)))
+
+    def freeze(self, i: int) -> None:
+        """Member i stops moving (its update uses LR 0) until `reset_member(i)`: a finished or
+        diverged member keeps its final weights while the others train on."""
+        self._frozen[i] = True
+        self._write_lr(self._lr_host)
 
     # --- training ----------------------------------------------------------------------------
     def _logits(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +318,8 @@ class PopulationTrainer:
         """Everything needed to resume: weights, optimizer state and LRs, generators,
         permutations, positions, steps, seeds, initial losses (a copy)."""
         return {"theta": self.theta.clone(), "optimizer": self.optimizer.state_dict(),
-                "lr": self._lr_host.copy(), "gens": [g.get_state() for g in self.gens],
+                "lr": self._lr_host.copy(), "frozen": self._frozen.copy(),
+                "gens": [g.get_state() for g in self.gens],
                 "perm": self._perm.clone(), "pos": self._pos.copy(), "steps": self.steps.copy(),
                 "seeds": list(self.seeds), "initial_loss": self.initial_loss.copy()}
 
@@ -323,6 +332,7 @@ class PopulationTrainer:
             self.theta.copy_(state["theta"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._lr_host = np.array(state["lr"], dtype=np.float64)
+        self._frozen = np.array(state.get("frozen", np.zeros(self.k, dtype=bool)))
         for g, s in zip(self.gens, state["gens"], strict=True):
             g.set_state(s)
         self._perm.copy_(state["perm"])
@@ -330,6 +340,72 @@ class PopulationTrainer:
         self.steps = np.array(state["steps"])
         self.seeds = list(state["seeds"])
         self.initial_loss = np.array(state["initial_loss"])
+
+
+# --- schedules over a population -----------------------------------------------------------------
+def run_schedules(cfg: QANConfig, members: Sequence[tuple[str, float, int]],
+                  data: DeviceData | None = None, device: torch.device | str | None = None
+                  ) -> tuple[list[list[dict]], list[float]]:
+    """Episodes of LR schedules (qan_ray.control.SCHEDULES: fixed, step, cosine, ...), one
+    population member per (schedule name, base LR, seed), all trained in lockstep.
+
+    Each member's records are what `env.rollout` gives for `evaluate.run_schedule` on a
+    TargetTrainingEnv of `cfg` (step 0 after reset, then one per control step: lr, batches,
+    diverged, train/val loss, val accuracy, action = keep, reward), to float tolerance
+    (tests/test_population.py); the second value is each member's final test accuracy. A member
+    that diverges (or reaches the target under reward time_to_target) stops recording; it keeps
+    training along with the others, and that work is discarded."""
+    from qan_ray.control import baseline_schedule
+    from qan_ray.env import keep_action
+    from qan_ray.rewards import step_reward
+
+    if not members:
+        raise ValueError("run_schedules needs at least one (schedule, lr, seed) member.")
+    schedules = [baseline_schedule(name, lr) for name, lr, _ in members]
+    pop = PopulationTrainer(cfg, seeds=[seed for *_, seed in members], data=data, device=device)
+    k, keep = pop.k, keep_action(cfg)
+    if cfg.lr_init_range is not None:  # the env's log-uniform start LR (its step-0 record)
+        low, high = (math.log(x) for x in cfg.lr_init_range)
+        pop.set_lr([math.exp(np.random.default_rng(seed).uniform(low, high))
+                    for *_, seed in members])
+    total_steps = math.ceil(pop.total_batches / cfg.control_interval)
+    val, acc = (t.tolist() for t in pop.evaluate("val"))
+    last = [{"train_loss": float(pop.initial_loss[i]), "val_loss": val[i],
+             "val_accuracy": acc[i]} for i in range(k)]
+    records = [[{"step": 0, "action": -1, "reward": 0.0, "lr": pop.lr[i], "batches": 0,
+                 "diverged": False, **last[i]}] for i in range(k)]
+    running = np.ones(k, dtype=bool)
+    t = 0
+    while running.any() and not pop.done.all():
+        progress = pop.progress
+        lrs = pop.set_lr([schedules[i](float(progress[i])) for i in range(k)])
+        losses = pop.train(min(cfg.control_interval, pop.total_batches - int(pop.steps[0])))
+        t += 1
+        diverged = pop.diverged(losses)
+        val, acc = (v.tolist() for v in pop.evaluate("val"))
+        for i in np.flatnonzero(running):
+            info = {"lr": lrs[i], "step": t, "batches": int(pop.steps[i])}
+            train = float(losses[i])
+            if diverged[i]:
+                records[i].append({**info, "diverged": True, "train_loss": train,
+                                   "val_loss": float("nan"), "val_accuracy": 0.0,
+                                   "action": keep, "reward": -cfg.divergence_penalty})
+                running[i] = False
+                pop.freeze(i)
+                continue
+            reward, reached = step_reward(
+                cfg.reward, prev_train=last[i]["train_loss"], train=train,
+                prev_val=last[i]["val_loss"], val=val[i], val_accuracy=acc[i],
+                target_accuracy=cfg.target_accuracy, total_steps=total_steps,
+                scale=cfg.reward_scale)
+            last[i] = {"train_loss": train, "val_loss": val[i], "val_accuracy": acc[i]}
+            records[i].append({**info, "diverged": False, **last[i], "action": keep,
+                               "reward": float(reward)})
+            if cfg.reward == "time_to_target" and reached:
+                running[i] = False
+                pop.freeze(i)
+    _, test_acc = pop.evaluate("test")
+    return records, test_acc.tolist()
 
 
 # --- observations of a population ----------------------------------------------------------------

@@ -306,3 +306,41 @@ def test_rllib_dqn_trains_on_a_population_vector_env(ray_session):
         assert env.trainer.steps.max() > 0  # the population really trained
     finally:
         algo.stop()
+
+
+def test_run_schedules_equals_the_envs_schedule_episodes(data):
+    from qan_ray.env import TargetTrainingEnv
+    from qan_ray.evaluate import baseline_config, run_schedule
+    from qan_ray.population import run_schedules
+
+    cfg = baseline_config(CFG.replace(epochs_per_episode=2.0, lr_init_range=(0.01, 0.5)))
+    members = [("fixed", 0.05, 11), ("cosine", 0.1, 12), ("step", 0.02, 11), ("fixed", 5.0, 13)]
+    records, test_acc = run_schedules(cfg.replace(lr_max=5.0), members, data=data)
+    env = TargetTrainingEnv(cfg.replace(lr_max=5.0))
+    for (name, lr, seed), recs, acc in zip(members, records, test_acc):
+        ref = run_schedule(env, name, lr, seed)
+        assert len(recs) == len(ref), name
+        for got, want in zip(recs, ref):
+            assert got["step"] == want["step"] and got["batches"] == want["batches"]
+            assert got["diverged"] == want["diverged"] and got["action"] == want["action"]
+            assert got["lr"] == pytest.approx(want["lr"])
+            for key in ("train_loss", "val_loss", "val_accuracy", "reward"):
+                assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4, nan_ok=True), key
+        assert acc == pytest.approx(env.trainer.evaluate("test")[1], abs=1e-6)
+    assert records[3][-1]["diverged"]  # LR 5 diverges; the others ran the whole episode
+    assert [r[-1]["batches"] for r in records[:3]] == [70, 70, 70]
+
+
+def test_a_frozen_member_keeps_its_weights_until_reset(data):
+    pop = PopulationTrainer(CFG, k=3, data=data)
+    pop.train(5)
+    pop.freeze(1)
+    before = pop.theta.clone()
+    pop.train(5)
+    assert torch.equal(pop.theta[1], before[1])  # momentum buffer and all: LR 0
+    assert not torch.equal(pop.theta[0], before[0]) and not torch.equal(pop.theta[2], before[2])
+    assert pop.lr == [CFG.lr] * 3  # the reported LR is unchanged
+    pop.reset_member(1, seed=4)
+    fresh = pop.theta[1].clone()
+    pop.train(1)
+    assert not torch.equal(pop.theta[1], fresh)
