@@ -193,6 +193,45 @@ def env_step_breakdown(task: str, k: int, steps: int = 5) -> str:
             f"{total / k:.2f} ms per member control step (fastest of {steps} calls each).")
 
 
+def baseline_grid(task: str, seeds: int) -> tuple[float, float, int]:
+    """Wall seconds of `qan evaluate`'s schedule baselines (fixed over the default LR grid, then
+    step and cosine from the best fixed LR, `seeds` seeds each): the sequential env episodes
+    evaluate runs today vs the same episodes as two populations (qan_ray.population
+    .run_schedules). Returns (sequential s, population s, episodes)."""
+    from qan_ray.env import TargetTrainingEnv
+    from qan_ray.evaluate import DEFAULT_GRID_FACTORS, baseline_config, eval_seeds, run_schedule
+    from qan_ray.population import run_schedules
+
+    cfg = baseline_config(from_dict(task=task))
+    grid = sorted({round(cfg.lr * f, 6) for f in DEFAULT_GRID_FACTORS})
+    seed_list = eval_seeds(seeds)
+
+    def best_fixed(finals: dict[float, list[float]]) -> float:
+        return max(grid, key=lambda lr: statistics.fmean(finals[lr]))
+
+    start = time.perf_counter()
+    env = TargetTrainingEnv(cfg)
+    finals: dict[float, list[float]] = {}
+    for lr in grid:
+        finals[lr] = [run_schedule(env, "fixed", lr, s)[-1]["val_accuracy"] for s in seed_list]
+    lr = best_fixed(finals)
+    for name in ("step", "cosine"):
+        for s in seed_list:
+            run_schedule(env, name, lr, s)
+    sequential = time.perf_counter() - start
+
+    start = time.perf_counter()
+    members = [("fixed", lr, s) for lr in grid for s in seed_list]
+    records, _ = run_schedules(cfg, members)
+    finals = {}
+    for (_, lr, _), recs in zip(members, records):
+        finals.setdefault(lr, []).append(recs[-1]["val_accuracy"])
+    lr = best_fixed(finals)
+    run_schedules(cfg, [(name, lr, s) for name in ("step", "cosine") for s in seed_list])
+    population = time.perf_counter() - start
+    return sequential, population, len(members) + 2 * len(seed_list)
+
+
 def profile_table(fn, *fn_args, rows: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -224,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rllib-ks", default="1,32",
                    help="population sizes for the RLlib control-steps/s part ('' skips it)")
     p.add_argument("--rllib-iters", type=int, default=10, help="algo.train() calls timed")
+    p.add_argument("--grid-seeds", type=int, default=3,
+                   help="seeds of the evaluate baseline-grid timing (0 skips it)")
     p.add_argument("--out", default=str(RESULTS))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
@@ -332,6 +373,16 @@ def main(argv: list[str] | None = None) -> None:
                       "learner update, and the learner, not the population, sets the pace; a "
                       "larger train batch at the same replay ratio needs fewer updates.", ""]
     first = args.tasks.split(",")[0]
+    if args.grid_seeds:
+        seq, popu, episodes = baseline_grid(first, args.grid_seeds)
+        lines += [f"## qan evaluate's schedule baselines ({first}, {episodes} episodes)", "",
+                  f"fixed over the default LR grid, then step and cosine from the best fixed "
+                  f"LR, {args.grid_seeds} seeds each: sequential env episodes (today) "
+                  f"{seq:.1f} s; two populations (`run_schedules`, one for the grid, one for "
+                  f"step + cosine) {popu:.1f} s: {seq / popu:.1f}x. The adaptive baselines "
+                  "(plateau, hypergradient, warmup-cosine) read the trainer and still run "
+                  "one by one.", ""]
+        print(lines[-2], flush=True)
     breakdown = env_step_breakdown(first, 32) if 32 in ks else ""
     lines += ["## Where the time goes", "", NOTES, breakdown, "", *profiles]
     lines.append(f"meta_steps_speedup: {meta_speedup:.2f}")
