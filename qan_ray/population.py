@@ -57,8 +57,9 @@ class PopulationTrainer:
                  data: DeviceData | None = None, device: torch.device | str | None = None,
                  compile: bool = False):
         """compile: wrap the vmapped loss-and-gradient in torch.compile (inductor). Measured on
-        a 2-core CPU at K = 32 on digits-mlp: 1.8x faster per mini-batch, after a one-off
-        compile of about a minute (benchmarks/population_speed.py --compile); off by default."""
+        a busy 2-core CPU at K = 32 (benchmarks/population_speed.py --compile): about 2x (1.8x
+        to 4x) per mini-batch on digits-mlp, 1.1x to 2x on mnist1d-cnn, after a first call
+        that compiles (about a minute cold, seconds from inductor's cache); off by default."""
         if seeds is None:
             if k is None:
                 k = 1
