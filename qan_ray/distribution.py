@@ -293,6 +293,21 @@ def sample_task(cfg: QANConfig, rng: np.random.Generator | int) -> QANConfig:
     return task.replace(lr=lr, lr_init_range=None, control_interval=batches_per_epoch(task))
 
 
+def episode_steps(task_cfg: QANConfig) -> int:
+    """Control steps of one episode of a single task, as TargetTrainingEnv counts them."""
+    per_epoch = batches_per_epoch(task_cfg)
+    total = max(1, round(task_cfg.epochs_per_episode * per_epoch))
+    return math.ceil(total / task_cfg.control_interval)
+
+
+def mean_episode_steps(cfg: QANConfig, samples: int = 64) -> float:
+    """Mean control steps per episode over `samples` episode seeds (0, 1, ...) of cfg.tasks, or
+    the steps of cfg's own task: what an exploration schedule sized in episodes needs."""
+    if not cfg.tasks:
+        return float(episode_steps(cfg))
+    return sum(episode_steps(sample_task(cfg, s)) for s in range(samples)) / samples
+
+
 __all__ = ["DISTRIBUTIONS", "GENERALIST", "LR_RANGES", "batches_per_epoch", "check_distribution",
-           "describe", "families", "known_families", "model_family", "optimizer_family",
-           "sample_task", "trainer_key"]
+           "describe", "episode_steps", "families", "known_families", "mean_episode_steps",
+           "model_family", "optimizer_family", "sample_task", "trainer_key"]

@@ -18,7 +18,9 @@ from qan_ray.distribution import (
     OPTIMIZER_FAMILIES,
     batches_per_epoch,
     describe,
+    episode_steps,
     families,
+    mean_episode_steps,
     optimizer_family,
     sample_task,
 )
@@ -131,7 +133,7 @@ def test_env_switches_task_across_resets_with_the_same_observation_length():
         assert env.cfg == task and info["task"] == describe(task)
         assert obs.shape == size and env.action_space.n == 5
         assert env.trainer.lr == pytest.approx(task.lr)
-        assert env.total_steps == task.epochs_per_episode  # one decision per epoch
+        assert env.total_steps == task.epochs_per_episode == episode_steps(task)  # 1 per epoch
         assert env.trainer.cfg.control_interval == env.trainer.batches_per_epoch
         described.append(info["task"])
         trainers[seed] = env.trainer
@@ -166,3 +168,11 @@ def test_bad_tasks_or_holdout_is_a_clear_error(values, fragment):
     with pytest.raises(ValueError) as err:
         from_dict(values)
     assert fragment in str(err.value)
+
+
+def test_mean_episode_steps_is_the_mean_epochs_of_the_mix():
+    assert mean_episode_steps(from_dict()) == 28  # digits-mlp: 280 batches, 10 per decision
+    cfg = from_dict(tasks=("generalist",))
+    mean = mean_episode_steps(cfg, samples=40)
+    assert mean == sum(sample_task(cfg, s).epochs_per_episode for s in range(40)) / 40
+    assert 4 <= mean <= 24
