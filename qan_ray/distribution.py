@@ -105,9 +105,10 @@ def families(task_cfg: QANConfig) -> set[str]:
     return _families(task_cfg.task, task_cfg.dataset, task_cfg.model, optimizer_family(task_cfg))
 
 
-def describe(cfg: QANConfig) -> str:
-    """One line for logs: data/model optimizer batch LR epochs, e.g.
-    'digits/mlp-256-64 adam bs64 lr0.00312 9ep'."""
+def describe(cfg: QANConfig, lr: float | None = None) -> str:
+    """One line for logs: data/model optimizer batch initial-LR epochs, e.g.
+    'digits/mlp-256-64 adam bs64 lr0.00312 9ep' (`lr`: the episode's initial LR when it was
+    drawn from lr_init_range; default cfg.lr)."""
     if cfg.model == USER:
         what = cfg.task
     else:
@@ -117,7 +118,8 @@ def describe(cfg: QANConfig) -> str:
         elif model == "wrn":
             model += f"-{cfg.wrn_depth}-{cfg.wrn_width}"
         what = f"{cfg.dataset}/{model}"
-    return (f"{what} {optimizer_family(cfg)} bs{cfg.batch_size} lr{cfg.lr:.3g} "
+    lr = cfg.lr if lr is None else lr
+    return (f"{what} {optimizer_family(cfg)} bs{cfg.batch_size} lr{lr:.3g} "
             f"{cfg.epochs_per_episode:g}ep")
 
 
@@ -169,7 +171,8 @@ def _options(cfg: QANConfig, name: str) -> list[_Option]:
     probe = QANConfig(**{k: fields[k] for k in ("optimizer", "momentum", "nesterov")})
     low, high = _lr_range(cfg, optimizer_family(probe))
     try:
-        template = from_dict({**_shared(cfg), "task": name, "lr": low if low <= high else None})
+        template = from_dict({**_shared(cfg), "task": name, "lr": low if low <= high else None,
+                              "tasks": (), "holdout": ()})  # a member is one task
     except ValueError as err:
         raise ValueError(f"`tasks` entry {name!r} does not make a valid task with this "
                          f"config: {err}") from err

@@ -143,7 +143,7 @@ class TargetTrainingEnv(gym.Env):
     def _info(self, diverged: bool) -> dict[str, Any]:
         tr = self.trainer
         info = {"lr": tr.lr, "step": self._t, "batches": tr.step, "diverged": diverged,
-                "task": describe(self.cfg), **self._last}
+                "task": describe(self.cfg, self.initial_lr), **self._last}
         if self.cfg.action_mode == "minibatch":  # samples per class in the batches just used
             info["composition"] = tr.batch_composition()
         return info

@@ -120,6 +120,10 @@ def test_families_and_describe_of_one_task():
     t = from_dict(task="mnist1d-cnn", optimizer="adam")
     assert families(t) == {"mnist1d-cnn", "mnist1d", "cnn1d", "cnn", "mnist1d-cnn1d", "adam"}
     assert describe(from_dict(task="digits-mlp")) == "digits/mlp-64 momentum bs32 lr0.05 8ep"
+    assert describe(from_dict(), lr=0.2) == "digits/mlp-64 momentum bs32 lr0.2 8ep"
+    env = TargetTrainingEnv(from_dict(lr_init_range=(0.001, 1), max_train_samples=64))
+    _, info = env.reset(seed=4)  # a single task: its drawn start LR, not cfg.lr
+    assert info["task"] == describe(env.cfg, env.initial_lr) != describe(env.cfg)
 
 
 def test_env_switches_task_across_resets_with_the_same_observation_length():
