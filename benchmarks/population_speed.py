@@ -58,7 +58,7 @@ the K separate convolutions, and the population gains little there (a GPU, where
 kernel replaces K launches, is where it should pay off).
 torch.compile of the vmapped loss-and-gradient (PopulationTrainer(compile=True), `--compile`)
 fuses the elementwise work and removes most of the dispatcher cost: about 2-4x the eager
-population at K = 32 on the MLP and 2x on the 1-D CNN on this CPU, losses equal to 1e-6; the
+population at K = 32 on the MLP and 0.7-2x on the 1-D CNN on this CPU, losses equal to 1e-6; the
 first call compiles (a minute cold, seconds with inductor's on-disk cache).
 At K = 1 the population is about 0.3-0.5x a bare loop on the MLP (vmap/functional_call wrapping
 costs more than one tiny network's step): TargetTrainer stays the plain loop for one network,
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"line), {big / rates[1][1]:.2f}x with DQN updates on batches of 256. "
                       "At replay ratio 16 and batch 32 every control step costs half a "
                       "learner update, and the learner, not the population, sets the pace; a "
-                      "larger train batch at the same replay ratio needs fewer updates.", ""]
+                      "train batch of 256 at the same replay ratio needs 8x fewer (larger) "
+                      "updates (the last row).", ""]
     first = args.tasks.split(",")[0]
     if args.grid_seeds:
         seq, popu, episodes = baseline_grid(first, args.grid_seeds)

@@ -58,7 +58,7 @@ class PopulationTrainer:
                  compile: bool = False):
         """compile: wrap the vmapped loss-and-gradient in torch.compile (inductor). Measured on
         a busy 2-core CPU at K = 32 (benchmarks/population_speed.py --compile): about 2x (1.8x
-        to 4x) per mini-batch on digits-mlp, 1.1x to 2x on mnist1d-cnn, after a first call
+        to 4x) per mini-batch on digits-mlp, 0.7x to 2x on mnist1d-cnn, after a first call
         that compiles (about a minute cold, seconds from inductor's cache); off by default."""
         if seeds is None:
             if k is None:
