@@ -13,11 +13,20 @@ state and divergence flag. Per mini-batch the whole population costs a fixed num
   the gradient arrives as one (K, P) tensor;
 - the optimizer (qan_ray.popoptim) updates the flat buffer with a per-member LR in a handful of
   ops, whatever the layer count;
-- losses accumulate on the device and are read once per `train(k)` call.
+- losses accumulate on the device and are read once per `train(k)` call;
+- meta-momentum (mm_coef > 0, `set_reference`) pulls each member's monitored weights toward
+  W* by its own step: one lerp per monitored layer while the members are in step.
 
 K = 1 gives TargetTrainer's numbers to float tolerance (same init, same batch order, same
 arithmetic; tests/test_population.py). Models with buffers (BatchNorm's running statistics) are
-refused: vmap cannot update one buffer per member in place.
+refused: vmap cannot update one buffer per member in place; so is the minibatch action mode
+(per-member class roulettes are not batched yet). Both run on TargetTrainer.
+
+TargetTrainer stays the plain loop for one network: at K = 1 the vmap/functional_call wrapping
+makes a step 2-3x slower than the plain loop (benchmarks/results/population_speed.md), and the
+plain loop also serves BatchNorm models, minibatch mode, AMP with channels_last and any user
+model. The two give the same numbers (tests), so a K = 1 run and member i of a population are
+the same experiment.
 """
 
 from __future__ import annotations
@@ -73,10 +82,6 @@ class PopulationTrainer:
         if cfg.action_mode == "minibatch":
             raise ValueError("action_mode 'minibatch' is not supported by PopulationTrainer "
                              "yet; use TargetTrainer (population size 1) for it.")
-        if cfg.mm_coef > 0:
-            raise ValueError(f"mm_coef is {cfg.mm_coef} (meta-momentum) but PopulationTrainer "
-                             "does not support meta-momentum yet; use TargetTrainer "
-                             "(population size 1) or set mm_coef 0.")
         self.cfg = cfg
         self.k = len(seeds)
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
@@ -131,6 +136,11 @@ class PopulationTrainer:
         self.steps = np.zeros(self.k, dtype=np.int64)
         self.seeds = list(seeds)
         self.initial_loss = np.zeros(self.k)
+        stacked = self.stacked_params
+        self._mm_names = [n for n, _ in fe.monitored_modules(self._template,
+                                                             tuple(cfg.monitored_layers))]
+        self._mm_params = [stacked[f"{n}.weight"] for n in self._mm_names]  # (K, ...) views
+        self._reference: list[torch.Tensor] | None = None  # per layer (R, ...) snapshots
         for i, s in enumerate(seeds):
             self._start_member(i, s)
 
@@ -226,6 +236,45 @@ class PopulationTrainer:
         self._frozen[i] = True
         self._write_lr(self._lr_host)
 
+    # --- meta-momentum -----------------------------------------------------------------------
+    def set_reference(self, snapshots: list[list[torch.Tensor]] | None) -> None:
+        """W* for meta-momentum, as TargetTrainer.set_reference: one snapshot of the monitored
+        weights or one per control step; the same reference serves every member."""
+        if snapshots is None:
+            self._reference = None
+            return
+        shapes = [tuple(p.shape[1:]) for p in self._mm_params]
+        for snap in snapshots:
+            if [tuple(t.shape) for t in snap] != shapes:
+                raise ValueError("meta-momentum reference weights do not match the monitored "
+                                 f"layers' shapes {shapes}; build the reference with the same "
+                                 "task/model config.")
+        self._reference = [torch.stack([snap[j] for snap in snapshots]).to(self.device)
+                           for j in range(len(shapes))] if snapshots else None
+
+    def _meta_momentum(self) -> None:
+        """Pull each member's monitored weights toward its W* (TargetTrainer's rule, per member:
+        the member's step picks the snapshot and whether the pull is still active)."""
+        cfg, ref = self.cfg, self._reference
+        count = ref[0].shape[0]
+        active = (self.steps < cfg.mm_active_fraction * self.total_batches) & ~self._frozen
+        if not active.any():
+            return
+        if cfg.mm_reference == "trajectory":
+            idx = np.minimum(self.steps // cfg.control_interval, count - 1)
+        else:
+            idx = np.full(self.k, count - 1)
+        with torch.no_grad():
+            if active.all() and (idx == idx[0]).all():  # members in step: one target
+                for p, r in zip(self._mm_params, ref):
+                    p.lerp_(r[int(idx[0])], cfg.mm_coef)
+                return
+            rows = torch.from_numpy(idx).to(self.device)
+            coef = torch.from_numpy(np.where(active, cfg.mm_coef, 0.0)).to(self.device,
+                                                                             self.theta.dtype)
+            for p, r in zip(self._mm_params, ref):
+                p.lerp_(r.index_select(0, rows), coef.view(-1, *([1] * (p.dim() - 1))))
+
     # --- training ----------------------------------------------------------------------------
     def _logits(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self._template, self._views(row), (x,))
@@ -253,6 +302,7 @@ class PopulationTrainer:
         loss_sum = torch.zeros(self.k, device=self.device)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_amp
                     else contextlib.nullcontext())
+        use_mm = cfg.mm_coef > 0 and self._reference is not None
         for _ in range(num_batches):
             idx = self._next_indices()
             x, y = data.x_train[idx], data.y_train[idx]
@@ -262,8 +312,10 @@ class PopulationTrainer:
             with autocast:
                 grads, loss = self._grad_fn(self.theta, x, y)
             self.optimizer.step([grads])
+            if use_mm:
+                self._meta_momentum()
             loss_sum += loss.detach()
-        self.steps += num_batches
+            self.steps += 1
         return (loss_sum / max(1, num_batches)).cpu()
 
     def diverged(self, losses: torch.Tensor | Sequence[float]) -> np.ndarray:

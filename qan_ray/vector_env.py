@@ -15,7 +15,7 @@ num_envs_per_env_runner=K)` with a registered creator: the runner calls the crea
 env config plus {"num_envs": K} and expects a VectorEnv back (single_agent_env_runner.py,
 `make_env`), so `PopulationVectorEnv(config)` reads K from `config["num_envs"]`.
 
-Limits (lr action mode only, no meta-momentum, as PopulationTrainer): an episode's last step
+Limits (lr action mode only, as PopulationTrainer): an episode's last step
 trains a full control interval even when fewer batches remain, if the members are out of step
 (the default presets' episodes are a whole number of intervals).
 """
@@ -34,6 +34,7 @@ from qan_ray.control import action_spec
 from qan_ray.env import OBS_BOUND
 from qan_ray.population import PopulationTrainer
 from qan_ray.rewards import step_reward
+from qan_ray.trainer import reference_run
 
 
 class PopulationVectorEnv(gym.vector.VectorEnv):
@@ -51,6 +52,8 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         self.cfg, self.num_envs = cfg, k
         self.rule = action_spec(cfg)
         self.trainer = PopulationTrainer(cfg, k=k, compile=compile_step)
+        if cfg.mm_coef > 0:
+            self.trainer.set_reference(reference_run(cfg, self.trainer.device))
         spec = observation_spec(cfg)
         self.observers = [Observer(spec, cfg.lr) for _ in range(k)]
         size = spec.size

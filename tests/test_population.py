@@ -344,3 +344,40 @@ def test_a_frozen_member_keeps_its_weights_until_reset(data):
     fresh = pop.theta[1].clone()
     pop.train(1)
     assert not torch.equal(pop.theta[1], fresh)
+
+
+@pytest.mark.parametrize("reference", ["final", "trajectory"])
+def test_meta_momentum_per_member_equals_the_trainer(data, reference):
+    from qan_ray.trainer import reference_run
+
+    cfg = CFG.replace(mm_coef=0.05, mm_reference=reference, mm_active_fraction=0.2)
+    ref = reference_run(cfg)
+    pop = PopulationTrainer(cfg, seeds=[0, 1], data=data)
+    pop.set_reference(ref)
+    first = pop.train(15)
+    pop.reset_member(1, seed=5)  # now out of step: member 0 at batch 15, member 1 at 0
+    after = torch.stack([pop.train(1) for _ in range(50)], dim=1)  # 0.2 x 280 = 56: pull ends
+
+    def trainer(seed: int) -> TargetTrainer:
+        tr = TargetTrainer(cfg.replace(seed=seed), data=data)
+        tr.set_reference(ref)
+        return tr
+
+    t0, t1 = trainer(0), trainer(5)
+    assert float(first[0]) == pytest.approx(t0.train(15), rel=1e-4)
+    assert after[0].tolist() == pytest.approx([t0.train(1) for _ in range(50)], rel=1e-4)
+    assert after[1].tolist() == pytest.approx([t1.train(1) for _ in range(50)], rel=1e-4)
+    with pytest.raises(ValueError, match="do not match the monitored layers' shapes"):
+        pop.set_reference([[torch.zeros(3, 3)]])
+
+
+def test_vector_env_with_meta_momentum_sets_the_reference():
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    venv = PopulationVectorEnv({"task": "digits-mlp", "mm_coef": 0.01, "epochs_per_episode": 1.0,
+                                "num_envs": 2})
+    assert venv.trainer._reference is not None
+    assert venv.trainer._reference[0].shape[1:] == venv.trainer._mm_params[0].shape[1:]
+    venv.reset(seed=0)
+    _, _, term, _, info = venv.step([2, 2])
+    assert info["batches"].tolist() == [10, 10] and not term.any()
