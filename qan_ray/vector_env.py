@@ -28,7 +28,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from qan_ray.config import QANConfig, from_dict
+from qan_ray.config import from_dict
 from qan_ray.contract import Observer, clean, observation_spec
 from qan_ray.control import action_spec
 from qan_ray.env import OBS_BOUND
@@ -45,7 +45,7 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         k = int(num_envs if num_envs is not None else config.pop("num_envs", 1))
         config.pop("num_envs", None)
         compile_step = bool(config.pop("compile", False))  # PopulationTrainer(compile=...)
-        cfg = from_dict({n: v for n, v in config.items() if n in QANConfig.__dataclass_fields__})
+        cfg = from_dict(config)  # QANConfig fields only: a typo raises, naming the valid keys
         if cfg.action_mode != "lr":
             raise ValueError(f"action_mode {cfg.action_mode!r}: PopulationVectorEnv supports "
                              "the lr mode only; use TargetTrainingEnv for minibatch mode.")

@@ -230,6 +230,10 @@ def test_vector_env_resets_a_diverged_member_alone():
     assert rewards[1] == 0.0 and not term.any()
     assert venv.trainer.seeds[1] == 103 and info["lr"][1] == pytest.approx(venv.cfg.lr)
     assert np.isfinite(obs).all()
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['controlinterval'\]"):
+        PopulationVectorEnv({"task": "digits-mlp", "controlinterval": 5, "num_envs": 2})
+    with pytest.raises(ValueError, match="supports the lr mode only"):
+        PopulationVectorEnv({"task": "digits-mlp", "action_mode": "minibatch", "num_envs": 2})
 
 
 def test_vector_env_builds_the_way_rllib_makes_it():
