@@ -46,6 +46,15 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         config.pop("num_envs", None)
         compile_step = bool(config.pop("compile", False))  # PopulationTrainer(compile=...)
         cfg = from_dict(config)  # QANConfig fields only: a typo raises, naming the valid keys
+        if cfg.tasks:
+            raise ValueError(f"tasks {list(cfg.tasks)}: a task distribution draws a model and "
+                             "dataset per episode, but a population shares one model shape. "
+                             "Use TargetTrainingEnv for a distribution, or one task per "
+                             "PopulationVectorEnv.")
+        if cfg.lr_schedule != "constant":
+            raise ValueError(f"lr_schedule {cfg.lr_schedule!r}: PopulationVectorEnv runs the "
+                             "constant schedule only (the actions set the LR itself); use "
+                             "TargetTrainingEnv for a schedule the actions correct.")
         if cfg.action_mode != "lr":
             raise ValueError(f"action_mode {cfg.action_mode!r}: PopulationVectorEnv supports "
                              "the lr mode only; use TargetTrainingEnv for minibatch mode.")

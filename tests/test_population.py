@@ -232,6 +232,10 @@ def test_vector_env_resets_a_diverged_member_alone():
     assert np.isfinite(obs).all()
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['controlinterval'\]"):
         PopulationVectorEnv({"task": "digits-mlp", "controlinterval": 5, "num_envs": 2})
+    with pytest.raises(ValueError, match="a population shares one model shape"):
+        PopulationVectorEnv({"task": "digits-mlp", "tasks": ("generalist",), "num_envs": 2})
+    with pytest.raises(ValueError, match="runs the constant schedule only"):
+        PopulationVectorEnv({"task": "digits-mlp", "lr_schedule": "cosine", "num_envs": 2})
     with pytest.raises(ValueError, match="supports the lr mode only"):
         PopulationVectorEnv({"task": "digits-mlp", "action_mode": "minibatch", "num_envs": 2})
 
