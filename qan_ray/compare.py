@@ -75,10 +75,12 @@ def compare(names: list[str], proto: Protocol, seeds: list[int], out: Path,
             try:
                 runs.append(run_experiment(name, proto, seed, storage or out / "ray", log=log,
                                            record=record))
-            except ExperimentInterrupted as err:
+            except (ExperimentInterrupted, KeyboardInterrupt) as err:
                 finished = [f"{r['summary']['scheduler']} seed {r['summary']['seed']}"
                             for r in runs]
-                raise CompareInterrupted(err, finished, out) from None
+                why = err if isinstance(err, ExperimentInterrupted) else (
+                    f"Ctrl-C during {name} seed {seed}")
+                raise CompareInterrupted(why, finished, out) from None
     summaries = add_targets(runs, target_fraction)
     rows = table_rows(summaries, names)
     note = (f"{target_fraction:g} x the best baseline's best validation accuracy, per seed "
@@ -95,7 +97,7 @@ def compare(names: list[str], proto: Protocol, seeds: list[int], out: Path,
 
 
 class CompareInterrupted(RuntimeError):
-    def __init__(self, err: ExperimentInterrupted, finished: list[str], out: Path):
+    def __init__(self, err: object, finished: list[str], out: Path):
         self.err, self.finished, self.out = err, finished, out
         super().__init__(f"{err}; finished: {finished or 'none'}")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import re
 import signal
 import threading
@@ -433,16 +434,25 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
             write_json(record / "experiment.json",
                        {"path": exp_path, "fingerprint": fingerprint(name, proto, seed)})
     start = time.perf_counter()
+    stop_seen = _StopSignalSeen()  # Tune logs its graceful stop, and fit() returns normally
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addHandler(stop_seen)
+    main = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main else None
     try:
         results = tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C, or Tune's handler disabled
         rows = read_rows(rows_file) if rows_file else []
         raise ExperimentInterrupted(name, seed, rows[-1]["epochs"] if rows else 0.0,
                                     proto.budget, exp_path) from None
+    finally:
+        tune_log.removeHandler(stop_seen)
+        if main:  # Tune leaves its handler in place: a later Ctrl-C must not be swallowed
+            signal.signal(signal.SIGINT, sigint)
     wall = time.perf_counter() - start
     callback = _counter_of(tuner) if resume else counter
     rows = read_rows(rows_file) if rows_file else callback.rows
-    if callback is not None and callback.interrupted.is_set():
+    if stop_seen.seen or (callback is not None and callback.interrupted.is_set()):
         raise ExperimentInterrupted(name, seed, rows[-1]["epochs"] if rows else 0.0,
                                     proto.budget, exp_path)
     errors = [str(r.error) for r in results if r.error is not None]
@@ -459,6 +469,18 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
         write_json(record / "summary.json", {"summary": summary,
                                              "fingerprint": fingerprint(name, proto, seed)})
     return {"summary": summary, "rows": rows}
+
+
+class _StopSignalSeen(logging.Handler):
+    """Notes Tune's "Stop signal received" warning (its SIGINT/SIGUSR1 graceful stop)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("Stop signal received"):
+            self.seen = True
 
 
 def _counter_of(tuner):
