@@ -270,6 +270,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     writable_dir(args.out, "--out")  # before any compute: never lose the results at the end
     controller = load_controller(args.controller)
     trained = controller.spec.task
+    if trained.get("tasks") and (args.task or args.tasks is not None):
+        # trained on a distribution, evaluated on one task: the distribution is not inherited
+        trained = {k: v for k, v in trained.items() if k not in ("tasks", "holdout")}
     flags = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
     cfg = from_dict({**trained, **flags}) if trained else from_dict(flags)
     grid = tuple(float(x) for x in args.lr_grid.split(",")) if args.lr_grid else ()

@@ -35,6 +35,7 @@ STEP_SCHEMA = pa.schema([
     ("batches", pa.int64()),
     ("diverged", pa.bool_()),
     ("actor", pa.string()),
+    ("task", pa.string()),
     ("wall_time", pa.float64()),
     ("global_episode", pa.int64()),
     ("seed", pa.int64()),

@@ -83,10 +83,9 @@ class TargetTrainer:
 
     def set_lr(self, lr: float) -> float:
         """Clamp to [lr_min, lr_max] and write every param group now. Returns the LR set."""
-        lr = float(min(max(lr, self.cfg.lr_min), self.cfg.lr_max))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        from qan_ray.contract import write_lr
+
+        return write_lr(self.optimizer, min(max(lr, self.cfg.lr_min), self.cfg.lr_max))
 
     def set_focus_class(self, cls: int) -> None:
         """Minibatch action: `cls` becomes the newest roulette entry and gets the focus share."""
