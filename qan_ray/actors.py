@@ -65,6 +65,15 @@ class _EpisodeCounter:
         self.claims.append((index, who))
         return index
 
+    def claim_many(self, n: int, who: str = "") -> list[int]:
+        """`n` indices in one call (the members of a population actor starting together)."""
+        return [self.claim(who) for _ in range(int(n))]
+
+    def slot(self) -> int:
+        """A number unique in this session (names a population proxy's trainer actor)."""
+        self.slots = getattr(self, "slots", 0) + 1
+        return self.slots
+
     def history(self) -> list[tuple[int, str]]:
         return list(self.claims)
 
@@ -124,21 +133,73 @@ class ActorResources:
 
 
 class _TrainerActor:
-    """Owns one TargetTrainingEnv on its device; steps it on request."""
+    """Owns one TargetTrainingEnv on its device and steps it on request; with population K > 1
+    a PopulationVectorEnv of K members instead (vreset / vstep)."""
 
-    def __init__(self, env_config: dict[str, Any], torch_threads: int = 1):
+    def __init__(self, env_config: dict[str, Any], torch_threads: int = 1,
+                 population: int = 1):
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
         from qan_ray.env import TargetTrainingEnv
 
-        self.env = TargetTrainingEnv(env_config)
+        self.population = int(population)
+        if self.population > 1:
+            from qan_ray.vector_env import PopulationVectorEnv
+
+            self.venv = PopulationVectorEnv({**env_config, "num_envs": self.population})
+            self.env = None
+        else:
+            self.env = TargetTrainingEnv(env_config)
 
     def spec(self) -> dict[str, Any]:
+        if self.env is None:
+            v = self.venv
+            return {"obs_size": int(v.single_observation_space.shape[0]),
+                    "num_actions": int(v.single_action_space.n), "total_steps": v.total_steps,
+                    "observation": v.observers[0].spec.to_dict(), "population": v.num_envs}
         env = self.env
         return {"obs_size": int(env.observation_space.shape[0]),
                 "num_actions": int(env.action_space.n), "total_steps": env.total_steps,
-                "observation": env.observer.spec.to_dict()}
+                "observation": env.observer.spec.to_dict(), "population": 1}
+
+    def population_error(self, k: int) -> str | None:
+        """Why this actor's task cannot run as a population of `k` (None: it can): the
+        refusals of PopulationVectorEnv / PopulationTrainer, checked on a 1-member build."""
+        from qan_ray.vector_env import PopulationVectorEnv
+
+        cfg = self.env.cfg if self.env is not None else self.venv.cfg
+        try:
+            PopulationVectorEnv({**cfg.replace(mm_coef=0.0).to_dict(), "num_envs": 1})
+        except ValueError as err:
+            return str(err)
+        return None
+
+    @staticmethod
+    def _member_infos(infos: dict[str, Any], k: int) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{**{key: v[i].item() if hasattr(v[i], "item") else v[i]
+                    for key, v in infos.items()}, "wall_time": now} for i in range(k)]
+
+    def vreset(self, seeds: list[int]):
+        """Every member starts an episode with its seed: (obs (K, D), per-member infos)."""
+        obs, infos = self.venv.reset(options={"seeds": list(seeds)})
+        return obs, self._member_infos(infos, self.venv.num_envs)
+
+    def vrestart(self, seeds: list[int], ended: list[int]):
+        """A replacement actor's first call: every member starts with its seed, and the members
+        in `ended` (their episodes were cut) start over again at the next step."""
+        obs, infos = self.vreset(seeds)
+        self.venv.mark_for_reset(ended)
+        return obs, infos
+
+    def vstep(self, actions, reset_seeds: dict[int, int]):
+        """One step of all members (NEXT_STEP autoreset: the members in `reset_seeds` start
+        their next episode with that seed); infos per member."""
+        self.venv.set_reset_seeds(reset_seeds)
+        obs, rewards, terminated, truncated, infos = self.venv.step(np.asarray(actions))
+        return (obs, rewards, terminated, truncated,
+                self._member_infos(infos, self.venv.num_envs))
 
     def reset(self, seed: int | None = None):
         obs, info = self.env.reset(seed=seed)
@@ -217,12 +278,14 @@ def drain_finished_episodes(env_runner) -> list[list[dict[str, Any]]]:
 
 
 def start_trainer_actor(env_config: dict[str, Any], resources: ActorResources,
-                        name: str | None = None):
-    """A TrainerActor with the configured resources (named in the `qan` namespace if given)."""
+                        name: str | None = None, population: int = 1):
+    """A TrainerActor with the configured resources (named in the `qan` namespace if given),
+    hosting `population` members (1: one TargetTrainingEnv)."""
     opts = resources.options()
     if name:
         opts.update(name=name, namespace=ACTOR_NAMESPACE)
-    return TrainerActor.options(**opts).remote(env_config, resources.torch_threads)
+    return TrainerActor.options(**opts).remote(env_config, resources.torch_threads,
+                                               population)
 
 
 class ActorEnv(gym.Env):
@@ -332,6 +395,178 @@ class ActorEnv(gym.Env):
         self._rows = []
 
     def close(self) -> None:
+        try:
+            ray.kill(self._actor)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+
+
+_VECTOR_INFO_KEYS = ("step", "lr", "batches", "diverged", "val_accuracy")
+
+
+class ActorVectorEnv(gym.vector.VectorEnv):
+    """gymnasium VectorEnv proxy to a TrainerActor hosting a PopulationVectorEnv of K members
+    (K = env_config["num_envs"], which RLlib sets from `num_envs_per_env_runner` when
+    `gym_env_vectorize_mode="vector_entry_point"`): reset/step of all K members is one remote
+    call. Autoreset is gymnasium's NEXT_STEP mode, as PopulationVectorEnv's.
+
+    Like ActorEnv, it keeps one row per control step per member for the Parquet log
+    (`finished`, drained by `drain_finished_episodes`), and every member's episode asks the
+    run's EpisodeCounter for its global index and seed. If the actor dies, a replacement starts
+    at once and all K running episodes end as truncated (flagged in their rows); members that
+    were starting an episode start it on the replacement with the index they were given."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, env_config: dict[str, Any]):
+        super().__init__()
+        k = int(env_config.get("num_envs", env_config.get("population", 1)))
+        if k < 1:
+            raise ValueError(f"num_envs is {k}; a population actor needs >= 1 members. Try "
+                             "--population 4.")
+        self.num_envs = k
+        self._qan = dict(env_config.get("qan", {}))
+        self._resources = ActorResources(**env_config.get("resources", {})).validate()
+        self._counter_name = env_config.get("counter")
+        self._meta_seed = int(env_config.get("meta_seed", 0))
+        self._counter = None
+        # RLlib's vector entry point passes a plain dict (no worker index): number the proxy
+        # from the run's counter (unique in the session), else by process.
+        worker = getattr(env_config, "worker_index", None)
+        if worker is None:
+            worker = (f"p{ray.get(self._get_counter().slot.remote())}"
+                      if self._counter_name else f"pid{os.getpid()}")
+        self.base_name = self.name = f"trainer-{env_config.get('run', 'qan')}-{worker}"
+        self._local_episodes = 0
+        self.index: list[int | None] = [None] * k
+        self.seed: list[int | None] = [None] * k
+        self.replacements = 0
+        self.replace_seconds: list[float] = []
+        self._rows: list[list[dict[str, Any]]] = [[] for _ in range(k)]
+        self.finished: list[list[dict[str, Any]]] = []
+        self._needs_reset = np.zeros(k, dtype=bool)
+        self._pending: dict[int, tuple[int | None, int]] = {}  # given out, not started yet
+        self._actor = self._start()
+        spec = ray.get(self._actor.spec.remote())
+        self.single_observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND,
+                                                       (spec["obs_size"],), np.float32)
+        self.single_action_space = gym.spaces.Discrete(spec["num_actions"])
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, k)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, k)
+        self._last_obs = np.zeros((k, spec["obs_size"]), np.float32)
+
+    # --- actors and episodes ---------------------------------------------------------------
+    def _get_counter(self):
+        if self._counter is None:
+            self._counter = ray.get_actor(self._counter_name, namespace=ACTOR_NAMESPACE)
+        return self._counter
+
+    def _start(self):
+        try:
+            return start_trainer_actor(self._qan, self._resources, self.name, self.num_envs)
+        except ValueError:  # the name is still held: go unnamed
+            return start_trainer_actor(self._qan, self._resources, None, self.num_envs)
+
+    _replace = ActorEnv._replace
+
+    def _claim(self, members) -> dict[int, tuple[int | None, int]]:
+        """member -> (global index, seed) of its next episode: one counter call for all (a
+        member given an index before its actor died keeps it)."""
+        members = [int(i) for i in members]
+        out = {i: self._pending.pop(i) for i in members if i in self._pending}
+        new = [i for i in members if i not in out]
+        if new and self._counter_name is None:
+            for i in new:
+                seed = int(self._qan.get("seed", 0)) + self._local_episodes
+                self._local_episodes += 1
+                out[i] = (None, seed)
+        elif new:
+            indices = ray.get(self._get_counter().claim_many.remote(len(new), self.name))
+            out.update({i: (int(g), episode_seed(self._meta_seed, int(g)))
+                        for i, g in zip(new, indices)})
+        return out
+
+    def _begin(self, i: int, claim: tuple[int | None, int], info: dict[str, Any]) -> None:
+        self.index[i], self.seed[i] = claim
+        self._rows[i] = [_row(info, -1, 0.0, obs=None, actor=self.name)]
+
+    def _finish(self, i: int, truncated: bool = False) -> None:
+        rows = self._rows[i]
+        for r in rows:
+            r.update(global_episode=self.index[i], seed=self.seed[i], truncated=truncated)
+        if len(rows) > 1:
+            self.finished.append(rows)
+        self._rows[i] = []
+
+    def _vector_info(self, infos: list[dict[str, Any]], **extra) -> dict[str, Any]:
+        out = {key: np.array([inf.get(key, np.nan) for inf in infos])
+               for key in _VECTOR_INFO_KEYS}
+        out["global_episode"] = np.array([-1 if g is None else g for g in self.index])
+        out["seed"] = np.array([-1 if s is None else s for s in self.seed])
+        return {**out, **{key: np.asarray(v) for key, v in extra.items()}}
+
+    # --- gymnasium API ---------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        # RLlib's reset seed is ignored: each member's seed comes from its global index.
+        claims = self._claim(range(self.num_envs))
+        seeds = [claims[i][1] for i in range(self.num_envs)]
+        try:
+            obs, infos = ray.get(self._actor.vreset.remote(seeds))
+        except ray.exceptions.RayActorError:
+            self._replace()
+            obs, infos = ray.get(self._actor.vreset.remote(seeds))
+        for i in range(self.num_envs):
+            self._begin(i, claims[i], infos[i])
+        self._needs_reset[:] = False
+        self._last_obs = obs
+        return obs, self._vector_info(infos)
+
+    def step(self, actions):
+        k = self.num_envs
+        actions = np.asarray(actions).reshape(k)
+        fresh = np.flatnonzero(self._needs_reset)
+        claims = self._claim(fresh)
+        try:
+            obs, rewards, terminated, truncated, infos = ray.get(self._actor.vstep.remote(
+                actions, {i: seed for i, (_, seed) in claims.items()}))
+        except ray.exceptions.RayActorError:
+            return self._after_death(claims)
+        for i in range(k):
+            if i in claims:  # NEXT_STEP autoreset: this member started its next episode
+                self._begin(i, claims[i], infos[i])
+                continue
+            self._rows[i].append(_row(infos[i], int(actions[i]), float(rewards[i]),
+                                      obs=self._last_obs[i], actor=self.name))
+            if terminated[i] or truncated[i]:
+                self._finish(i)
+        self._needs_reset = np.asarray(terminated, dtype=bool) | np.asarray(truncated, bool)
+        self._last_obs = obs
+        return obs, rewards, terminated, truncated, self._vector_info(infos)
+
+    def _after_death(self, claims: dict[int, tuple[int | None, int]]):
+        """The trainer died mid-step: replace it, end the K running episodes as truncated
+        (their earlier transitions stay valid) and start the members that were resetting on
+        the replacement; the cut members start over at the next step with new indices."""
+        k, cut = self.num_envs, self.name
+        running = [i for i in range(k) if i not in claims]
+        self._replace()
+        for i in running:
+            self._finish(i, truncated=True)
+        seeds = [claims[i][1] if i in claims else 0 for i in range(k)]
+        obs, infos = ray.get(self._actor.vrestart.remote(seeds, running))
+        for i in claims:
+            self._begin(i, claims[i], infos[i])
+        truncated = np.zeros(k, dtype=bool)
+        truncated[running] = True
+        self._needs_reset = truncated.copy()
+        obs = np.where(truncated[:, None], self._last_obs, obs).astype(np.float32)
+        self._last_obs = obs
+        return (obs, np.zeros(k), np.zeros(k, dtype=bool), truncated,
+                self._vector_info(infos, actor_replaced=np.ones(k, dtype=bool),
+                                  replaced=np.array([cut] * k), replacement=np.array(
+                                      [self.name] * k)))
+
+    def close(self, **kwargs) -> None:
         try:
             ray.kill(self._actor)
         except Exception:  # noqa: BLE001 - already gone is fine

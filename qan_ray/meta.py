@@ -80,6 +80,11 @@ class MetaConfig:
     (with --resume, the new total; the exploration schedule stays that of the original run)."""
     num_actors: int = 2
     """Trainer actors (= RLlib EnvRunners), each running its own episodes in parallel."""
+    population: int = 1
+    """Target networks per trainer actor, trained in lockstep as one PopulationVectorEnv and
+    seen by RLlib as one vector env of this many sub-envs (1 = one TargetTrainingEnv per
+    actor). Not for BatchNorm models, minibatch mode, task distributions or lr_schedule
+    cosine (refused, naming the fix)."""
     cpus_per_actor: float = 1.0
     """CPUs per trainer actor."""
     gpus_per_actor: float = 0.0
@@ -123,7 +128,8 @@ class MetaConfig:
     """Selection episodes per check (seeds 2,000,000 + i: never used in training or evaluation)."""
 
     def validate(self) -> MetaConfig:
-        for name in ("episodes", "num_actors", "train_batch_size", "replay_capacity"):
+        for name in ("episodes", "num_actors", "population", "train_batch_size",
+                     "replay_capacity"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` is {value!r}; it must be an integer >= 1. "
@@ -164,22 +170,31 @@ def describe_schedule(schedule) -> str:
 
 
 def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episode: int):
-    """The real RLlib `DQNConfig` over `num_actors` ActorEnvs (epsilon: `epsilon_schedule`)."""
+    """The real RLlib `DQNConfig` over `num_actors` ActorEnvs, or with population K > 1 over
+    `num_actors` ActorVectorEnvs of K members each (epsilon: `epsilon_schedule`).
+
+    Each EnvRunner samples rollout_fragment_length x num_envs_per_env_runner = one episode's
+    control steps per member per round, and RLlib's training_intensity ratio divides by that
+    same product (dqn.calculate_rr_weights), so --training-intensity keeps its meaning (replayed
+    / sampled transitions) for any K."""
     from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     from policies.rllib_module import QMLPModule
-    from qan_ray.actors import ActorEnv
+    from qan_ray.actors import ActorEnv, ActorVectorEnv
 
     resources = {"cpus_per_actor": meta.cpus_per_actor, "gpus_per_actor": meta.gpus_per_actor}
+    k = meta.population
+    vector = ({"gym_env_vectorize_mode": "vector_entry_point"} if k > 1 else {})
     return (
         DQNConfig()
-        .environment(ActorEnv, env_config={"qan": qan.to_dict(), "resources": resources,
-                                           "run": run, "counter": counter_name(run),
-                                           "meta_seed": meta.seed})
+        .environment(ActorVectorEnv if k > 1 else ActorEnv,
+                     env_config={"qan": qan.to_dict(), "resources": resources, "run": run,
+                                 "counter": counter_name(run), "meta_seed": meta.seed})
         .framework("torch")
-        .env_runners(num_env_runners=meta.num_actors, num_envs_per_env_runner=1,
-                     num_cpus_per_env_runner=0, rollout_fragment_length=steps_per_episode)
+        .env_runners(num_env_runners=meta.num_actors, num_envs_per_env_runner=k,
+                     num_cpus_per_env_runner=0, rollout_fragment_length=steps_per_episode,
+                     **vector)
         # A GPU learner runs as its own actor (the driver usually sits on a CPU head node).
         .learners(num_learners=1 if meta.learner_gpus > 0 else 0,
                   num_gpus_per_learner=meta.learner_gpus)
@@ -262,7 +277,13 @@ class MetaTrainer:
         probe = start_trainer_actor(qan.replace(mm_coef=0.0).to_dict(), ActorResources(
             meta.cpus_per_actor, meta.gpus_per_actor))
         spec = ray.get(probe.spec.remote())
+        why = (ray.get(probe.population_error.remote(meta.population))
+               if meta.population > 1 else None)
         ray.kill(probe)
+        if why:
+            raise ValueError(f"--population {meta.population}: task {qan.task!r} cannot run as "
+                             f"a population ({why}) Use --population 1 (one network per "
+                             "trainer actor) for it.")
         self.steps_per_episode = spec["total_steps"]
         self.obs_size = spec["obs_size"]
         self.observation = spec["observation"]
@@ -373,8 +394,9 @@ class MetaTrainer:
                              "episodes to reach). Try train(until=meta.episodes).")
         self._target = target
         start_eps, t0 = self.progress["episodes"], time.time()
+        members = (f" x {self.meta.population} members" if self.meta.population > 1 else "")
         self.log(f"meta-training: {target} episodes of {self.steps_per_episode} control steps on "
-                 f"{self.meta.num_actors} trainer actors -> {self.out}")
+                 f"{self.meta.num_actors} trainer actors{members} -> {self.out}")
         result: dict[str, Any] = {}
         while self.progress["episodes"] < target:
             result = self.algo.train()

@@ -76,10 +76,21 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         self._needs_reset = np.zeros(k, dtype=bool)
         self._last = [dict() for _ in range(k)]
         self._base_seed = cfg.seed
+        self._reset_seeds: dict[int, int] = {}
+
+    def set_reset_seeds(self, seeds: dict[int, int]) -> None:
+        """Seeds for the next starts of the given members (member -> seed), used instead of
+        `seed + episodes started` (the trainer actors' episode counter hands them out)."""
+        self._reset_seeds.update({int(i): int(s) for i, s in seeds.items()})
+
+    def mark_for_reset(self, members) -> None:
+        """The given members start over at the next step (NEXT_STEP autoreset), as if their
+        episode had just ended (a proxy ends them when their trainer actor was replaced)."""
+        self._needs_reset[np.asarray(list(members), dtype=np.int64)] = True
 
     # --- members ---------------------------------------------------------------------------
     def _start(self, i: int) -> None:
-        seed = self._base_seed + self.episodes_started
+        seed = self._reset_seeds.pop(i, self._base_seed + self.episodes_started)
         self.episodes_started += 1
         self.trainer.reset_member(i, seed)
         lr = self.cfg.lr
@@ -115,9 +126,17 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
 
     # --- gymnasium API ---------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Every member starts a new episode; options {"seeds": [one per member]} gives each
+        member's seed (default: seed + i, or the config's seed + episodes started)."""
         if seed is not None:
             self._base_seed = int(seed)
             self.episodes_started = 0
+        seeds = (options or {}).get("seeds")
+        if seeds is not None:
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"reset got {len(seeds)} seeds for {self.num_envs} members; "
+                                 "pass one per member.")
+            self.set_reset_seeds(dict(enumerate(seeds)))
         for i in range(self.num_envs):
             self._start(i)
         val, acc = (t.numpy() for t in self.trainer.evaluate("val"))

@@ -258,3 +258,20 @@ def test_resume_refuses_another_exploration_horizon(tmp_path):
                                          "over 4 episodes; the schedule is fixed when a run "
                                          "starts"):
         run_train(_train_args("--out", str(tmp_path), "--resume", "--explore-episodes", "8"))
+
+
+@pytest.mark.parametrize("population", [1, 4])
+def test_training_intensity_keeps_its_replay_ratio_with_a_population(population):
+    # RLlib's round: each of N runners samples rollout_fragment_length x K steps; the learner
+    # makes weights[1] updates of train_batch_size per weights[0] rounds.
+    from ray.rllib.algorithms.dqn.dqn import calculate_rr_weights
+
+    from qan_ray.meta import build_dqn_config
+
+    meta = _meta(population=population, training_intensity=16.0)
+    cfg = build_dqn_config(QAN, meta, "ratio", steps_per_episode=4)
+    assert cfg.num_envs_per_env_runner == population
+    assert cfg.gym_env_vectorize_mode == ("vector_entry_point" if population > 1 else "sync")
+    stores, updates = calculate_rr_weights(cfg)
+    sampled = stores * 4 * population * meta.num_actors
+    assert updates * meta.train_batch_size / sampled == pytest.approx(16.0)

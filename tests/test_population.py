@@ -389,3 +389,83 @@ def test_vector_env_with_meta_momentum_sets_the_reference():
     venv.reset(seed=0)
     _, _, term, _, info = venv.step([2, 2])
     assert info["batches"].tolist() == [10, 10] and not term.any()
+
+
+# --- qan train --population: trainer actors hosting populations ---------------------------------
+POP_QAN = from_dict(task="digits-mlp", epochs_per_episode=1.0)  # 35 batches -> 4 control steps
+
+
+def test_meta_trainer_with_population_4_logs_every_members_episodes(ray_session, tmp_path):
+    from qan_ray.meta import MetaConfig, MetaTrainer
+    from qan_ray.records import read_parts
+
+    meta = MetaConfig(episodes=4, num_actors=1, population=4, cpus_per_actor=0.5,
+                      learning_starts=8, hidden=(16, 16), select_every=0)
+    mt = MetaTrainer(POP_QAN, meta, tmp_path / "run", log=lambda *_: None)
+    try:
+        assert mt.algo.config.num_envs_per_env_runner == 4
+        result = mt.train()
+        assert mt.progress["episodes"] >= 4 and 1 <= mt.progress["iterations"] <= 2
+        sampled = result["env_runners"]["num_env_steps_sampled_lifetime"]
+        assert sampled >= 4 * mt.steps_per_episode  # 4 members' control steps, one runner
+        kinds = mt.algo.env_runner_group.foreach_env_runner(
+            lambda er: (type(er.env.unwrapped).__name__, er.env.unwrapped.num_envs),
+            local_env_runner=False)
+        assert kinds == [("ActorVectorEnv", 4)]
+        rows = read_parts(mt.out / "steps").to_pylist()
+        episodes = {r["episode"] for r in rows}
+        assert len(episodes) >= 4 and None not in episodes
+        seeds = {r["episode"]: r["seed"] for r in rows}
+        assert len(set(seeds.values())) == len(episodes)  # distinct seeds, from the counter
+        assert sorted({r["global_episode"] for r in rows}) == list(range(len(episodes)))
+        for ep in episodes:  # the reset row + one row per control step of that member
+            steps = [r["step"] for r in rows if r["episode"] == ep]
+            assert steps == list(range(mt.steps_per_episode + 1))
+        assert all(r["q_values"] is not None for r in rows if r["action"] >= 0)
+    finally:
+        mt.stop()
+
+
+def test_killed_population_actor_is_replaced_and_its_running_episodes_truncated(ray_session):
+    import numpy as np
+    import ray
+
+    from qan_ray.actors import ActorVectorEnv, episode_seed, start_episode_counter
+
+    counter = start_episode_counter("episodes-pop-kill", [])
+    env = ActorVectorEnv({"qan": POP_QAN.to_dict(), "resources": {"cpus_per_actor": 0.5},
+                          "run": "pop-kill", "counter": "episodes-pop-kill", "num_envs": 3})
+    try:
+        env.reset(seed=1)
+        env.step([2, 2, 2])
+        victim = env.name
+        ray.kill(env._actor, no_restart=True)
+        obs, rewards, term, trunc, info = env.step([2, 2, 2])
+        assert trunc.tolist() == [True] * 3 and not term.any() and not rewards.any()
+        assert env.replacements == 1 and env.name == f"{victim}-r1"
+        assert info["actor_replaced"].all()
+        # the three running episodes end as truncated: reset row + the one step before the kill
+        assert [(len(e), e[0]["global_episode"], e[0]["truncated"], e[0]["actor"])
+                for e in env.finished] == [(2, 0, True, victim), (2, 1, True, victim),
+                                           (2, 2, True, victim)]
+        obs, rewards, term, trunc, info = env.step([2, 2, 2])  # NEXT_STEP: all start over
+        assert info["step"].tolist() == [0, 0, 0] and info["global_episode"].tolist() == [3, 4, 5]
+        assert info["seed"].tolist() == [episode_seed(0, g) for g in (3, 4, 5)]
+        obs, rewards, term, trunc, info = env.step([2, 2, 2])
+        assert info["step"].tolist() == [1, 1, 1] and not trunc.any() and np.isfinite(obs).all()
+        assert [w for _, w in ray.get(counter.history.remote())][3:] == [env.name] * 3
+    finally:
+        env.close()
+        ray.kill(counter)
+
+
+def test_population_refusals_name_the_fix(ray_session, tmp_path):
+    from qan_ray.meta import MetaConfig, MetaTrainer
+
+    meta = MetaConfig(episodes=2, num_actors=1, population=2, cpus_per_actor=0.5)
+    with pytest.raises(ValueError, match=r"--population 2: task 'digits-mlp' cannot run as a "
+                       r"population \(lr_schedule 'cosine'.*Use --population 1"):
+        MetaTrainer(POP_QAN.replace(lr_schedule="cosine"), meta, tmp_path / "a",
+                    log=lambda *_: None)
+    with pytest.raises(ValueError, match="`population` is 0; it must be an integer >= 1"):
+        MetaConfig(population=0).validate()
