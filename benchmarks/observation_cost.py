@@ -6,8 +6,9 @@ controller sees) for networks of about 5k, 200k, 1M and 10M parameters (MLPs) pl
 - before: the per-layer vector of qan-ray up to commit BASE_COMMIT (192 statistics per layer,
   concatenated; one full sort per group set), loaded from git history;
 - after: `qan_ray.contract.Observer` (pooled by depth, stratified subsample, raw-moment stats).
-Each cell is the median over `--calls` calls after a warm-up, per model seed; we report mean and
-sd over `--seeds` model inits. Both run in this process with torch.set_num_threads(1).
+Each cell is the median over `--calls` calls after a warm-up (3 calls for the old vector above 1M
+parameters, where one call takes seconds), per model seed; we report mean and sd over `--seeds`
+model inits. Both run in this process with torch.set_num_threads(1).
 
     python benchmarks/observation_cost.py [--seeds 3] [--calls 30]
 """
@@ -59,6 +60,11 @@ def median_ms(fn, calls: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def before_ok(model) -> bool:
+    """The old vector takes seconds per call above 1M parameters: 3 calls are enough there."""
+    return sum(p.numel() for p in model.parameters()) <= 1_100_000
+
+
 def measure(seeds: int, calls: int) -> list[dict]:
     old = legacy_features()
     rows = []
@@ -69,7 +75,8 @@ def measure(seeds: int, calls: int) -> list[dict]:
             model = factory()
             observer = Observer(ObservationSpec(), 0.05)
             signals = old.signal_vector(0.05, 0.05, 1.0, 2.3, 1.1, 0.5, 0.5)
-            before.append(median_ms(lambda m=model, s=signals: old.observation(m, s), calls))
+            before.append(median_ms(lambda m=model, s=signals: old.observation(m, s),
+                                    calls if before_ok(model) else 3))
             after.append(median_ms(lambda m=model, o=observer: o.observe(
                 m, lr=0.05, train_loss=1.0, val_loss=1.1, val_accuracy=0.5, progress=0.5),
                 calls))
