@@ -77,11 +77,33 @@ class Runs:
             "method": method, "seed": seed, "final_val_accuracy": recs[-1]["val_accuracy"],
             "test_accuracy": test_acc, "wall_s": seconds,
             "diverged": any(r.get("diverged") for r in recs), "recs": recs})
+        self._curves(method, seed, recs)
+
+    def _curves(self, method: str, seed: int, recs: list[dict]) -> None:
         for r in recs:
             self.curves.append({"method": method, "seed": seed, "batches": r["batches"],
                                 "val_accuracy": r["val_accuracy"], "val_loss": r["val_loss"],
                                 "train_loss": r["train_loss"], "lr": r["lr"],
                                 "action": r["action"], "composition": r.get("composition")})
+
+    def add_records(self, method: str, seed: int, recs: list[dict], test_accuracy: float,
+                    seconds: float) -> None:
+        """`add` for an episode that ran outside an env (a population member)."""
+        self.by_method.setdefault(method, []).append({
+            "method": method, "seed": seed, "final_val_accuracy": recs[-1]["val_accuracy"],
+            "test_accuracy": float(test_accuracy), "wall_s": seconds,
+            "diverged": any(r.get("diverged") for r in recs), "recs": recs})
+        self._curves(method, seed, recs)
+
+    def take(self, methods: list[str]) -> Runs:
+        """Move `methods` (with their curves) out of these runs into a new Runs."""
+        out = Runs()
+        for m in methods:
+            out.by_method[m] = self.by_method.pop(m)
+        keep = set(methods)
+        out.curves = [c for c in self.curves if c["method"] in keep]
+        self.curves = [c for c in self.curves if c["method"] not in keep]
+        return out
 
     def mean_final(self, method: str) -> float:
         return mean_sd([r["final_val_accuracy"] for r in self.by_method[method]])[0]
@@ -113,35 +135,83 @@ def baseline_config(cfg: QANConfig) -> QANConfig:
 
 
 def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
-                  log=print, adaptive: tuple[str, ...] = ADAPTIVE_BASELINES
-                  ) -> tuple[Runs, float]:
+                  log=print, adaptive: tuple[str, ...] = ADAPTIVE_BASELINES,
+                  population: bool = True) -> tuple[Runs, float]:
     """fixed@LR over the grid, then step and cosine from the best fixed LR, then the `adaptive`
-    baselines from the task LR cfg.lr. Returns the runs and the best fixed LR."""
+    baselines from the task LR cfg.lr. Returns the runs and the best fixed LR.
+
+    With `population` (and a task PopulationTrainer can batch: no BatchNorm, no task
+    distribution), the fixed grid x seeds (with warmup_cosine x seeds when asked for) trains as
+    one population, and step and cosine x seeds as a second one (population.run_schedules: the
+    same records as the env's episodes, to float tolerance); a run's wall s is then its
+    population's time / members. The adaptive baselines that read the run (plateau,
+    hypergradient) and tasks a population cannot batch run episode by episode on the env."""
     bcfg = baseline_config(cfg)
     grid = tuple(sorted(lr_grid or {round(cfg.lr * f, 6) for f in DEFAULT_GRID_FACTORS}))
     grid = tuple(lr for lr in grid if cfg.lr_min <= lr <= cfg.lr_max)
     if not grid:
         raise ValueError(f"the LR grid is empty inside [lr_min, lr_max] = [{cfg.lr_min}, "
                          f"{cfg.lr_max}]. Pass --lr-grid with values in that range.")
-    env, runs = TargetTrainingEnv(bcfg), Runs()
+    batched = _population_schedules(bcfg, log) if population else None
+    env = None if batched is not None else TargetTrainingEnv(bcfg)
+    runs = Runs()
+    seeds_ = eval_seeds(seeds)
+
+    def episodes(specs: list[tuple[str, str, float]], into: Runs) -> None:
+        """(method, schedule, lr) x every seed, as one population or one env episode each."""
+        if batched is not None:
+            members = [(name, lr, seed) for _, name, lr in specs for seed in seeds_]
+            (records, test_acc), sec = _timed(batched, members)
+            for j, (method, _, _) in enumerate(specs):
+                for i, seed in enumerate(seeds_):
+                    m = j * len(seeds_) + i
+                    into.add_records(method, seed, records[m], test_acc[m], sec / len(members))
+            return
+        for method, name, lr in specs:
+            for seed in seeds_:
+                recs, sec = _timed(run_schedule, env, name, lr, seed)
+                into.add(method, seed, recs, env, sec)
+
+    early_adaptive = [n for n in adaptive if n == "warmup_cosine" and batched is not None]
+    episodes([(f"fixed@{lr:g}", "fixed", lr) for lr in grid]
+             + [(f"{n}@{cfg.lr:g}", n, cfg.lr) for n in early_adaptive], runs)
+    early = runs.take([f"{n}@{cfg.lr:g}" for n in early_adaptive])
     for lr in grid:
-        for seed in eval_seeds(seeds):
-            recs, sec = _timed(run_schedule, env, "fixed", lr, seed)
-            runs.add(f"fixed@{lr:g}", seed, recs, env, sec)
         log(f"fixed@{lr:g}: final val acc {runs.mean_final(f'fixed@{lr:g}'):.4f}")
     best_lr = max(grid, key=lambda lr: runs.mean_final(f"fixed@{lr:g}"))
+    episodes([(f"{name}@{best_lr:g}", name, best_lr) for name in ("step", "cosine")], runs)
     for name in ("step", "cosine"):
-        for seed in eval_seeds(seeds):
-            recs, sec = _timed(run_schedule, env, name, best_lr, seed)
-            runs.add(f"{name}@{best_lr:g}", seed, recs, env, sec)
         log(f"{name}@{best_lr:g}: final val acc {runs.mean_final(f'{name}@{best_lr:g}'):.4f}")
     for name in adaptive:
         method = f"{name}@{cfg.lr:g}"
-        for seed in eval_seeds(seeds):
-            recs, sec = _timed(run_schedule, env, name, cfg.lr, seed)
-            runs.add(method, seed, recs, env, sec)
+        if method in early.by_method:
+            runs = runs.merged(early)
+        else:
+            if env is None:
+                env = TargetTrainingEnv(bcfg)
+            for seed in seeds_:
+                recs, sec = _timed(run_schedule, env, name, cfg.lr, seed)
+                runs.add(method, seed, recs, env, sec)
         log(f"{method}: final val acc {runs.mean_final(method):.4f}")
     return runs, best_lr
+
+
+def _population_schedules(bcfg: QANConfig, log=print):
+    """run_schedules on `bcfg`'s task (one data load for every population), or None (with the
+    reason logged) where PopulationTrainer cannot batch the task."""
+    from qan_ray.population import PopulationTrainer, run_schedules
+
+    if bcfg.tasks:
+        log("baselines: a task distribution runs episode by episode (no population)")
+        return None
+    try:
+        probe = PopulationTrainer(bcfg, k=1)
+    except ValueError as err:
+        log(f"baselines: episode by episode ({str(err).split(';')[0]})")
+        return None
+    data, device = probe.data, probe.device
+    del probe
+    return lambda members: run_schedules(bcfg, members, data=data, device=device)
 
 
 def run_controller_seeds(controller, cfg: QANConfig, seeds: int = 3, method: str = "qan",

@@ -469,3 +469,30 @@ def test_population_refusals_name_the_fix(ray_session, tmp_path):
                     log=lambda *_: None)
     with pytest.raises(ValueError, match="`population` is 0; it must be an integer >= 1"):
         MetaConfig(population=0).validate()
+
+
+def test_evaluate_baselines_as_populations_give_the_sequential_table():
+    from qan_ray.evaluate import eval_seeds, run_baselines, summarise
+
+    cfg = from_dict(task="digits-mlp", epochs_per_episode=1.0, lr=0.05)
+    kw = dict(seeds=2, lr_grid=(0.02, 0.1), log=lambda *_: None,
+              adaptive=("warmup_cosine", "plateau"))
+    batched, best_b = run_baselines(cfg, population=True, **kw)
+    sequential, best_s = run_baselines(cfg, population=False, **kw)
+    assert best_b == best_s
+    assert list(batched.by_method) == list(sequential.by_method) == [
+        "fixed@0.02", "fixed@0.1", f"step@{best_s:g}", f"cosine@{best_s:g}",
+        "warmup_cosine@0.05", "plateau@0.05"]
+    for method, runs in sequential.by_method.items():
+        assert [r["seed"] for r in batched.by_method[method]] == eval_seeds(2)
+        for got, ref in zip(batched.by_method[method], runs):
+            assert [r["lr"] for r in got["recs"]] == pytest.approx([r["lr"] for r in ref["recs"]])
+    table_b, table_s = summarise(batched), summarise(sequential)
+    assert table_b["target"] == pytest.approx(table_s["target"], abs=1e-6)
+    for row_b, row_s in zip(table_b["summary"], table_s["summary"]):
+        assert row_b["method"] == row_s["method"]
+        for key in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
+                    "final_lr_mean", "batches_to_target_mean", "reached_target"):
+            want = row_s[key] if row_s[key] is None else pytest.approx(row_s[key], rel=1e-4,
+                                                                         abs=1e-5)
+            assert row_b[key] == want, (row_b["method"], key)
