@@ -252,8 +252,9 @@ def _row(info: dict[str, Any], action: int, reward: float, obs, actor: str
 
 
 def drain_finished_episodes(env_runner) -> list[list[dict[str, Any]]]:
-    """Run on an RLlib EnvRunner: pop the finished episodes of its ActorEnvs and attach the
-    acting module's Q-values to every step (one batched forward pass per episode)."""
+    """Run on an RLlib EnvRunner: pop the finished episodes of its ActorEnvs (or of its one
+    ActorVectorEnv, all K members' episodes) and attach the acting module's Q-values to every
+    step (one batched forward pass per episode)."""
     import torch
     from ray.rllib.core.columns import Columns
 
