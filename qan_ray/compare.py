@@ -223,6 +223,11 @@ def run_compare(args: argparse.Namespace) -> int:
               "run with complete ones. Run the same command again to reuse the finished "
               "experiments and run the rest.", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # after the experiments, while the table or figure was written
+        print(f"qan compare: interrupted while writing the table under {out}; every experiment "
+              f"had finished (kept under {out / 'experiments'}). Run the same command again to "
+              "write the table from them without re-running anything.", file=sys.stderr)
+        return 130
     finally:
         if ours and ray.is_initialized():
             ray.shutdown()

@@ -411,16 +411,17 @@ def test_submit_sh_runs_qan_train_as_a_ray_job(cluster: Cluster, tmp_path: Path)
 
     controller = load_controller(out / "controller")
     spec = controller.spec
-    assert spec["episodes"] == progress["episodes"]
-    assert spec["qan"]["task"] == "digits-mlp" and spec["qan"]["epochs_per_episode"] == 1
-    assert {k: spec["meta"][k] for k in ("episodes", "num_actors", "cpus_per_actor",
-                                         "gpus_per_actor", "learning_starts")} == {
+    assert spec.provenance["episodes"] == progress["episodes"]
+    assert spec.task["task"] == "digits-mlp" and spec.task["epochs_per_episode"] == 1
+    meta = spec.provenance["meta"]
+    assert {k: meta[k] for k in ("episodes", "num_actors", "cpus_per_actor", "gpus_per_actor",
+                                 "learning_starts")} == {
         "episodes": 2, "num_actors": 1, "cpus_per_actor": 0.5, "gpus_per_actor": 0,
         "learning_starts": 4}
     state = torch.load(out / "controller" / "qnet.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state.values())
-    q = controller.net(torch.zeros(spec["obs_size"]))
-    assert q.shape == (spec["num_actions"],) == (len(spec["action_labels"]),)
+    q = controller.net(torch.zeros(spec.obs_size))
+    assert q.shape == (spec.num_actions,) == (len(spec.action.labels),)
 
     parts = sorted((out / "steps").glob("part-*.parquet"))
     assert parts

@@ -370,7 +370,8 @@ def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(tmp_path
 @pytest.mark.e2e
 def test_interrupted_compare_writes_no_mixed_table_and_reuses_finished_runs(tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", "--schedulers", "asha,fifo", "--samples", "2", "--epochs", "4",
+    # fifo's trials run long enough (2 x 40 epochs) that the interrupt lands inside them
+    args = ["compare", "--schedulers", "asha,fifo", "--samples", "2", "--epochs", "40",
             "--max-concurrent", "1", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
