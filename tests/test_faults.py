@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -364,7 +365,9 @@ def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(tmp_path
     assert "interrupted" in stderr and "--resume" in stderr and "best val acc" not in stdout
     resumed = qan(*args, "--resume", timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "6 epochs in total" in resumed.stdout
+    # the full budget (2 trials x 3 epochs); an epoch cut by the interrupt is redone and counted
+    total = re.search(r"(\d+) epochs in total", resumed.stdout)
+    assert total is not None and int(total.group(1)) in (6, 7), resumed.stdout[-2000:]
 
 
 @pytest.mark.e2e
