@@ -282,12 +282,17 @@ class ActionSpec:
     def clamp(self, lr: float) -> float:
         return float(min(max(lr, self.lr_min), self.lr_max))
 
-    def next_lr(self, lr: float, action: int) -> float:
-        """The LR after `action` (lr mode), clamped to [lr_min, lr_max]."""
+    def checked(self, action: int) -> int:
+        """`action` as an int; a clear error when it is not one of this spec's actions."""
         action = int(action)
         if not 0 <= action < self.num_actions:
             raise ValueError(f"action {action} is outside 0..{self.num_actions - 1} for action "
                              f"mode {self.mode!r}.")
+        return action
+
+    def next_lr(self, lr: float, action: int) -> float:
+        """The LR after `action` (lr mode), clamped to [lr_min, lr_max]."""
+        action = self.checked(action)
         if self.mode == "minibatch":
             return float(lr)
         if action < len(self.lr_factors):
@@ -297,10 +302,7 @@ class ActionSpec:
     def next_correction(self, correction: float, action: int, initial_lr: float) -> float:
         """Cosine schedule: the correction after `action` (restart: the correction that puts the
         schedule's start at restart_lr), within CORRECTION_RANGE."""
-        action = int(action)
-        if not 0 <= action < self.num_actions:
-            raise ValueError(f"action {action} is outside 0..{self.num_actions - 1} for action "
-                             f"mode {self.mode!r}.")
+        action = self.checked(action)
         if self.mode == "minibatch":
             return float(correction)
         c = (correction * self.lr_factors[action] if action < len(self.lr_factors)
