@@ -177,6 +177,10 @@ def run_tune(args: argparse.Namespace) -> int:
               f"Continue with the same command plus --resume (tune.Tuner.restore).",
               file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside Tune's own handling, e.g. while it wrapped up
+        print(f"qan tune: interrupted. Continue with the same command plus --resume "
+              f"(tune.Tuner.restore; the records are under {out}).", file=sys.stderr)
+        return 130
     finally:
         if ours and ray.is_initialized():
             ray.shutdown()
