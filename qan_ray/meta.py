@@ -45,6 +45,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,6 +402,8 @@ class MetaTrainer:
                  f"{self.meta.num_actors} trainer actors{members} -> {self.out}")
         result: dict[str, Any] = {}
         while self.progress["episodes"] < target:
+            if INTERRUPTED.is_set():  # an interrupt whose KeyboardInterrupt was swallowed
+                raise KeyboardInterrupt
             result = self.algo.train()
             self.progress["iterations"] += 1
             finished = self.drain()
@@ -620,15 +623,18 @@ def run_train(args: argparse.Namespace) -> int:
     writable_dir(out, "--out")
     start = time.time()
     ours = not ray.is_initialized()  # the command's own Ray ends with it
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _terminate(signum, frame):  # SIGTERM: as Ctrl-C (export, hint, Ray shut down)
+    def _terminate(signum, frame):  # SIGINT/SIGTERM: export, hint, Ray shut down
+        INTERRUPTED.set()  # kept even if the KeyboardInterrupt below is swallowed somewhere
         raise KeyboardInterrupt
 
     trainer = None
+    INTERRUPTED.clear()
     try:
         if threading_main():
-            signal.signal(signal.SIGTERM, _terminate)
+            for sig in previous:
+                signal.signal(sig, _terminate)
         trainer = MetaTrainer(qan, meta, out, resume=args.resume)
         try:
             trainer.train()
@@ -644,7 +650,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 130
     finally:
         if threading_main():
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if trainer is not None:
             try:
                 trainer.stop()
@@ -652,6 +659,10 @@ def run_train(args: argparse.Namespace) -> int:
                 pass
         if ours and ray.is_initialized():
             ray.shutdown()
+
+
+INTERRUPTED = threading.Event()
+"""Set by `qan train`'s SIGINT/SIGTERM handler; the training loop stops at the next iteration."""
 
 
 def threading_main() -> bool:
