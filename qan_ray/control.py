@@ -91,15 +91,16 @@ class AdaptiveBaseline:
     `next_lr(trainer, info)` is called at every control point of an episode (step 0 is the state
     after reset), with the env's info of that point (val_loss, ...); it returns the LR the
     trainer should use until the next control point. A new episode (a fresh optimizer after
-    `trainer.reset`) restarts the rule from the trainer's LR."""
+    `trainer.reset`, counted by `trainer.episode`) restarts the rule from the trainer's LR."""
 
     def __init__(self, lr: float):
         self.lr0 = float(lr)
-        self._optimizer: Any = None
+        self._episode: Any = None
 
     def next_lr(self, trainer: TargetTrainer, info: dict[str, Any]) -> float:
-        if trainer.optimizer is not self._optimizer:  # a new episode
-            self._optimizer = trainer.optimizer
+        episode = (id(trainer), trainer.episode)
+        if episode != self._episode:  # a new episode
+            self._episode = episode
             trainer.set_lr(self.lr0)
             self.start(trainer)
         return self.update(trainer, info)
@@ -112,10 +113,11 @@ class AdaptiveBaseline:
 
 
 class PlateauBaseline(AdaptiveBaseline):
-    """torch.optim.lr_scheduler.ReduceLROnPlateau on the trainer's own optimizer, stepped with
-    the validation loss at each control point (one decision per epoch is what a Tune trainable
-    reports, so `patience` counts control points). It writes the optimizer's LR itself; the
-    trainer then clamps it to [lr_min, lr_max]."""
+    """torch.optim.lr_scheduler.ReduceLROnPlateau, stepped with the validation loss at each
+    control point (one decision per epoch is what a Tune trainable reports, so `patience` counts
+    control points). The scheduler drives a one-parameter torch.optim.SGD that only carries the
+    LR (the trainer's optimizer is the population's, which torch's schedulers cannot wrap); its
+    LR is the trainer's next LR, clamped by the trainer to [lr_min, lr_max]."""
 
     def __init__(self, lr: float, factor: float = 0.5, patience: int = 2,
                  threshold: float = 1e-4, min_lr: float = 0.0):
@@ -126,13 +128,14 @@ class PlateauBaseline(AdaptiveBaseline):
 
     def start(self, trainer: TargetTrainer) -> None:
         kwargs = {**self.kwargs, "min_lr": max(self.kwargs["min_lr"], trainer.cfg.lr_min)}
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, **kwargs)
+        self._carrier = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=trainer.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self._carrier, **kwargs)
 
     def update(self, trainer: TargetTrainer, info: dict[str, Any]) -> float:
         val_loss = info.get("val_loss")
         if val_loss is not None and math.isfinite(val_loss):
             self.scheduler.step(val_loss)
-        return trainer.lr
+        return float(self._carrier.param_groups[0]["lr"])
 
 
 HD_BETA = 1e-3  # Baydin et al.'s hypergradient LR for SGD-HD

@@ -117,6 +117,23 @@ class PopulationOptimizer:
                              f"needs one LR per member, shape ({self.k},), or one scalar.")
         self.lr.copy_(lr_t)
 
+    def set_hyperparams(self, *, momentum: float | None = None, nesterov: bool | None = None,
+                        weight_decay: float | None = None) -> None:
+        """Change momentum, Nesterov or weight decay for every member from the next step (PBT
+        mutates them). SGD momentum buffers are kept (created at zero when momentum first
+        becomes > 0), as torch.optim keeps them when a param group's momentum changes."""
+        if momentum is not None:
+            self.momentum = float(momentum)
+        if nesterov is not None:
+            self.nesterov = bool(nesterov)
+        if weight_decay is not None:
+            self.weight_decay = float(weight_decay)
+        if self.nesterov and self.momentum <= 0 and self.kind == "sgd":
+            raise ValueError("Nesterov momentum requires momentum > 0 (torch.optim's rule); set "
+                             "momentum or turn nesterov off.")
+        if self.kind == "sgd" and self.momentum != 0 and self.bufs is None:
+            self.bufs = [torch.zeros_like(p) for p in self.params]
+
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         grads = list(grads)
         if self.kind == "sgd":
@@ -139,12 +156,16 @@ class PopulationOptimizer:
             self.steps[i] = 0
 
     def state_dict(self) -> dict:
-        state = {"lr": self.lr.clone(), "state": [t.clone() for t in self._state()]}
+        state = {"lr": self.lr.clone(), "state": [t.clone() for t in self._state()],
+                 "momentum": self.momentum, "nesterov": self.nesterov,
+                 "weight_decay": self.weight_decay}
         if self.kind == "adam":
             state["steps"] = self.steps.clone()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.set_hyperparams(momentum=state["momentum"], nesterov=state["nesterov"],
+                             weight_decay=state["weight_decay"])
         self.lr.copy_(state["lr"])
         for t, saved in zip(self._state(), state["state"], strict=True):
             t.copy_(saved)

@@ -17,16 +17,19 @@ state and divergence flag. Per mini-batch the whole population costs a fixed num
 - meta-momentum (mm_coef > 0, `set_reference`) pulls each member's monitored weights toward
   W* by its own step: one lerp per monitored layer while the members are in step.
 
-K = 1 gives TargetTrainer's numbers to float tolerance (same init, same batch order, same
-arithmetic; tests/test_population.py). Models with buffers (BatchNorm's running statistics) are
-refused: vmap cannot update one buffer per member in place; so is the minibatch action mode
-(per-member class roulettes are not batched yet). Both run on TargetTrainer.
+This is the project's one training loop. `qan_ray.trainer.TargetTrainer` is its K = 1 view
+(scalars instead of (K,) arrays), and that is what the QAN environment, the Tune trainables and
+the adaptive baselines use; the population vector env, `qan evaluate`'s baseline grid and the
+benchmarks use K > 1. At K = 1 the gradient comes from a plain forward/backward of member 0's
+module (its parameters are views of row 0, its gradients views of one flat (1, P) buffer, so
+the optimizer still sees one flat tensor): vmap/functional_call wrapping would cost 2-3x a small
+network's step there. K = 1 also serves models with buffers (BatchNorm's running statistics)
+and any user model; K > 1 refuses a model with buffers, naming the fix. Member i of a population
+and a K = 1 run of seed i give the same numbers to float tolerance (tests/test_population.py).
 
-TargetTrainer stays the plain loop for one network: at K = 1 the vmap/functional_call wrapping
-makes a step 2-3x slower than the plain loop (benchmarks/results/population_speed.md), and the
-plain loop also serves BatchNorm models, minibatch mode, AMP with channels_last and any user
-model. The two give the same numbers (tests), so a K = 1 run and member i of a population are
-the same experiment.
+Minibatch mode (the paper's class roulette): each member has its own roulette of the last 10
+class actions; the sample slots of every member's batch are drawn in one call from member 0's
+generator (at K = 1 exactly the plain loop's draw).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,16 +63,22 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return z.exp().sum(dim=-1).log() - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
+def _weight(module_name: str) -> str:
+    """The parameter name of a module's weight ("weight" for a bare top-level layer)."""
+    return f"{module_name}.weight" if module_name else "weight"
+
+
 class PopulationTrainer:
     """K members of one task config trained in lockstep (K = len(seeds))."""
 
     def __init__(self, cfg: QANConfig, k: int | None = None, seeds: Sequence[int] | None = None,
                  data: DeviceData | None = None, device: torch.device | str | None = None,
                  compile: bool = False):
-        """compile: wrap the vmapped loss-and-gradient in torch.compile (inductor). Measured on
-        a busy 2-core CPU at K = 32 (benchmarks/population_speed.py --compile): about 2x (1.8x
-        to 4x) per mini-batch on digits-mlp, 0.7x to 2x on mnist1d-cnn, after a first call
-        that compiles (about a minute cold, seconds from inductor's cache); off by default."""
+        """compile: wrap the vmapped loss-and-gradient in torch.compile (inductor), K > 1 only.
+        Measured on a busy 2-core CPU at K = 32 (benchmarks/population_speed.py --compile):
+        about 2x (1.8x to 4x) per mini-batch on digits-mlp, 0.7x to 2x on mnist1d-cnn, after a
+        first call that compiles (about a minute cold, seconds from inductor's cache); off by
+        default."""
         if seeds is None:
             if k is None:
                 k = 1
@@ -79,10 +89,7 @@ class PopulationTrainer:
                              "one seed per member (or only k).")
         if not seeds:
             raise ValueError("a population needs k >= 1 members; got 0 seeds.")
-        if cfg.action_mode == "minibatch":
-            raise ValueError("action_mode 'minibatch' is not supported by PopulationTrainer "
-                             "yet; use TargetTrainer (population size 1) for it.")
-        self.cfg = cfg
+        self._cfg = cfg
         self.k = len(seeds)
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.data = data if data is not None else load_data(cfg, self.device)
@@ -90,23 +97,29 @@ class PopulationTrainer:
         self.batches_per_epoch = max(1, self.data.n_train // self.batch_size)
         self.total_batches = max(1, round(cfg.epochs_per_episode * self.batches_per_epoch))
         self.use_amp = cfg.amp and self.device.type == "cuda"
-        if cfg.augment and len(self.data.input_shape) != 3:
+        images = len(self.data.input_shape) == 3  # (C, H, W); a user task may give any shape
+        if cfg.augment and not images:
             raise ValueError(f"`augment` is True but the inputs of task {cfg.task!r} have shape "
                              f"{self.data.input_shape} per sample; flip + crop needs (C, H, W) "
                              "images. Pass --no-augment, or give image tensors.")
+        # K = 1 on CUDA: channels_last inputs for conv models (the weights stay views of the
+        # flat buffer, so they keep the default layout).
+        self._channels_last = self.device.type == "cuda" and cfg.model != "mlp" and images
+        self.direct = self.k == 1  # plain forward/backward of member 0 (module docstring)
 
         models = [self._fresh_model(s) for s in seeds]
         template = models[0]
         buffers = [n for n, _ in template.named_buffers()]
-        if buffers:
+        if buffers and not self.direct:
             norms = sorted({type(m).__name__ for m in template.modules()
                             if isinstance(m, nn.modules.batchnorm._NormBase)})
             raise ValueError(
                 f"model {cfg.model!r} ({type(template).__name__}) has buffers {buffers[:3]}"
                 f"{'...' if len(buffers) > 3 else ''} ({', '.join(norms) or 'running state'}), "
-                "which PopulationTrainer cannot train under torch.func.vmap (each member would "
-                "update them in place). Use population size 1 (TargetTrainer, the plain loop), "
-                "or a model without BatchNorm (e.g. --model lenet or --model mlp).")
+                f"which a population of {self.k} cannot train under torch.func.vmap (each "
+                "member would update them in place). Use population size 1 (--population 1, "
+                "one network per trainer), or a model without BatchNorm (e.g. --model lenet or "
+                "--model mlp).")
         self._names = [n for n, _ in template.named_parameters()]
         self._shapes = [tuple(p.shape) for _, p in template.named_parameters()]
         self._sizes = [math.prod(s) for s in self._shapes]
@@ -118,35 +131,58 @@ class PopulationTrainer:
         self._models: list[nn.Module] = models
         for i, m in enumerate(models):
             self._bind(i, m)
+        if self.direct:  # member 0's gradients accumulate into views of one flat buffer
+            self._grad_flat = torch.zeros_like(self.theta)
+            views = self._views(self._grad_flat[0])
+            for name, p in template.named_parameters():
+                p.grad = views[name]
         self.optimizer = PopulationOptimizer(
             [self.theta], cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay)
         self._lr_host = np.full(self.k, float(cfg.lr))
         self._frozen = np.zeros(self.k, dtype=bool)
-        self._grad_fn = vmap(grad_and_value(self._loss), randomness="different")
-        if compile:
-            self._grad_fn = torch.compile(self._grad_fn)
-        self._forward = vmap(self._logits, in_dims=(0, None), randomness="different")
+        if not self.direct:
+            self._grad_fn = vmap(grad_and_value(self._loss), randomness="different")
+            if compile:
+                self._grad_fn = torch.compile(self._grad_fn)
+            self._forward = vmap(self._logits, in_dims=(0, None), randomness="different")
         self.gens = [torch.Generator(device=self.device) for _ in range(self.k)]
         n = self.data.n_train
-        self._perm = torch.zeros(self.k, n, dtype=torch.long, device=self.device)
+        minibatch = cfg.action_mode == "minibatch"
+        self._perm = None if minibatch else torch.zeros(self.k, n, dtype=torch.long,
+                                                        device=self.device)
         self._pos = np.full(self.k, n)  # n: a fresh permutation before the first batch
         self._arange_b = torch.arange(self.batch_size, device=self.device)
         self._rows = torch.arange(self.k, device=self.device)[:, None]
+        # Minibatch mode: per member a FIFO roulette of the last 10 class actions, oldest first.
+        self.roulettes = [deque(range(NUM_CLASSES), maxlen=NUM_CLASSES) for _ in range(self.k)]
+        self._batch_classes = torch.stack([self._compose_classes(r) for r in self.roulettes])
         self.steps = np.zeros(self.k, dtype=np.int64)
         self.seeds = list(seeds)
         self.initial_loss = np.zeros(self.k)
         stacked = self.stacked_params
         self._mm_names = [n for n, _ in fe.monitored_modules(self._template,
                                                              tuple(cfg.monitored_layers))]
-        self._mm_params = [stacked[f"{n}.weight"] for n in self._mm_names]  # (K, ...) views
+        self._mm_params = [stacked[_weight(n)] for n in self._mm_names]  # (K, ...) views
         self._reference: list[torch.Tensor] | None = None  # per layer (R, ...) snapshots
         for i, s in enumerate(seeds):
             self._start_member(i, s)
 
+    @property
+    def cfg(self) -> QANConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: QANConfig) -> None:
+        """A new config for the next resets (a task-distribution env reuses a trainer for a
+        task that differs only in LR and seed); the optimizer follows its hyperparameters."""
+        self._cfg = cfg
+        self.optimizer.set_hyperparams(momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                       weight_decay=cfg.weight_decay)
+
     # --- members ---------------------------------------------------------------------------
     def _fresh_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(int(seed))  # TargetTrainer.reset's init
+        torch.manual_seed(int(seed))  # a member's init is a function of its seed alone
         return build_model(self.cfg, self.data.input_shape, NUM_CLASSES).to(self.device)
 
     def _views(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -167,6 +203,8 @@ class PopulationTrainer:
         self._pos[i] = self.data.n_train
         self.steps[i] = 0
         self.optimizer.reset_member(i)
+        self.roulettes[i] = deque(range(NUM_CLASSES), maxlen=NUM_CLASSES)
+        self._batch_classes[i] = self._compose_classes(self.roulettes[i])
         self.initial_loss[i] = self._probe_member(i)
 
     def reset(self, seeds: Sequence[int] | None = None) -> None:
@@ -185,6 +223,8 @@ class PopulationTrainer:
         fresh = self._fresh_model(seed)
         with torch.no_grad():
             self.theta[i].copy_(torch.cat([p.reshape(-1) for p in fresh.parameters()]))
+            for b, fb in zip(self._models[i].buffers(), fresh.buffers()):  # K = 1: BatchNorm
+                b.copy_(fb)
         lr = self._lr_host.copy()
         lr[i] = self.cfg.lr
         self._frozen[i] = False
@@ -195,13 +235,17 @@ class PopulationTrainer:
         """Member i as an nn.Module whose parameters are views of its row (no copy)."""
         return self._models[i]
 
+    def monitored_weights(self, i: int) -> list[torch.Tensor]:
+        """Member i's monitored weights (views), in monitored order."""
+        return [p[i] for p in self._mm_params]
+
     def weight_features(self, names: tuple[str, ...] | None = None) -> torch.Tensor:
         """(K, WEIGHT_FEATURES): `features.weight_features(member_model(i), names)` of every
         member in one batched computation (no per-member loop)."""
         names = tuple(self.cfg.monitored_layers) if names is None else tuple(names)
         modules = fe.monitored_modules(self._template, names)
         stacked = self.stacked_params
-        return population_weight_features([stacked[f"{n}.weight"] for n, _ in modules],
+        return population_weight_features([stacked[_weight(n)] for n, _ in modules],
                                           type(self._template).__name__)
 
     @property
@@ -216,8 +260,8 @@ class PopulationTrainer:
         return self._lr_host.tolist()
 
     def set_lr(self, lr: Sequence[float] | torch.Tensor | float) -> list[float]:
-        """Clamp each member's LR to [lr_min, lr_max] and write it now (a scalar sets all).
-        Returns the LRs set."""
+        """Clamp each member's LR to [lr_min, lr_max] and write it now (a scalar sets all), so
+        the very next mini-batch uses it. Returns the LRs set."""
         values = np.asarray(torch.as_tensor(lr, dtype=torch.float64).cpu(), dtype=np.float64)
         values = np.broadcast_to(values, (self.k,)) if values.ndim == 0 else values
         if values.shape != (self.k,):
@@ -236,10 +280,34 @@ class PopulationTrainer:
         self._frozen[i] = True
         self._write_lr(self._lr_host)
 
+    def set_focus_class(self, i: int, cls: int) -> None:
+        """Minibatch action of member i: `cls` becomes the newest entry of its roulette and
+        gets the focus share of its next batches."""
+        if not 0 <= int(cls) < NUM_CLASSES:
+            raise ValueError(f"class action {cls!r} is outside 0..{NUM_CLASSES - 1}.")
+        self.roulettes[i].append(int(cls))
+        self._batch_classes[i] = self._compose_classes(self.roulettes[i])
+
+    def batch_composition(self, i: int) -> list[int]:
+        """Samples per class (length 10) in each of member i's batches under its roulette."""
+        return torch.bincount(self._batch_classes[i].cpu(), minlength=NUM_CLASSES).tolist()
+
+    def _compose_classes(self, roulette: deque[int]) -> torch.Tensor:
+        """The class of every sample slot of a batch: the newest roulette entry gets
+        round(focus_share * B) slots, the 9 older ones share the rest evenly (the remainder goes to
+        the newest). Paper: 20 + 9 x 12 = 128."""
+        b = self.batch_size
+        older = list(roulette)[:-1]
+        per_old = (b - round(self.cfg.focus_share * b)) // len(older)
+        focus = b - per_old * len(older)
+        classes = [roulette[-1]] * focus + [c for c in older for _ in range(per_old)]
+        return torch.tensor(classes, dtype=torch.long, device=self.device)
+
     # --- meta-momentum -----------------------------------------------------------------------
     def set_reference(self, snapshots: list[list[torch.Tensor]] | None) -> None:
-        """W* for meta-momentum, as TargetTrainer.set_reference: one snapshot of the monitored
-        weights or one per control step; the same reference serves every member."""
+        """W* for meta-momentum: one snapshot of the monitored weights (final) or one per
+        control step (trajectory), each a list of tensors shaped like one member's monitored
+        weights; the same reference serves every member."""
         if snapshots is None:
             self._reference = None
             return
@@ -253,8 +321,9 @@ class PopulationTrainer:
                            for j in range(len(shapes))] if snapshots else None
 
     def _meta_momentum(self) -> None:
-        """Pull each member's monitored weights toward its W* (TargetTrainer's rule, per member:
-        the member's step picks the snapshot and whether the pull is still active)."""
+        """Pull each member's monitored weights toward W* (the paper's rule
+        W <- W + c (W* - W), one fused lerp per layer): the member's step picks the snapshot and
+        whether the pull is still active (the first mm_active_fraction of the episode)."""
         cfg, ref = self.cfg, self._reference
         count = ref[0].shape[0]
         active = (self.steps < cfg.mm_active_fraction * self.total_batches) & ~self._frozen
@@ -266,8 +335,8 @@ class PopulationTrainer:
             idx = np.full(self.k, count - 1)
         with torch.no_grad():
             if active.all() and (idx == idx[0]).all():  # members in step: one target
-                for p, r in zip(self._mm_params, ref):
-                    p.lerp_(r[int(idx[0])], cfg.mm_coef)
+                torch._foreach_lerp_(self._mm_params, [r[int(idx[0])] for r in ref],
+                                     cfg.mm_coef)
                 return
             rows = torch.from_numpy(idx).to(self.device)
             coef = torch.from_numpy(np.where(active, cfg.mm_coef, 0.0)).to(self.device,
@@ -283,8 +352,14 @@ class PopulationTrainer:
         return cross_entropy(self._logits(row, x).float(), y).mean()
 
     def _next_indices(self) -> torch.Tensor:
-        """(K, B) train indices: the next slice of each member's permutation."""
+        """(K, B) train indices: the next slice of each member's permutation, or in minibatch
+        mode a class-composed draw per member."""
         b, n = self.batch_size, self.data.n_train
+        if self._perm is None:  # minibatch mode
+            cls = self._batch_classes
+            u = torch.rand(cls.shape, device=self.device, generator=self.gens[0])
+            pos = (u * self.data.class_count[cls]).long()
+            return self.data.class_index[cls, pos]
         for i in np.flatnonzero(self._pos + b > n):  # only members starting a new epoch
             self._perm[i] = torch.randperm(n, device=self.device, generator=self.gens[i])
             self._pos[i] = 0
@@ -295,23 +370,43 @@ class PopulationTrainer:
         pos = torch.from_numpy(self._pos - b).to(self.device)
         return self._perm[self._rows, pos[:, None] + self._arange_b]
 
+    def _autocast(self):
+        """bf16 autocast on CUDA; no context at all on the CPU (it costs per step there)."""
+        if self.use_amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _direct_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """K = 1: member 0's plain forward/backward; the gradient lands in the flat buffer."""
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._grad_flat.zero_()
+        with self._autocast():
+            loss = cross_entropy(self._models[0](x).float(), y).mean()
+        loss.backward()
+        return loss.detach().reshape(1)
+
     def train(self, num_batches: int) -> torch.Tensor:
         """Train every member `num_batches` mini-batches at its current LR; return the (K,)
         mean losses (one host read). NaN/inf is returned, never raised."""
         data, cfg = self.data, self.cfg
         loss_sum = torch.zeros(self.k, device=self.device)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_amp
-                    else contextlib.nullcontext())
         use_mm = cfg.mm_coef > 0 and self._reference is not None
+        for m in (self._models[0] if self.direct else self._template,):
+            m.train()
         for _ in range(num_batches):
             idx = self._next_indices()
             x, y = data.x_train[idx], data.y_train[idx]
             if cfg.augment:
                 shape = x.shape
                 x = augment_batch(x.reshape(-1, *shape[2:]), self.gens[0]).reshape(shape)
-            with autocast:
-                grads, loss = self._grad_fn(self.theta, x, y)
-            self.optimizer.step([grads])
+            if self.direct:
+                loss = self._direct_step(x[0], y[0])
+                self.optimizer.step([self._grad_flat])
+            else:
+                with self._autocast():
+                    grads, loss = self._grad_fn(self.theta, x, y)
+                self.optimizer.step([grads])
             if use_mm:
                 self._meta_momentum()
             loss_sum += loss.detach()
@@ -319,7 +414,7 @@ class PopulationTrainer:
         return (loss_sum / max(1, num_batches)).cpu()
 
     def diverged(self, losses: torch.Tensor | Sequence[float]) -> np.ndarray:
-        """(K,) bool: TargetTrainer's rule per member (NaN/inf or > divergence_factor x L_0)."""
+        """(K,) bool, the one divergence rule: NaN/inf or > divergence_factor x L_0."""
         losses = np.asarray(torch.as_tensor(losses, dtype=torch.float64))
         with np.errstate(invalid="ignore"):
             return ~np.isfinite(losses) | (losses > self.cfg.divergence_factor
@@ -332,9 +427,18 @@ class PopulationTrainer:
         theta = self.theta if rows is None else rows
         loss = torch.zeros(theta.shape[0], device=self.device)
         correct = torch.zeros(theta.shape[0], device=self.device, dtype=torch.long)
+        model = self._models[0] if self.direct else self._template
+        model.eval()
         for i in range(0, len(y), EVAL_BATCH):
             xb, yb = x[i:i + EVAL_BATCH], y[i:i + EVAL_BATCH]
-            out = self._forward(theta, xb).float()  # (K, n, C)
+            with self._autocast():
+                if self.direct:
+                    if self._channels_last:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    out = model(xb)[None]
+                else:
+                    out = self._forward(theta, xb)
+            out = out.float()  # (K, n, C)
             loss += cross_entropy(out, yb.expand(out.shape[0], -1)).sum(dim=1)
             correct += (out.argmax(2) == yb).sum(dim=1)
         n = max(1, len(y))
@@ -353,6 +457,7 @@ class PopulationTrainer:
         raise ValueError(f"split {split!r} must be 'val' or 'test'.")
 
     def _probe_member(self, i: int) -> float:
+        """L_0: member i's loss on the first 1,024 training samples."""
         n = min(1024, self.data.n_train)
         losses, _ = self._loss_acc(self.data.x_train[:n], self.data.y_train[:n],
                                    self.theta[i:i + 1])
@@ -368,12 +473,16 @@ class PopulationTrainer:
 
     # --- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume: weights, optimizer state and LRs, generators,
-        permutations, positions, steps, seeds, initial losses (a copy)."""
+        """Everything needed to resume bit-identically: weights (and K = 1 buffers), optimizer
+        state (momentum buffers, Adam moments) and LRs, generators, permutations, positions,
+        roulettes, steps, seeds, initial losses, torch's global RNG (dropout). A copy."""
         return {"theta": self.theta.clone(), "optimizer": self.optimizer.state_dict(),
+                "buffers": [{n: b.clone() for n, b in m.named_buffers()} for m in self._models],
                 "lr": self._lr_host.copy(), "frozen": self._frozen.copy(),
-                "gens": [g.get_state() for g in self.gens],
-                "perm": self._perm.clone(), "pos": self._pos.copy(), "steps": self.steps.copy(),
+                "gens": [g.get_state() for g in self.gens], "torch_rng": torch.get_rng_state(),
+                "perm": None if self._perm is None else self._perm.clone(),
+                "pos": self._pos.copy(), "steps": self.steps.copy(),
+                "roulettes": [list(r) for r in self.roulettes],
                 "seeds": list(self.seeds), "initial_loss": self.initial_loss.copy()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -383,14 +492,21 @@ class PopulationTrainer:
                              "a PopulationTrainer of the same config and size.")
         with torch.no_grad():
             self.theta.copy_(state["theta"])
+            for m, bufs in zip(self._models, state["buffers"], strict=True):
+                for n, b in m.named_buffers():
+                    b.copy_(bufs[n])
         self.optimizer.load_state_dict(state["optimizer"])
         self._lr_host = np.array(state["lr"], dtype=np.float64)
-        self._frozen = np.array(state.get("frozen", np.zeros(self.k, dtype=bool)))
+        self._frozen = np.array(state["frozen"])
         for g, s in zip(self.gens, state["gens"], strict=True):
             g.set_state(s)
-        self._perm.copy_(state["perm"])
+        torch.set_rng_state(state["torch_rng"])
+        if self._perm is not None:
+            self._perm.copy_(state["perm"])
         self._pos = np.array(state["pos"])
         self.steps = np.array(state["steps"])
+        self.roulettes = [deque(r, maxlen=NUM_CLASSES) for r in state["roulettes"]]
+        self._batch_classes = torch.stack([self._compose_classes(r) for r in self.roulettes])
         self.seeds = list(state["seeds"])
         self.initial_loss = np.array(state["initial_loss"])
 

@@ -19,11 +19,16 @@ def data():
 
 
 def _plain_loop(cfg, data, seed: int, lr: float, batches: int) -> list[float]:
-    """Today's training as a bare torch loop: seeded init, torch.optim.SGD, a fresh on-device
-    permutation per epoch from a generator seeded like the trainer's."""
+    """The training of one network as a bare torch loop: seeded init, torch.optim (SGD with the
+    config's momentum/Nesterov/weight decay, or Adam), a fresh on-device permutation per epoch
+    from a generator seeded like the trainer's."""
     torch.manual_seed(seed)
     model = build_model(cfg, data.input_shape, 10)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
+                              nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     b, n = cfg.batch_size, data.n_train
     perm, pos, losses = None, n, []
@@ -40,20 +45,41 @@ def _plain_loop(cfg, data, seed: int, lr: float, batches: int) -> list[float]:
     return losses
 
 
-def test_k1_gives_todays_loss_trajectory(data):
+@pytest.mark.parametrize("opt", [dict(), dict(nesterov=True, weight_decay=1e-3),
+                                 dict(optimizer="adam", lr=0.01, momentum=0.0)])
+def test_k1_gives_the_plain_torch_loops_numbers(data, opt):
     # 80 batches cross two epoch boundaries (35 batches per epoch): new permutations included.
-    pop = PopulationTrainer(CFG, seeds=[CFG.seed], data=data)
-    tr = TargetTrainer(CFG, data=data)
+    cfg = CFG.replace(**opt)
+    tr = TargetTrainer(cfg, data=data)  # a population of one: the plain forward/backward path
+    assert tr.population.k == 1 and tr.population.direct
+    ref = _plain_loop(cfg, data, cfg.seed, cfg.lr, 80)
+    got = [tr.train(1) for _ in range(80)]
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    # member 0 of a population of 3 (the vmap path) is the same run
+    pop = PopulationTrainer(cfg, seeds=[cfg.seed, 1, 2], data=data)
     assert pop.initial_loss[0] == pytest.approx(tr.initial_loss, rel=1e-6)
-    got = [float(pop.train(1)[0]) for _ in range(80)]
-    ref = _plain_loop(CFG, data, CFG.seed, CFG.lr, 80)
-    today = [tr.train(1) for _ in range(80)]
-    assert today == pytest.approx(ref, rel=1e-6)
-    assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert [float(pop.train(1)[0]) for _ in range(80)] == pytest.approx(got, rel=1e-4, abs=1e-6)
     loss, acc = pop.evaluate("val")
     assert (float(loss[0]), float(acc[0])) == pytest.approx(tr.evaluate("val"), rel=1e-4)
     for p_pop, p_tr in zip(pop.member_model(0).parameters(), tr.model.parameters()):
         assert torch.allclose(p_pop, p_tr, rtol=1e-4, atol=1e-5)
+
+
+def test_k1_trains_a_batchnorm_model_and_resumes_its_running_stats(data):
+    cfg = from_dict(task="digits-mlp", model="wrn", wrn_depth=10, wrn_width=1, batch_size=64,
+                    augment=False)
+    cpu = load_data(cfg, torch.device("cpu"))
+    tr = TargetTrainer(cfg, data=cpu)
+    bn = next(m for m in tr.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    tr.train(3)
+    assert not torch.equal(bn.running_mean, before)  # the buffers train in the member module
+    state = tr.state_dict()
+    cont = tr.train(2), tr.evaluate("val")
+    tr.reset(5)
+    assert torch.equal(bn.running_mean, torch.zeros_like(before))  # a fresh init resets them
+    tr.load_state_dict(state)
+    assert (tr.train(2), tr.evaluate("val")) == cont
 
 
 def test_member_i_trains_with_its_own_seed_and_lr(data):
@@ -140,8 +166,9 @@ def test_state_dict_resumes_bit_identically(data):
 
 def test_batchnorm_model_is_refused_with_the_fix():
     cfg = from_dict(task="digits-mlp", model="wrn", wrn_depth=10, wrn_width=1)
-    with pytest.raises(ValueError, match=r"model 'wrn' \(WideResNet\) has buffers .*BatchNorm2d"
-                                         r".*Use population size 1 \(TargetTrainer"):
+    with pytest.raises(ValueError, match=r"model 'wrn' \(WideResNet\) has buffers .*BatchNorm2d.*"
+                                         r"which a population of 2 cannot train.*Use "
+                                         r"population size 1 \(--population 1"):
         PopulationTrainer(cfg, k=2)
 
 
@@ -150,8 +177,20 @@ def test_bad_sizes_and_unsupported_modes_are_refused(data):
         PopulationTrainer(CFG, k=3, seeds=[0, 1], data=data)
     with pytest.raises(ValueError, match="k >= 1"):
         PopulationTrainer(CFG, seeds=[], data=data)
-    with pytest.raises(ValueError, match="'minibatch' is not supported by PopulationTrainer"):
-        PopulationTrainer(CFG.replace(action_mode="minibatch"), k=2, data=data)
+
+
+def test_minibatch_mode_composes_each_members_batches_from_its_own_roulette(data):
+    cfg = CFG.replace(action_mode="minibatch", batch_size=128)
+    cpu = load_data(cfg, torch.device("cpu"))
+    pop = PopulationTrainer(cfg, k=3, data=cpu)
+    pop.set_focus_class(1, 3)  # member 1: roulette [1..9, 3]
+    idx = pop._next_indices()
+    counts = [torch.bincount(cpu.y_train[idx[i]], minlength=10).tolist() for i in range(3)]
+    assert counts[0] == counts[2] == [12] * 9 + [20]  # initial roulette: 9 is the newest
+    assert counts[1] == [0, 12, 12, 32, 12, 12, 12, 12, 12, 12]  # 3 is old and newest
+    assert pop.batch_composition(1) == counts[1]
+    with pytest.raises(ValueError, match="class action 10 is outside 0..9"):
+        pop.set_focus_class(0, 10)
 
 
 def test_cross_entropy_matches_torch():

@@ -33,8 +33,8 @@ def test_apply_hyperparams_overrides_loaded_optimizer_state():
     state = trainer.state_dict()  # carries lr 0.05, momentum 0.9
     trainer.load_state_dict(state)
     apply_hyperparams(trainer, {"lr": 0.2, "momentum": 0.5, "weight_decay": 1e-4})
-    group = trainer.optimizer.param_groups[0]
-    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.2, 0.5, 1e-4)
+    opt = trainer.population.optimizer
+    assert (float(opt.lr[0]), opt.momentum, opt.weight_decay) == (pytest.approx(0.2), 0.5, 1e-4)
     apply_hyperparams(trainer, {"lr": 5.0})
     assert trainer.lr == cfg.lr_max  # clamped
 

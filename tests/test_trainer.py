@@ -26,7 +26,7 @@ def test_lr_action_reaches_the_optimizer_on_the_next_minibatch():
     tr = TargetTrainer(from_dict(momentum=0.0, lr=0.05))
     state = tr.state_dict()
     apply_action(tr, 4)  # x2
-    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert float(tr.population.optimizer.lr[0]) == pytest.approx(0.1)  # what the step uses
     before = _params(tr)
     tr.train(1)
     doubled = [a - b for a, b in zip(_params(tr), before)]
@@ -43,7 +43,7 @@ def test_lr_actions_clamp_and_restart():
     assert rule.next_lr(0.5, 5) == 0.05  # restart
     tr = TargetTrainer(cfg)
     apply_action(tr, 5)
-    assert tr.lr == 0.05 and tr.optimizer.param_groups[0]["lr"] == 0.05
+    assert tr.lr == 0.05 and float(tr.population.optimizer.lr[0]) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="action 6 is outside 0..5"):
         apply_action(TargetTrainer(cfg), 6)
 
@@ -56,7 +56,7 @@ def test_minibatch_action_sets_class_composition_of_next_batches():
     expected = [0, 12, 12, 32, 12, 12, 12, 12, 12, 12]
     assert tr.batch_composition() == expected
     for _ in range(3):
-        labels = tr.data.y_train[tr._next_indices()]
+        labels = tr.data.y_train[tr.population._next_indices()[0]]
         assert torch.bincount(labels, minlength=10).tolist() == expected
     apply_action(tr, 7)  # roulette [2..9, 3, 7]
     assert tr.batch_composition() == [0, 0, 12, 24, 12, 12, 12, 32, 12, 12]
@@ -88,15 +88,15 @@ def test_state_dict_resumes_bit_identical_training():
 def test_meta_momentum_pulls_toward_reference_by_coefficient():
     cfg = from_dict(mm_coef=0.01, mm_active_fraction=1.0)
     tr = TargetTrainer(cfg)
-    ref = [torch.zeros_like(p) + 0.5 for p in tr._mm_params]
+    ref = [torch.zeros_like(p) + 0.5 for p in tr.monitored_weights()]
     state = tr.state_dict()
     tr.set_reference([ref])
     tr.train(1)
-    pulled = [p.detach().clone() for p in tr._mm_params]
+    pulled = [p.detach().clone() for p in tr.monitored_weights()]
     tr.set_reference(None)  # same step without the pull
     tr.load_state_dict(state)
     tr.train(1)
-    plain = [p.detach().clone() for p in tr._mm_params]
+    plain = [p.detach().clone() for p in tr.monitored_weights()]
     for a, b, w in zip(pulled, plain, ref):
         assert torch.allclose(a, b + 0.01 * (w - b), atol=1e-7)
 
@@ -104,7 +104,7 @@ def test_meta_momentum_pulls_toward_reference_by_coefficient():
 def test_meta_momentum_off_when_disabled_or_after_active_fraction():
     for cfg in (from_dict(mm_coef=0.0), from_dict(mm_coef=0.01, mm_active_fraction=0.0)):
         tr = TargetTrainer(cfg)
-        tr.set_reference([[torch.zeros_like(p) for p in tr._mm_params]])
+        tr.set_reference([[torch.zeros_like(p) for p in tr.monitored_weights()]])
         state = tr.state_dict()
         tr.train(2)
         with_ref = _params(tr)

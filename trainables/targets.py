@@ -62,13 +62,13 @@ def apply_hyperparams(trainer, hyper: dict[str, Any]) -> None:
     """Write LR (clamped), momentum and weight decay from `hyper` into the optimizer now."""
     if "lr" in hyper:
         trainer.set_lr(float(hyper["lr"]))
-    for group in trainer.optimizer.param_groups:
-        if "momentum" in hyper and "momentum" in group:
-            group["momentum"] = float(hyper["momentum"])
-        if "weight_decay" in hyper:
-            group["weight_decay"] = float(hyper["weight_decay"])
+    if "momentum" in hyper or "weight_decay" in hyper:
+        momentum = hyper.get("momentum") if trainer.cfg.optimizer == "sgd" else None
+        weight_decay = hyper.get("weight_decay")
+        trainer.set_hyperparams(momentum=None if momentum is None else float(momentum),
+                                weight_decay=None if weight_decay is None else float(weight_decay))
     if hyper.get("focus_class") is not None and trainer.cfg.action_mode == "minibatch":
-        if list(trainer.roulette)[-1] != int(hyper["focus_class"]):
+        if trainer.roulette[-1] != int(hyper["focus_class"]):
             trainer.set_focus_class(int(hyper["focus_class"]))
 
 
@@ -118,7 +118,7 @@ def target_trainable(config: dict[str, Any]) -> None:
         if last:
             metrics["test_accuracy"] = trainer.evaluate("test")[1]
         if cfg.action_mode == "minibatch":  # the class the batches of this epoch emphasised
-            metrics["focus_class"] = int(list(trainer.roulette)[-1])
+            metrics["focus_class"] = int(trainer.roulette[-1])
         metrics.update(reporter.metrics(trainer.model, train_loss=train_loss, val_loss=val_loss,
                                         val_accuracy=val_acc, progress=(epoch + 1) / epochs,
                                         initial_loss=trainer.initial_loss, lr=trainer.lr))
