@@ -1,7 +1,9 @@
 """`qan evaluate`: a controller, greedy (epsilon 0), against baselines on the same trainer.
 
-Every method runs through the same `TargetTrainingEnv` (so the same `TargetTrainer`, features and
-validation at the same control points); only who sets the learning rate differs:
+Every method runs through the same training loop (`PopulationTrainer`: the controller's episodes
+on a `TargetTrainingEnv`, whose `TargetTrainer` is its K = 1 view; the baselines x seeds as
+populations by default), with the same features and validation at the same control points; only
+who sets the learning rate differs:
 - qan: the controller's greedy action at each control point;
 - fixed@LR for every LR of a grid, then the best of them ("best fixed" by mean final val accuracy);
 - step (x0.1 at 50% and 75%) and cosine, both from the best fixed LR (the strongest start we know);
@@ -136,21 +138,18 @@ def baseline_config(cfg: QANConfig) -> QANConfig:
 
 def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
                   log=print, adaptive: tuple[str, ...] = ADAPTIVE_BASELINES,
-                  population: bool = False) -> tuple[Runs, float]:
+                  population: bool = True) -> tuple[Runs, float]:
     """fixed@LR over the grid, then step and cosine from the best fixed LR, then the `adaptive`
     baselines from the task LR cfg.lr. Returns the runs and the best fixed LR.
 
-    With `population` (and a task PopulationTrainer can batch: no BatchNorm, no task
-    distribution), the fixed grid x seeds (with warmup_cosine x seeds when asked for) trains as
-    one population, and step and cosine x seeds as a second one (population.run_schedules: the
-    same records as the env's episodes, to float tolerance); a run's wall s is then its
-    population's time / members. The adaptive baselines that read the run (plateau,
-    hypergradient) and tasks a population cannot batch run episode by episode on the env.
-
-    Off by default: the controller's episodes run on the env's TargetTrainer, and a fair table
-    has every method on the same trainer code. The batched path agrees to float tolerance where
-    training is stable, but where it is chaotic (e.g. fixed@0.2 with momentum 0.9 on digits)
-    rounding differences grow into different final accuracies."""
+    With `population` (the default, for a task a population can batch: no BatchNorm model, no
+    task distribution), the fixed grid and the adaptive baselines x every seed train as one
+    population, and step and cosine x seeds (they need the best fixed LR) as a second one
+    (population.run_schedules: the same records as the env's episodes, to float tolerance); a
+    run's wall s is then its population's time / members. Both paths run the same training
+    loop (PopulationTrainer; the env's TargetTrainer is its K = 1 view): the batched one differs
+    only in float rounding (vmap's batched matmuls), which can grow into different final
+    accuracies where training is chaotic (e.g. fixed@0.2 with momentum 0.9 on digits)."""
     bcfg = baseline_config(cfg)
     grid = tuple(sorted(lr_grid or {round(cfg.lr * f, 6) for f in DEFAULT_GRID_FACTORS}))
     grid = tuple(lr for lr in grid if cfg.lr_min <= lr <= cfg.lr_max)
@@ -177,7 +176,7 @@ def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (
                 recs, sec = _timed(run_schedule, env, name, lr, seed)
                 into.add(method, seed, recs, env, sec)
 
-    early_adaptive = [n for n in adaptive if n == "warmup_cosine" and batched is not None]
+    early_adaptive = list(adaptive) if batched is not None else []
     episodes([(f"fixed@{lr:g}", "fixed", lr) for lr in grid]
              + [(f"{n}@{cfg.lr:g}", n, cfg.lr) for n in early_adaptive], runs)
     early = runs.take([f"{n}@{cfg.lr:g}" for n in early_adaptive])
@@ -210,7 +209,7 @@ def _population_schedules(bcfg: QANConfig, log=print):
         log("baselines: a task distribution runs episode by episode (no population)")
         return None
     try:
-        probe = PopulationTrainer(bcfg, k=1)
+        probe = PopulationTrainer(bcfg, k=2)  # K > 1: what a population refuses
     except ValueError as err:
         log(f"baselines: episode by episode ({str(err).split(';')[0]})")
         return None
@@ -259,7 +258,7 @@ def summarise(runs: Runs, target_accuracy: float | None = None) -> dict[str, Any
 
 def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
              target_accuracy: float | None = None, ablate_mm: float = 0.0,
-             log=print, population_baselines: bool = False) -> dict[str, Any]:
+             log=print, population_baselines: bool = True) -> dict[str, Any]:
     """Controller (and optionally controller + meta-momentum) vs all baselines, same seeds.
     Every method starts every episode from cfg.lr (a controller trained from random initial LRs,
     `lr_init_range`, is evaluated from the same start as the baselines)."""
@@ -333,10 +332,12 @@ def configure_evaluate(p: argparse.ArgumentParser) -> None:
                    "the task LR x 0.2, 0.5, 1, 2, 4)")
     p.add_argument("--ablate-meta-momentum", type=float, default=0.0, metavar="COEF",
                    help="also run the controller with meta-momentum at this coefficient")
-    p.add_argument("--population-baselines", action="store_true",
-                   help="run the schedule baselines as populations (faster; equal to float "
-                        "tolerance where training is stable, not where it is chaotic; off by "
-                        "default so every method runs on the same trainer code)")
+    p.add_argument("--population-baselines", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="train the baselines x seeds as populations (the fixed grid with the "
+                        "adaptive baselines, then step and cosine): the same training loop, "
+                        "equal to float tolerance where training is stable; "
+                        "--no-population-baselines runs them episode by episode")
     add_config_arguments(p)
 
 

@@ -511,27 +511,65 @@ class PopulationTrainer:
         self.initial_loss = np.array(state["initial_loss"])
 
 
-# --- schedules over a population -----------------------------------------------------------------
+# --- baselines over a population --------------------------------------------------------------
+class Member:
+    """Member i of a population seen as one trainer: what a baseline (qan_ray.control's
+    `AdaptiveBaseline`) reads and writes at a control point (cfg, lr, set_lr, model, step,
+    progress, episode)."""
+
+    def __init__(self, population: PopulationTrainer, i: int):
+        self.population, self.i = population, int(i)
+        self.episode = 0  # a new run of the member: bump it (the baseline restarts its rule)
+
+    @property
+    def cfg(self) -> QANConfig:
+        return self.population.cfg
+
+    @property
+    def lr(self) -> float:
+        return self.population.lr[self.i]
+
+    def set_lr(self, lr: float) -> float:
+        lrs = self.population.lr
+        lrs[self.i] = float(lr)
+        return self.population.set_lr(lrs)[self.i]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.population.member_model(self.i)
+
+    @property
+    def step(self) -> int:
+        return int(self.population.steps[self.i])
+
+    @property
+    def progress(self) -> float:
+        return float(self.population.progress[self.i])
+
+
 def run_schedules(cfg: QANConfig, members: Sequence[tuple[str, float, int]],
                   data: DeviceData | None = None, device: torch.device | str | None = None
                   ) -> tuple[list[list[dict]], list[float]]:
-    """Episodes of LR schedules (qan_ray.control.SCHEDULES: fixed, step, cosine, ...), one
-    population member per (schedule name, base LR, seed), all trained in lockstep.
+    """Episodes of baselines (qan_ray.control.BASELINES: the schedules fixed, step, cosine,
+    warmup_cosine and the adaptive plateau and hypergradient), one population member per
+    (baseline name, base LR, seed), all trained in lockstep.
 
     Each member's records are what `env.rollout` gives for `evaluate.run_schedule` on a
     TargetTrainingEnv of `cfg` (step 0 after reset, then one per control step: lr, batches,
     diverged, train/val loss, val accuracy, action = keep, reward), to float tolerance
-    (tests/test_population.py); the second value is each member's final test accuracy. A member
-    that diverges (or reaches the target under reward time_to_target) stops recording; it keeps
-    training along with the others, and that work is discarded."""
-    from qan_ray.control import baseline_schedule
+    (tests/test_population.py): at every control point the member's baseline reads that point's
+    info and sets the LR of the next interval. The second value is each member's final test
+    accuracy. A member that diverges (or reaches the target under reward time_to_target) stops
+    recording and is frozen (LR 0) while the others train on."""
+    from qan_ray.control import make_baseline
     from qan_ray.env import keep_action
-    from qan_ray.rewards import step_reward
+    from qan_ray.rewards import chance_penalty, step_reward, terminal_reward
 
     if not members:
-        raise ValueError("run_schedules needs at least one (schedule, lr, seed) member.")
-    schedules = [baseline_schedule(name, lr) for name, lr, _ in members]
+        raise ValueError("run_schedules needs at least one (baseline, lr, seed) member.")
+    baselines = [make_baseline(name, lr) for name, lr, _ in members]
     pop = PopulationTrainer(cfg, seeds=[seed for *_, seed in members], data=data, device=device)
+    views = [Member(pop, i) for i in range(pop.k)]
     k, keep = pop.k, keep_action(cfg)
     if cfg.lr_init_range is not None:  # the env's log-uniform start LR (its step-0 record)
         low, high = (math.log(x) for x in cfg.lr_init_range)
@@ -546,8 +584,10 @@ def run_schedules(cfg: QANConfig, members: Sequence[tuple[str, float, int]],
     running = np.ones(k, dtype=bool)
     t = 0
     while running.any() and not pop.done.all():
-        progress = pop.progress
-        lrs = pop.set_lr([schedules[i](float(progress[i])) for i in range(k)])
+        lrs = pop.lr
+        for i in np.flatnonzero(running):
+            lrs[i] = baselines[i].next_lr(views[i], {**records[i][-1]})
+        lrs = pop.set_lr(lrs)
         losses = pop.train(min(cfg.control_interval, pop.total_batches - int(pop.steps[0])))
         t += 1
         diverged = pop.diverged(losses)
@@ -568,9 +608,15 @@ def run_schedules(cfg: QANConfig, members: Sequence[tuple[str, float, int]],
                 target_accuracy=cfg.target_accuracy, total_steps=total_steps,
                 scale=cfg.reward_scale)
             last[i] = {"train_loss": train, "val_loss": val[i], "val_accuracy": acc[i]}
+            ended = bool(pop.done[i]) or (cfg.reward == "time_to_target" and reached)
+            if ended:  # the env's episode-end reward: terminal part + chance penalty
+                reward += terminal_reward(
+                    cfg.reward, initial_val=records[i][0]["val_loss"], val=val[i],
+                    initial_accuracy=records[i][0]["val_accuracy"], val_accuracy=acc[i],
+                    scale=cfg.reward_scale) + chance_penalty(acc[i], cfg.chance_penalty_value)
             records[i].append({**info, "diverged": False, **last[i], "action": keep,
                                "reward": float(reward)})
-            if cfg.reward == "time_to_target" and reached:
+            if ended:
                 running[i] = False
                 pop.freeze(i)
     _, test_acc = pop.evaluate("test")

@@ -361,7 +361,8 @@ def test_run_schedules_equals_the_envs_schedule_episodes(data):
     from qan_ray.population import run_schedules
 
     cfg = baseline_config(CFG.replace(epochs_per_episode=2.0, lr_init_range=(0.01, 0.5)))
-    members = [("fixed", 0.05, 11), ("cosine", 0.1, 12), ("step", 0.02, 11), ("fixed", 5.0, 13)]
+    members = [("fixed", 0.05, 11), ("cosine", 0.1, 12), ("step", 0.02, 11), ("fixed", 5.0, 13),
+               ("plateau", 0.3, 14), ("hypergradient", 0.05, 15)]
     records, test_acc = run_schedules(cfg.replace(lr_max=5.0), members, data=data)
     env = TargetTrainingEnv(cfg.replace(lr_max=5.0))
     for (name, lr, seed), recs, acc in zip(members, records, test_acc):
@@ -375,7 +376,7 @@ def test_run_schedules_equals_the_envs_schedule_episodes(data):
                 assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4, nan_ok=True), key
         assert acc == pytest.approx(env.trainer.evaluate("test")[1], abs=1e-6)
     assert records[3][-1]["diverged"]  # LR 5 diverges; the others ran the whole episode
-    assert [r[-1]["batches"] for r in records[:3]] == [70, 70, 70]
+    assert [r[-1]["batches"] for r in records[:3] + records[4:]] == [70] * 5
 
 
 def test_a_frozen_member_keeps_its_weights_until_reset(data):
@@ -515,13 +516,13 @@ def test_evaluate_baselines_as_populations_give_the_sequential_table():
 
     cfg = from_dict(task="digits-mlp", epochs_per_episode=1.0, lr=0.05)
     kw = dict(seeds=2, lr_grid=(0.02, 0.1), log=lambda *_: None,
-              adaptive=("warmup_cosine", "plateau"))
+              adaptive=("warmup_cosine", "plateau", "hypergradient"))
     batched, best_b = run_baselines(cfg, population=True, **kw)
     sequential, best_s = run_baselines(cfg, population=False, **kw)
     assert best_b == best_s
     assert list(batched.by_method) == list(sequential.by_method) == [
         "fixed@0.02", "fixed@0.1", f"step@{best_s:g}", f"cosine@{best_s:g}",
-        "warmup_cosine@0.05", "plateau@0.05"]
+        "warmup_cosine@0.05", "plateau@0.05", "hypergradient@0.05"]
     for method, runs in sequential.by_method.items():
         assert [r["seed"] for r in batched.by_method[method]] == eval_seeds(2)
         for got, ref in zip(batched.by_method[method], runs):
