@@ -165,12 +165,13 @@ class _TrainerActor:
 
     def population_error(self, k: int) -> str | None:
         """Why this actor's task cannot run as a population of `k` (None: it can): the
-        refusals of PopulationVectorEnv / PopulationTrainer, checked on a 1-member build."""
+        refusals of PopulationVectorEnv / PopulationTrainer, checked on a 2-member build (a single
+        member is never refused)."""
         from qan_ray.vector_env import PopulationVectorEnv
 
         cfg = self.env.cfg if self.env is not None else self.venv.cfg
         try:
-            PopulationVectorEnv({**cfg.replace(mm_coef=0.0).to_dict(), "num_envs": 1})
+            PopulationVectorEnv({**cfg.replace(mm_coef=0.0).to_dict(), "num_envs": 2})
         except ValueError as err:
             return str(err)
         return None

@@ -122,13 +122,7 @@ class TargetTrainingEnv(gym.Env):
         self.total_steps = math.ceil(tr.total_batches / task.control_interval)
 
     def _episode_end_reward(self, val_loss: float, val_acc: float) -> float:
-        """Paid once, on the last step of an episode that did not diverge: the terminal part of
-        the reward (final_val, final_acc; 0 for the per-step kinds) plus the chance penalty."""
-        cfg, start = self.cfg, self._initial
-        end = terminal_reward(cfg.reward, initial_val=start["val_loss"], val=val_loss,
-                              initial_accuracy=start["val_accuracy"], val_accuracy=val_acc,
-                              scale=cfg.reward_scale)
-        return end + chance_penalty(val_acc, cfg.chance_penalty_value)
+        return episode_end_reward(self.cfg, self._initial, val_loss, val_acc)
 
     @property
     def initial_lr(self) -> float:
@@ -147,6 +141,17 @@ class TargetTrainingEnv(gym.Env):
         if self.cfg.action_mode == "minibatch":  # samples per class in the batches just used
             info["composition"] = tr.batch_composition()
         return info
+
+
+def episode_end_reward(cfg: QANConfig, start: dict[str, float], val_loss: float,
+                       val_acc: float) -> float:
+    """Paid once, on the last step of an episode that did not diverge: the terminal part of the
+    reward (final_val, final_acc; 0 for the per-step kinds; `start` holds the episode's first
+    val_loss and val_accuracy) plus the chance penalty."""
+    end = terminal_reward(cfg.reward, initial_val=start["val_loss"], val=val_loss,
+                          initial_accuracy=start["val_accuracy"], val_accuracy=val_acc,
+                          scale=cfg.reward_scale)
+    return end + chance_penalty(val_acc, cfg.chance_penalty_value)
 
 
 def keep_action(cfg: QANConfig) -> int:

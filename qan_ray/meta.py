@@ -84,8 +84,8 @@ class MetaConfig:
     population: int = 1
     """Target networks per trainer actor, trained in lockstep as one PopulationVectorEnv and
     seen by RLlib as one vector env of this many sub-envs (1 = one TargetTrainingEnv per
-    actor). Not for BatchNorm models, minibatch mode, task distributions or lr_schedule
-    cosine (refused, naming the fix). Default 1: on digits-mlp, 1 actor, 16 episodes, 2 busy
+    actor). Not for BatchNorm models, minibatch mode or task distributions (refused, naming
+    the fix). Default 1: on digits-mlp, 1 actor, 16 episodes, 2 busy
     cores, K = 1/4/8/16 gave 15.3/20.6/20.5/18.0 control steps/s; at the default training
     intensity the DQN learner bounds the loop, so K > 1 was not clearly better."""
     cpus_per_actor: float = 1.0

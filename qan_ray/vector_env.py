@@ -15,9 +15,12 @@ num_envs_per_env_runner=K)` with a registered creator: the runner calls the crea
 env config plus {"num_envs": K} and expects a VectorEnv back (single_agent_env_runner.py,
 `make_env`), so `PopulationVectorEnv(config)` reads K from `config["num_envs"]`.
 
-Limits (lr action mode only, as PopulationTrainer): an episode's last step
-trains a full control interval even when fewer batches remain, if the members are out of step
-(the default presets' episodes are a whole number of intervals).
+The reward is the env's, terminal part and chance penalty included (`env.episode_end_reward`);
+with `lr_schedule` cosine each member's actions correct its own cosine schedule from its start
+LR, as in the env. Limits: lr action mode and one task per population (a task distribution
+draws a model per episode); an episode's last step trains a full control interval even when
+fewer batches remain, if the members are out of step (the default presets' episodes are a whole
+number of intervals).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 from qan_ray.config import from_dict
 from qan_ray.contract import Observer, clean, observation_spec
 from qan_ray.control import action_spec
-from qan_ray.env import OBS_BOUND
+from qan_ray.env import OBS_BOUND, episode_end_reward
 from qan_ray.population import PopulationTrainer
 from qan_ray.rewards import step_reward
 from qan_ray.trainer import reference_run
@@ -51,10 +54,6 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
                              "dataset per episode, but a population shares one model shape. "
                              "Use TargetTrainingEnv for a distribution, or one task per "
                              "PopulationVectorEnv.")
-        if cfg.lr_schedule != "constant":
-            raise ValueError(f"lr_schedule {cfg.lr_schedule!r}: PopulationVectorEnv runs the "
-                             "constant schedule only (the actions set the LR itself); use "
-                             "TargetTrainingEnv for a schedule the actions correct.")
         if cfg.action_mode != "lr":
             raise ValueError(f"action_mode {cfg.action_mode!r}: PopulationVectorEnv supports "
                              "the lr mode only; use TargetTrainingEnv for minibatch mode.")
@@ -75,6 +74,8 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         self._t = np.zeros(k, dtype=np.int64)
         self._needs_reset = np.zeros(k, dtype=bool)
         self._last = [dict() for _ in range(k)]
+        self._initial = [dict() for _ in range(k)]  # each member's episode start (val loss/acc)
+        self._correction = np.ones(k)  # lr_schedule cosine: each member's factor on it
         self._base_seed = cfg.seed
         self._reset_seeds: dict[int, int] = {}
 
@@ -100,6 +101,7 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
             lrs[i] = math.exp(np.random.default_rng(seed).uniform(low, high))
             lr = self.trainer.set_lr(lrs)[i]
         self.observers[i].reset(lr)
+        self._correction[i] = 1.0
         self._t[i] = 0
 
     def _observe(self, members: np.ndarray, train: np.ndarray, val: np.ndarray,
@@ -144,6 +146,7 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         self._needs_reset[:] = False
         self._last = [{"train_loss": train[i], "val_loss": val[i], "val_accuracy": acc[i]}
                       for i in range(self.num_envs)]
+        self._initial = [dict(last) for last in self._last]
         obs = self._observe(np.arange(self.num_envs), train, val, acc)
         return obs, self._infos(np.zeros(self.num_envs, dtype=bool))
 
@@ -152,9 +155,16 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         actions = np.asarray(actions).reshape(k)
         fresh = np.flatnonzero(self._needs_reset)
         running = np.flatnonzero(~self._needs_reset)
-        lrs = tr.lr
+        lrs, progress = tr.lr, tr.progress
+        cosine = self.rule.schedule == "cosine"
         for i in running:
-            lrs[i] = self.rule.next_lr(lrs[i], int(actions[i]))
+            if cosine:
+                start = self.observers[i].initial_lr
+                self._correction[i] = self.rule.next_correction(self._correction[i],
+                                                                int(actions[i]), start)
+                lrs[i] = self.rule.scheduled_lr(start, self._correction[i], progress[i])
+            else:
+                lrs[i] = self.rule.next_lr(lrs[i], int(actions[i]))
         tr.set_lr(lrs)
         rewards = np.zeros(k)
         terminated = np.zeros(k, dtype=bool)
@@ -184,12 +194,17 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
                     prev_val=last["val_loss"], val=float(val[i]), val_accuracy=float(acc[i]),
                     target_accuracy=cfg.target_accuracy, total_steps=self.total_steps,
                     scale=cfg.reward_scale)
-                rewards[i] = reward
                 terminated[i] = bool(tr.done[i]) or (cfg.reward == "time_to_target"
                                                       and reached)
+                if terminated[i]:
+                    reward += episode_end_reward(cfg, self._initial[i], float(val[i]),
+                                                 float(acc[i]))
+                rewards[i] = reward
         for i in range(k):
             self._last[i] = {"train_loss": float(train[i]), "val_loss": float(val[i]),
                              "val_accuracy": float(acc[i])}
+        for i in fresh:
+            self._initial[i] = dict(self._last[i])
         obs = self._observe(np.arange(k), train, val, acc)
         self._needs_reset = terminated.copy()
         truncated = np.zeros(k, dtype=bool)

@@ -227,14 +227,16 @@ def test_weight_features_of_the_population_equal_each_members(data):
         po.population_weight_features([], "Net")
 
 
-def test_vector_env_k1_matches_the_single_env():
+@pytest.mark.parametrize("extra", [{}, {"lr_schedule": "cosine", "reward": "final_val",
+                                        "chance_penalty": 1.0}])
+def test_vector_env_k1_matches_the_single_env(extra):
     import numpy as np
 
     from qan_ray.env import TargetTrainingEnv
     from qan_ray.vector_env import PopulationVectorEnv
 
     conf = {"task": "digits-mlp", "epochs_per_episode": 1.0, "control_interval": 7,
-            "lr_init_range": (0.01, 0.5)}
+            "lr_init_range": (0.01, 0.5), **extra}
     venv = PopulationVectorEnv({**conf, "num_envs": 1})
     env = TargetTrainingEnv(conf)
     obs_v, _ = venv.reset()
@@ -247,7 +249,10 @@ def test_vector_env_k1_matches_the_single_env():
         assert np.allclose(obs_v[0], obs_e, rtol=1e-4, atol=1e-4)
         assert r_v[0] == pytest.approx(r_e, rel=1e-3, abs=1e-5)
         assert bool(term_v[0]) == term_e
+        assert info["lr"][0] == pytest.approx(env.trainer.lr)
     assert term_e and info["batches"].tolist() == [35]
+    if extra:  # the terminal reward was paid on the last step (final_val: a log-loss ratio)
+        assert abs(r_e) > 0.05
 
 
 def test_vector_env_resets_a_diverged_member_alone():
@@ -273,8 +278,6 @@ def test_vector_env_resets_a_diverged_member_alone():
         PopulationVectorEnv({"task": "digits-mlp", "controlinterval": 5, "num_envs": 2})
     with pytest.raises(ValueError, match="a population shares one model shape"):
         PopulationVectorEnv({"task": "digits-mlp", "tasks": ("generalist",), "num_envs": 2})
-    with pytest.raises(ValueError, match="runs the constant schedule only"):
-        PopulationVectorEnv({"task": "digits-mlp", "lr_schedule": "cosine", "num_envs": 2})
     with pytest.raises(ValueError, match="supports the lr mode only"):
         PopulationVectorEnv({"task": "digits-mlp", "action_mode": "minibatch", "num_envs": 2})
 
@@ -504,9 +507,9 @@ def test_population_refusals_name_the_fix(ray_session, tmp_path):
 
     meta = MetaConfig(episodes=2, num_actors=1, population=2, cpus_per_actor=0.5)
     with pytest.raises(ValueError, match=r"--population 2: task 'digits-mlp' cannot run as a "
-                       r"population \(lr_schedule 'cosine'.*Use --population 1"):
-        MetaTrainer(POP_QAN.replace(lr_schedule="cosine"), meta, tmp_path / "a",
-                    log=lambda *_: None)
+                       r"population \(model 'wrn' \(WideResNet\) has buffers.*Use --population 1"):
+        MetaTrainer(POP_QAN.replace(model="wrn", wrn_depth=10, wrn_width=1), meta,
+                    tmp_path / "a", log=lambda *_: None)
     with pytest.raises(ValueError, match="`population` is 0; it must be an integer >= 1"):
         MetaConfig(population=0).validate()
 
