@@ -18,6 +18,7 @@ The last line is `population_speedup_k32: <ratio>` (first task).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -27,13 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
+from bare_loop import bare_member, bare_train
 
 from qan_ray.config import from_dict
-from qan_ray.data import NUM_CLASSES, load_data, resolve_device
-from qan_ray.models import build_model
+from qan_ray.data import load_data, resolve_device
 from qan_ray.population import PopulationTrainer
-from qan_ray.trainer import _make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "population_speed.md"
 
@@ -60,9 +59,10 @@ torch.compile of the vmapped loss-and-gradient (PopulationTrainer(compile=True),
 fuses the elementwise work and removes most of the dispatcher cost: about 2-4x the eager
 population at K = 32 on the MLP and 0.7-2x on the 1-D CNN on this CPU, losses equal to 1e-6; the
 first call compiles (a minute cold, seconds with inductor's on-disk cache).
-At K = 1 the population is about 0.3-0.5x a bare loop on the MLP (vmap/functional_call wrapping
-costs more than one tiny network's step): TargetTrainer stays the plain loop for one network,
-and the population is for K >= 8.
+At K = 1 (TargetTrainer, what the env and the Tune trainables run) the population trains member
+0 by a plain forward/backward of its module, whose gradients are views of one flat buffer, and
+steps the flat (1, P) tensor with the same foreach ops: no vmap, because vmap/functional_call
+wrapping made a K = 1 step 0.3-0.5x a bare loop on the MLP.
 Multi-threaded runs on a machine shared with other jobs are unreliable for both sides: an
 OpenMP region waits for its slowest thread, which another process may have descheduled (we saw
 single ops take 10x longer at 2 threads than at 1 under load). The default is 1 thread.
@@ -76,30 +76,11 @@ def _sync(device: torch.device) -> None:
 
 def bare_loops(cfg, data, device, k: int, batches: int) -> float:
     """K sequential single-network loops; returns member mini-batches per second."""
-    members = []
-    for i in range(k):
-        torch.manual_seed(cfg.seed + i)
-        model = build_model(cfg, data.input_shape, NUM_CLASSES).to(device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed + i)
-        members.append((model, _make_optimizer(cfg, model.parameters()), gen))
-    n, b = data.n_train, min(cfg.batch_size, data.n_train)
+    members = [bare_member(cfg, data, device, cfg.seed + i) for i in range(k)]
     _sync(device)
     start = time.perf_counter()
     for model, opt, gen in members:
-        perm, pos = torch.randperm(n, device=device, generator=gen), 0
-        running = torch.zeros((), device=device)
-        for _ in range(batches):
-            if pos + b > n:
-                perm, pos = torch.randperm(n, device=device, generator=gen), 0
-            idx = perm[pos:pos + b]
-            pos += b
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.detach()
-        float(running)
+        bare_train(model, opt, gen, cfg, data, device, batches)
     _sync(device)
     return k * batches / (time.perf_counter() - start)
 
@@ -194,42 +175,63 @@ def env_step_breakdown(task: str, k: int, steps: int = 5) -> str:
 
 
 def baseline_grid(task: str, seeds: int) -> tuple[float, float, int]:
-    """Wall seconds of `qan evaluate`'s schedule baselines (fixed over the default LR grid, then
-    step and cosine from the best fixed LR, `seeds` seeds each): the sequential env episodes
-    evaluate runs today vs the same episodes as two populations (qan_ray.population
-    .run_schedules). Returns (sequential s, population s, episodes)."""
-    from qan_ray.env import TargetTrainingEnv
-    from qan_ray.evaluate import DEFAULT_GRID_FACTORS, baseline_config, eval_seeds, run_schedule
-    from qan_ray.population import run_schedules
+    """Wall seconds of `qan evaluate`'s whole baseline set (evaluate.run_baselines: fixed over
+    the default LR grid, step and cosine from the best fixed LR, warmup_cosine, plateau and
+    hypergradient from the task LR, `seeds` seeds each): episode by episode on the env
+    (--no-population-baselines, the path before populations) vs as populations (the default).
+    Returns (episode-by-episode s, population s, episodes)."""
+    from qan_ray.evaluate import run_baselines
 
-    cfg = baseline_config(from_dict(task=task))
-    grid = sorted({round(cfg.lr * f, 6) for f in DEFAULT_GRID_FACTORS})
-    seed_list = eval_seeds(seeds)
-
-    def best_fixed(finals: dict[float, list[float]]) -> float:
-        return max(grid, key=lambda lr: statistics.fmean(finals[lr]))
-
+    cfg = from_dict(task=task)
+    quiet = lambda *_: None  # noqa: E731
     start = time.perf_counter()
-    env = TargetTrainingEnv(cfg)
-    finals: dict[float, list[float]] = {}
-    for lr in grid:
-        finals[lr] = [run_schedule(env, "fixed", lr, s)[-1]["val_accuracy"] for s in seed_list]
-    lr = best_fixed(finals)
-    for name in ("step", "cosine"):
-        for s in seed_list:
-            run_schedule(env, name, lr, s)
+    runs, _ = run_baselines(cfg, seeds, log=quiet, population=False)
     sequential = time.perf_counter() - start
-
     start = time.perf_counter()
-    members = [("fixed", lr, s) for lr in grid for s in seed_list]
-    records, _ = run_schedules(cfg, members)
-    finals = {}
-    for (_, lr, _), recs in zip(members, records):
-        finals.setdefault(lr, []).append(recs[-1]["val_accuracy"])
-    lr = best_fixed(finals)
-    run_schedules(cfg, [(name, lr, s) for name in ("step", "cosine") for s in seed_list])
+    run_baselines(cfg, seeds, log=quiet, population=True)
     population = time.perf_counter() - start
-    return sequential, population, len(members) + 2 * len(seed_list)
+    return sequential, population, sum(len(v) for v in runs.by_method.values())
+
+
+def control_overhead(task: str, ks: list[int], steps: int = 5) -> list[str]:
+    """The share of a control step that is not training, at the task's default control
+    interval and at one decision per epoch (what a Tune trainable reports): env.step's wall time
+    minus the same number of mini-batches of `trainer.train`, over env.step (fastest of `steps`
+    calls each). K = 1 is TargetTrainingEnv; K > 1 a PopulationVectorEnv."""
+    import numpy as np
+
+    from qan_ray.env import TargetTrainingEnv
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    def fastest(fn) -> float:
+        best = math.inf
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    rows = []
+    base = from_dict(task=task)
+    per_epoch = TargetTrainingEnv(base).trainer.batches_per_epoch
+    for label, interval in (("default", base.control_interval), ("one per epoch", per_epoch)):
+        for k in ks:
+            conf = {"task": task, "control_interval": interval, "epochs_per_episode": 50.0}
+            if k == 1:
+                env = TargetTrainingEnv(conf)
+                keep = env.actions.keep
+            else:
+                env = PopulationVectorEnv({**conf, "num_envs": k})
+                keep = np.full(k, env.rule.keep)
+            env.reset(seed=0)
+            env.step(keep)
+            total = fastest(functools.partial(env.step, keep))
+            train = fastest(functools.partial(env.trainer.train, interval))
+            share = max(0.0, total - train) / total
+            rows.append(f"| {label} ({interval} batches) | {k} | {total * 1e3:.1f} | "
+                        f"{train * 1e3:.1f} | {share:.0%} |")
+            print(rows[-1], flush=True)
+    return rows
 
 
 def profile_table(fn, *fn_args, rows: int = 12) -> str:
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rllib-iters", type=int, default=10, help="algo.train() calls timed")
     p.add_argument("--grid-seeds", type=int, default=3,
                    help="seeds of the evaluate baseline-grid timing (0 skips it)")
+    p.add_argument("--overhead-ks", default="1,32",
+                   help="population sizes of the control-overhead table ('' to skip)")
     p.add_argument("--out", default=str(RESULTS))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
@@ -376,14 +380,21 @@ def main(argv: list[str] | None = None) -> None:
     first = args.tasks.split(",")[0]
     if args.grid_seeds:
         seq, popu, episodes = baseline_grid(first, args.grid_seeds)
-        lines += [f"## qan evaluate's schedule baselines ({first}, {episodes} episodes)", "",
-                  f"fixed over the default LR grid, then step and cosine from the best fixed "
-                  f"LR, {args.grid_seeds} seeds each: sequential env episodes (today) "
-                  f"{seq:.1f} s; two populations (`run_schedules`, one for the grid, one for "
-                  f"step + cosine) {popu:.1f} s: {seq / popu:.1f}x. The adaptive baselines "
-                  "(plateau, hypergradient, warmup-cosine) read the trainer and still run "
-                  "one by one.", ""]
+        lines += [f"## qan evaluate's baselines ({first}, {episodes} episodes)", "",
+                  f"`evaluate.run_baselines`: fixed over the default LR grid, step and cosine "
+                  f"from the best fixed LR, warmup_cosine, plateau and hypergradient from the "
+                  f"task LR, {args.grid_seeds} seeds each. Episode by episode on the env "
+                  f"(before; `--no-population-baselines`) {seq:.1f} s; as two populations "
+                  f"(now the default: the grid with the adaptive baselines, then step + "
+                  f"cosine) {popu:.1f} s: {seq / popu:.1f}x.", ""]
         print(lines[-2], flush=True)
+    if args.overhead_ks:
+        lines += [f"## Control overhead ({first})", "",
+                  "The share of a control step that is not training (observation: weight "
+                  "features and signals; the validation pass; rewards; RLlib not included).",
+                  "", "| interval | K | env step (ms) | training alone (ms) | overhead |",
+                  "|---|---|---|---|---|",
+                  *control_overhead(first, [int(k) for k in args.overhead_ks.split(",")]), ""]
     breakdown = env_step_breakdown(first, 32) if 32 in ks else ""
     lines += ["## Where the time goes", "", NOTES, breakdown, "", *profiles]
     lines.append(f"meta_steps_speedup: {meta_speedup:.2f}")

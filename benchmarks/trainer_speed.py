@@ -18,38 +18,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
+from bare_loop import bare_member, bare_train
 
 from qan_ray.config import from_dict
-from qan_ray.data import NUM_CLASSES, load_data, resolve_device
-from qan_ray.models import build_model
-from qan_ray.trainer import TargetTrainer, _make_optimizer
+from qan_ray.data import load_data, resolve_device
+from qan_ray.trainer import TargetTrainer
 
 RESULTS = Path(__file__).parent / "results" / "trainer_speed.md"
 
 
 def bare_loop(cfg, data, device, batches: int, seed: int) -> float:
-    torch.manual_seed(seed)
-    model = build_model(cfg, data.input_shape, NUM_CLASSES).to(device)
-    opt = _make_optimizer(cfg, model.parameters())
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    n, b = data.n_train, min(cfg.batch_size, data.n_train)
-    perm, pos = torch.randperm(n, device=device, generator=gen), 0
-    running = torch.zeros((), device=device)
+    model, opt, gen = bare_member(cfg, data, device, seed)
     start = time.perf_counter()
-    model.train()
-    for _ in range(batches):
-        if pos + b > n:
-            perm, pos = torch.randperm(n, device=device, generator=gen), 0
-        idx = perm[pos:pos + b]
-        pos += b
-        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += loss.detach()
-    float(running)  # one host read, like the trainer's control point
+    bare_train(model, opt, gen, cfg, data, device, batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batches / (time.perf_counter() - start)
