@@ -39,6 +39,7 @@ import copy
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -547,12 +548,13 @@ class Member:
         return float(self.population.progress[self.i])
 
 
-def run_schedules(cfg: QANConfig, members: Sequence[tuple[str, float, int]],
+def run_schedules(cfg: QANConfig, members: Sequence[tuple[Any, float, int]],
                   data: DeviceData | None = None, device: torch.device | str | None = None
                   ) -> tuple[list[list[dict]], list[float]]:
     """Episodes of baselines (qan_ray.control.BASELINES: the schedules fixed, step, cosine,
     warmup_cosine and the adaptive plateau and hypergradient), one population member per
-    (baseline name, base LR, seed), all trained in lockstep.
+    (baseline name, base LR, seed), all trained in lockstep. A member's baseline may also be an
+    `AdaptiveBaseline` object instead of a name (a policy of your own, e.g. from a search).
 
     Each member's records are what `env.rollout` gives for `evaluate.run_schedule` on a
     TargetTrainingEnv of `cfg` (step 0 after reset, then one per control step: lr, batches,
@@ -567,7 +569,8 @@ def run_schedules(cfg: QANConfig, members: Sequence[tuple[str, float, int]],
 
     if not members:
         raise ValueError("run_schedules needs at least one (baseline, lr, seed) member.")
-    baselines = [make_baseline(name, lr) for name, lr, _ in members]
+    baselines = [make_baseline(name, lr) if isinstance(name, str) else name
+                 for name, lr, _ in members]
     pop = PopulationTrainer(cfg, seeds=[seed for *_, seed in members], data=data, device=device)
     views = [Member(pop, i) for i in range(pop.k)]
     k, keep = pop.k, keep_action(cfg)
