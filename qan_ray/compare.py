@@ -29,6 +29,7 @@ from typing import Any
 from qan_ray.config import add_config_arguments
 from qan_ray.protocol import (
     BASE_SCHEDULERS,
+    SCHEDULED_NAMES,
     SKIP_FLAGS,
     STOPPERS,
     ExperimentInterrupted,
@@ -148,7 +149,8 @@ def _seeds(text: str) -> list[int]:
 
 def configure_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="qan",
-                   help=f"one of {BASE_SCHEDULERS} or qan+STOPPER ({'|'.join(STOPPERS)})")
+                   help=f"one of {BASE_SCHEDULERS}, qan+STOPPER ({'|'.join(STOPPERS)}) or "
+                        f"{'|'.join(SCHEDULED_NAMES)} (a cosine LR decay per trial)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trial configs")
     p.add_argument("--resume", action="store_true",
                    help="continue the experiment an interrupted `qan tune` with the same flags "
@@ -200,7 +202,8 @@ def run_tune(args: argparse.Namespace) -> int:
 def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedulers", default="qan,asha,pbt,fifo",
                    help="comma-separated scheduler names (fifo, asha, hyperband, median, pbt, "
-                        "pb2, qan, qan+asha, ...)")
+                        "pb2, qan, qan+asha, ..., asha+cosine, fifo+cosine: a cosine LR decay "
+                        "per trial)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of the trial configs")
     p.add_argument("--target-fraction", type=float, default=1.0,
                    help="target = this x the best baseline's best validation accuracy")

@@ -14,6 +14,10 @@ Scheduler names: fifo, asha, hyperband, median, pbt, pb2, qan, and qan+STOPPER (
 STOPPER in asha|hyperband|median|pbt decides STOP/CONTINUE; with pbt, PBT explores momentum).
 A QAN name may end in @POLICY (builtin or a controller folder) to override --policy, so one
 comparison can hold several controllers: qan,qan@builtin,asha,...
+BASE+cosine (fifo, asha, hyperband or median + cosine) is what a Tune user runs without QAN: every
+trial decays its sampled LR along a cosine over its whole epoch budget (the trainable applies it,
+config key `trial_schedule`, so it survives checkpoint restores), while BASE decides STOP/CONTINUE
+exactly as alone. PBT and PB2 are left out: they mutate the LR the schedule starts from.
 
 The CLI flags of `Protocol` are generated from its fields (`add_protocol_arguments`), as the task
 flags are from `QANConfig`; the only hand-written one is `--lr-range LOW,HIGH` (lr_low, lr_high).
@@ -44,6 +48,11 @@ from qan_ray.summaries import run_summary
 METRIC, MODE = "val_score", "max"
 BASE_SCHEDULERS = ("fifo", "asha", "hyperband", "median", "pbt", "pb2", "qan")
 STOPPERS = ("asha", "hyperband", "median", "pbt")
+TRIAL_SCHEDULES = ("cosine",)
+"""Per-trial LR schedules a scheduler name may add (BASE+cosine), applied by the trainable."""
+SCHEDULED_BASES = ("fifo", "asha", "hyperband", "median")
+"""The schedulers that take a per-trial schedule: they only stop trials, never change the LR."""
+SCHEDULED_NAMES = tuple(f"{b}+{s}" for s in TRIAL_SCHEDULES for b in SCHEDULED_BASES)
 SKIP_FLAGS = ("lr", "seed", "epochs_per_episode", "device")
 """QANConfig fields that are not task flags of `qan tune` and `qan compare` (the protocol
 sets them)."""
@@ -261,13 +270,15 @@ def _num(value: Any) -> float | None:
 
 
 def align_action_mode(names: list[str], proto: Protocol) -> str | None:
-    """Before Ray starts: load every QAN scheduler's controller (a corrupt or missing one fails
-    here, naming the file), refuse a --action-mode that differs from a controller's, and set the
+    """Before Ray starts: check every scheduler name (an unknown one fails here, naming the
+    valid ones), load every QAN scheduler's controller (a corrupt or missing one fails here,
+    naming the file), refuse a --action-mode that differs from a controller's, and set the
     trials' action_mode to the controllers' (a minibatch controller needs minibatch trials)."""
     modes = {}
     for name in names:
+        scheduler = make_scheduler(name, proto)
         if name.partition("@")[0].partition("+")[0] == "qan":
-            modes[name] = make_scheduler(name, proto).action_mode
+            modes[name] = scheduler.action_mode
     if len(set(modes.values())) > 1:
         raise ValueError(f"the QAN controllers have different action modes {modes}; one "
                          "comparison must use one. Compare lr and minibatch controllers in "
@@ -293,9 +304,15 @@ def make_scheduler(name: str, proto: Protocol):
     if policy and base != "qan":
         raise ValueError(f"scheduler {name}@{policy}: only QAN schedulers take a policy "
                          "(qan@builtin, qan+asha@DIR).")
-    if base not in BASE_SCHEDULERS or (stopper and (base != "qan" or stopper not in STOPPERS)):
-        raise ValueError(f"scheduler {name!r} is unknown; use one of {BASE_SCHEDULERS} or "
-                         f"qan+STOPPER with STOPPER in {STOPPERS} (e.g. qan+asha).")
+    if stopper in TRIAL_SCHEDULES:
+        if name not in SCHEDULED_NAMES:
+            raise ValueError(f"scheduler {name!r} is unknown: +{stopper} goes with a scheduler "
+                             "that only stops trials; use one of "
+                             f"{', '.join(SCHEDULED_NAMES)}.")
+    elif base not in BASE_SCHEDULERS or (stopper and (base != "qan" or stopper not in STOPPERS)):
+        raise ValueError(f"scheduler {name!r} is unknown; use one of {BASE_SCHEDULERS}, "
+                         f"qan+STOPPER with STOPPER in {STOPPERS} (e.g. qan+asha), or one of "
+                         f"{SCHEDULED_NAMES}.")
     epochs = proto.epochs
     interval = max(1, epochs // 4)
     lr_space = tune.loguniform(proto.lr_low, proto.lr_high)
@@ -341,13 +358,25 @@ def _pb2(epochs: int, interval: int, proto: Protocol):
                hyperparam_bounds={"lr": [proto.lr_low, proto.lr_high]})
 
 
-def param_space(proto: Protocol) -> dict[str, Any]:
-    """The trial configs: the task's fixed keys, the epochs, and the searched LR and init seed."""
+def trial_schedule(name: str) -> str | None:
+    """The per-trial LR schedule a scheduler name asks for (asha+cosine -> "cosine"), or None."""
+    schedule = name.partition("@")[0].partition("+")[2]
+    return schedule if schedule in TRIAL_SCHEDULES else None
+
+
+def param_space(proto: Protocol, name: str | None = None) -> dict[str, Any]:
+    """The trial configs: the task's fixed keys, the epochs, and the searched LR and init seed;
+    for a BASE+SCHEDULE name also `trial_schedule` (a constant: the sampled LRs and seeds are
+    those of BASE alone)."""
     from ray import tune
 
-    return {**proto.task_config, "epochs": proto.epochs,
-            "lr": tune.loguniform(proto.lr_low, proto.lr_high),
-            "seed": tune.randint(0, 1_000_000)}
+    space = {**proto.task_config, "epochs": proto.epochs,
+             "lr": tune.loguniform(proto.lr_low, proto.lr_high),
+             "seed": tune.randint(0, 1_000_000)}
+    schedule = None if name is None else trial_schedule(name)
+    if schedule is not None:
+        space["trial_schedule"] = schedule
+    return space
 
 
 def storage_uri(storage: str | Path) -> str:
@@ -405,7 +434,7 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
                                     f"{str(record)!r} has no restorable state; run again "
                                     "without --resume.")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   param_space=param_space(proto))
+                                   param_space=param_space(proto, name))
         exp_path = path
     else:
         scheduler = make_scheduler(name, proto)
@@ -413,7 +442,7 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
         tag = re.sub(r"[^A-Za-z0-9_.]+", "-", name)
         exp_name = f"{proto.task_config.get('task')}-{tag}-s{seed}-{time.time_ns()}"
         tuner = tune.Tuner(
-            trainable, param_space=param_space(proto),
+            trainable, param_space=param_space(proto, name),
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=proto.samples,
                 search_alg=BasicVariantGenerator(random_state=seed,

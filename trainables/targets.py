@@ -3,7 +3,10 @@
 One training iteration = one epoch of the target network. Each iteration:
 1. read the hyperparameters (QANScheduler's control channel if it drives the run, else the trial
    config) and write them into the optimizer (also right after a checkpoint restore, whose
-   optimizer state carries the old LR/momentum);
+   optimizer state carries the old LR/momentum); with `trial_schedule` (e.g. "cosine"), the LR
+   of epoch e is that schedule from the trial's LR at progress e / epochs
+   (`qan_ray.control.baseline_schedule`), so it follows the trial's whole epoch budget across
+   checkpoint restores and PBT restarts alike;
 2. train one epoch, validate;
 3. report metrics (+ QAN's observation when QANScheduler drives the run) and, every
    `checkpoint_every` epochs, a `tune.Checkpoint` (trainer state: model, optimizer, batch order).
@@ -30,6 +33,9 @@ TRAINABLE_KEYS = {
     "checkpoint_every": "epochs between checkpoints (1 = every epoch, what PBT needs; 0 = never)",
     "torch_threads": "torch intra-op threads (1 on a shared CPU node)",
     "focus_class": "minibatch mode: the class emphasised in the next batches",
+    "trial_schedule": "the trial's own LR schedule over its epochs, one of "
+                      "qan_ray.control.SCHEDULES (fixed, step, cosine, warmup_cosine) from its "
+                      "LR; unset = the LR stays as set",
 }
 STATE_FILE = "trainer.pt"
 
@@ -72,6 +78,26 @@ def apply_hyperparams(trainer, hyper: dict[str, Any]) -> None:
             trainer.set_focus_class(int(hyper["focus_class"]))
 
 
+def scheduled_lr(schedule: str, lr: float, epoch: int, epochs: int) -> float:
+    """The LR of epoch `epoch` (0-based) of `epochs` under `schedule` from base LR `lr`:
+    `baseline_schedule(schedule, lr)` at progress epoch / epochs (the trainer clamps it)."""
+    from qan_ray.control import baseline_schedule
+
+    return float(baseline_schedule(schedule, lr)(epoch / epochs))
+
+
+def check_trial_schedule(schedule: Any) -> str | None:
+    """`trial_schedule` of a trial config, checked (None = no schedule)."""
+    from qan_ray.control import SCHEDULES
+
+    if schedule is None:
+        return None
+    if schedule not in SCHEDULES:
+        raise ValueError(f"`trial_schedule` is {schedule!r}; it must be one of "
+                         f"{sorted(SCHEDULES)} (or unset). Try 'cosine'.")
+    return str(schedule)
+
+
 def target_trainable(config: dict[str, Any]) -> None:
     """Train the task of `config["task"]` for `epochs` epochs under Ray Tune."""
     import torch
@@ -89,8 +115,12 @@ def target_trainable(config: dict[str, Any]) -> None:
         raise ValueError(f"`epochs` is {epochs}; it must be >= 1. Try 8.")
     cfg = cfg.replace(epochs_per_episode=float(epochs))
     checkpoint_every = int(extra.get("checkpoint_every", 1))
+    schedule = check_trial_schedule(extra.get("trial_schedule"))
     trainer = TargetTrainer(cfg)
     reporter = QANReporter(config, lr_key="lr", monitored_layers=cfg.monitored_layers)
+    if schedule is not None and reporter.active:
+        raise ValueError(f"`trial_schedule` {schedule!r} and QANScheduler would both set the LR "
+                         "of this trial; drop `trial_schedule` from the config under QAN.")
     start = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -104,7 +134,11 @@ def target_trainable(config: dict[str, Any]) -> None:
         reporter.start(train_loss=trainer.initial_loss, val_loss=val_loss, val_accuracy=val_acc,
                        lr=float(reporter.poll()[reporter.lr_key]))
     for epoch in range(start, epochs):
-        apply_hyperparams(trainer, reporter.poll())
+        hyper = reporter.poll()
+        if schedule is not None:  # from the (possibly PBT-mutated) config LR, at this epoch
+            hyper = {**hyper, "lr": scheduled_lr(schedule, float(hyper.get("lr", cfg.lr)), epoch,
+                                                 epochs)}
+        apply_hyperparams(trainer, hyper)
         train_loss = trainer.train(trainer.batches_per_epoch)
         diverged = trainer.diverged(train_loss)
         val_loss, val_acc = trainer.evaluate("val")
