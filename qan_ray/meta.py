@@ -53,6 +53,7 @@ from typing import Any
 
 from qan_ray.actors import ActorResources
 from qan_ray.config import QANConfig, add_config_arguments, config_from_args, from_dict
+from qan_ray.distribution import mean_episode_steps
 from qan_ray.quiet import quiet_rllib
 from qan_ray.records import (
     append_parts,
@@ -287,7 +288,10 @@ class MetaTrainer:
             raise ValueError(f"--population {meta.population}: task {qan.task!r} cannot run as "
                              f"a population ({why}) Use --population 1 (one network per "
                              "trainer actor) for it.")
-        self.steps_per_episode = spec["total_steps"]
+        # A distribution's episodes differ in length: size the exploration schedule (in control
+        # steps) by their mean, not by the probe's first task.
+        self.steps_per_episode = (max(1, round(mean_episode_steps(qan))) if qan.tasks
+                                  else spec["total_steps"])
         self.obs_size = spec["obs_size"]
         self.observation = spec["observation"]
         self.progress = {"episodes": 0, "iterations": 0, "run": self.out.name or "qan",
