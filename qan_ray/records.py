@@ -200,8 +200,12 @@ def read_parts(folder: str | os.PathLike, schema: pa.Schema = STEP_SCHEMA) -> pa
 
 
 def write_table(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
-    """A small result table (e.g. an evaluation summary) with an inferred schema."""
+    """A small result table (e.g. an evaluation summary) with an inferred schema. Its columns
+    are every key of any row, in first-seen order (a key missing from a row is null there;
+    pyarrow's from_pylist alone would keep only the first row's keys)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]),
+                   path)
     return path
