@@ -476,15 +476,19 @@ class PopulationTrainer:
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: weights (and K = 1 buffers), optimizer
         state (momentum buffers, Adam moments) and LRs, generators, permutations, positions,
-        roulettes, steps, seeds, initial losses, torch's global RNG (dropout). A copy."""
+        roulettes, steps, seeds, initial losses, torch's global RNG (dropout). A copy made of
+        tensors and plain Python values only, so `torch.load(weights_only=True)` reads it."""
+        def arr(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.array(a, copy=True))
+
         return {"theta": self.theta.clone(), "optimizer": self.optimizer.state_dict(),
                 "buffers": [{n: b.clone() for n, b in m.named_buffers()} for m in self._models],
-                "lr": self._lr_host.copy(), "frozen": self._frozen.copy(),
+                "lr": arr(self._lr_host), "frozen": arr(self._frozen),
                 "gens": [g.get_state() for g in self.gens], "torch_rng": torch.get_rng_state(),
                 "perm": None if self._perm is None else self._perm.clone(),
-                "pos": self._pos.copy(), "steps": self.steps.copy(),
+                "pos": arr(self._pos), "steps": arr(self.steps),
                 "roulettes": [list(r) for r in self.roulettes],
-                "seeds": list(self.seeds), "initial_loss": self.initial_loss.copy()}
+                "seeds": list(self.seeds), "initial_loss": arr(self.initial_loss)}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["theta"].shape) != tuple(self.theta.shape):
@@ -498,18 +502,18 @@ class PopulationTrainer:
                     b.copy_(bufs[n])
         self.optimizer.load_state_dict(state["optimizer"])
         self._lr_host = np.array(state["lr"], dtype=np.float64)
-        self._frozen = np.array(state["frozen"])
+        self._frozen = np.array(state["frozen"], dtype=bool)
         for g, s in zip(self.gens, state["gens"], strict=True):
             g.set_state(s)
         torch.set_rng_state(state["torch_rng"])
         if self._perm is not None:
             self._perm.copy_(state["perm"])
-        self._pos = np.array(state["pos"])
-        self.steps = np.array(state["steps"])
+        self._pos = np.array(state["pos"], dtype=np.int64)
+        self.steps = np.array(state["steps"], dtype=np.int64)
         self.roulettes = [deque(r, maxlen=NUM_CLASSES) for r in state["roulettes"]]
         self._batch_classes = torch.stack([self._compose_classes(r) for r in self.roulettes])
         self.seeds = list(state["seeds"])
-        self.initial_loss = np.array(state["initial_loss"])
+        self.initial_loss = np.array(state["initial_loss"], dtype=np.float64)
 
 
 # --- baselines over a population --------------------------------------------------------------
