@@ -341,6 +341,26 @@ def configure_evaluate(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
 
 
+def evaluation_config(trained: dict[str, Any], flags: dict[str, Any]) -> QANConfig:
+    """The task config of an evaluation: the controller's training config overridden by the
+    flags given. A controller meta-trained on a task distribution, evaluated on one task
+    (`--task`), keeps only its control problem (actions, reward, observation, bounds): the
+    task's own fields (data, model, optimizer, batch, epochs, LR) come from `--task` and the
+    other flags, and it decides once per epoch as in meta-training unless --control-interval
+    is given."""
+    from qan_ray.distribution import TASK_FIELDS, batches_per_epoch
+
+    if not trained:
+        return from_dict(flags)
+    if trained.get("tasks") and (flags.get("task") or flags.get("tasks") is not None):
+        control = {k: v for k, v in trained.items() if k not in TASK_FIELDS}
+        cfg = from_dict({**control, **flags})
+        if "control_interval" not in flags and not cfg.tasks:
+            cfg = cfg.replace(control_interval=batches_per_epoch(cfg))
+        return cfg
+    return from_dict({**trained, **flags})
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from policies.qnet import load_controller
     from qan_ray.config import _FIELDS
@@ -350,12 +370,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"`--seeds` is {args.seeds}; it must be >= 1. Try --seeds 3.")
     writable_dir(args.out, "--out")  # before any compute: never lose the results at the end
     controller = load_controller(args.controller)
-    trained = controller.spec.task
-    if trained.get("tasks") and (args.task or args.tasks is not None):
-        # trained on a distribution, evaluated on one task: the distribution is not inherited
-        trained = {k: v for k, v in trained.items() if k not in ("tasks", "holdout")}
     flags = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
-    cfg = from_dict({**trained, **flags}) if trained else from_dict(flags)
+    cfg = evaluation_config(controller.spec.task, flags)
     grid = tuple(float(x) for x in args.lr_grid.split(",")) if args.lr_grid else ()
     out = Path(args.out)
     print(f"evaluating controller {args.controller} on {cfg.task} ({args.seeds} seeds) -> {out}")

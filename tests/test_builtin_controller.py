@@ -57,3 +57,19 @@ def test_default_scheduler_drives_an_embedded_task_it_never_trained_on(ray_sessi
         assert trained[1:] == pytest.approx([lr for *_, lr in state.history])
         assert trained[-1] == pytest.approx(rule.scheduled_lr(state.initial_lr, state.correction,
                                                               2 / 3))
+
+
+def test_evaluating_the_generalist_on_one_task_takes_that_tasks_own_fields():
+    from qan_ray.distribution import batches_per_epoch
+    from qan_ray.evaluate import evaluation_config
+
+    trained = load_controller("builtin").spec.task  # digits-mlp base fields + the task mix
+    cnn = evaluation_config(trained, {"task": "digits-cnn"})
+    assert (cnn.model, cnn.dataset, cnn.lr, cnn.epochs_per_episode) == ("cnn2d", "digits", 0.05,
+                                                                         8.0)
+    assert not cnn.tasks and cnn.lr_schedule == "cosine"  # the controller's control problem
+    assert cnn.control_interval == batches_per_epoch(cnn)  # one decision per epoch, as trained
+    mlp = evaluation_config(trained, {"task": "mnist1d-mlp", "control_interval": 5})
+    assert (mlp.dataset, mlp.hidden, mlp.control_interval) == ("mnist1d", (100, 100), 5)
+    same = evaluation_config(trained, {})  # no task given: the mix it was trained on
+    assert same.tasks == ("generalist",)
