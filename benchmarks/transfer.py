@@ -461,9 +461,16 @@ def ablation_table(goal: dict, controllers: list[str]) -> str:
         lines.append(f"| {p['task']} | {p['lr0']:g} | {p['qan_val']:.4f} | {q['qan_val']:.4f} | "
                      f"{d:+.2f} |")
     mean = statistics.fmean(diffs) if diffs else math.nan
-    lines += ["", f"Mean over held-out tasks and starts: weights - signals-only = {mean:+.2f} "
-              f"val points ({'weights help' if mean > 0 else 'weights do not pay for themselves'}"
-              " on this evidence)."]
+    median = statistics.median(diffs) if diffs else math.nan
+    wins = sum(d > 0 for d in diffs)
+    lines += ["", f"Held-out tasks and starts: weights - signals-only = {mean:+.2f} val points on "
+              f"average, median {median:+.2f}; the weight statistics are ahead in {wins} of "
+              f"{len(diffs)} (task, start) cells. "
+              + ("Weights help on this evidence." if mean > 0 and wins > len(diffs) / 2 else
+                 "Weights do not pay for themselves on this evidence." if mean <= 0
+                 and wins <= len(diffs) / 2 else
+                 "Mixed: the mean and the majority of cells disagree (one large cell dominates "
+                 "the mean); see the analysis below.")]
     return "\n".join(lines) + "\n"
 
 
