@@ -218,7 +218,10 @@ class QANScheduler(FIFOScheduler):
         missing = core.missing_keys(result, real_metric, self.obs_key)
         if missing:
             message = core.missing_message(missing, tid, list(result))
-            if self.on_missing == "error":
+            # a trainable that never reported the observation is misconfigured: refuse it; one
+            # result without it from a trial QAN already drove (e.g. a result Tune rebuilds
+            # around a PBT pause/restore) is not worth an experiment: warn once, do not act
+            if self.on_missing == "error" and not (state.history or state.acted_iteration):
                 raise ValueError(message)
             if not self._warned:
                 logger.warning(message)

@@ -212,6 +212,20 @@ def test_scheduler_missing_features_error_by_default_and_warn_once_with_the_flag
     assert sum("without ['qan_obs']" in r.message for r in caplog.records) == 1
 
 
+def test_a_driven_trials_result_without_the_observation_warns_and_does_not_stop_tune(caplog):
+    trial = StandInTrial("t0", 0.1)
+    tc = StandInController([trial])
+    strict = _scheduler()  # on_missing="error"
+    strict.on_trial_add(tc, trial)
+    strict.on_trial_result(tc, trial, _result(1, 0.5))  # QAN acts on a proper result
+    assert strict.trial_state("t0").history
+    lr = trial.config["lr"]
+    # a result Tune rebuilt around a pause/restore, without the observation: not an error now
+    assert strict.on_trial_result(tc, trial, {"training_iteration": 1, "m": 0.5}) == CONTINUE
+    assert trial.config["lr"] == lr  # and no action on it
+    assert sum("without ['qan_obs']" in r.message for r in caplog.records) == 1
+
+
 def test_scheduler_clamps_at_lr_min():
     from qan_ray.scheduler import QANScheduler
 
