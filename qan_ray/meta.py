@@ -158,6 +158,13 @@ class MetaConfig:
         return self
 
 
+def steps_per_episode(qan: QANConfig, probe_steps: int) -> int:
+    """Control steps per episode that size the exploration schedule and rollout fragments: the
+    task's (what the probe actor counted), or for a task distribution, whose episodes differ in
+    length, the mean over the mix (not the probe's first task)."""
+    return max(1, round(mean_episode_steps(qan))) if qan.tasks else int(probe_steps)
+
+
 def epsilon_schedule(meta: MetaConfig, steps_per_episode: int) -> list[tuple[int, float]]:
     """RLlib's epsilon schedule, in control steps sampled over all actors: linear from 1.0 to
     epsilon_final over explore_fraction x explore_episodes (default episodes) x
@@ -288,10 +295,7 @@ class MetaTrainer:
             raise ValueError(f"--population {meta.population}: task {qan.task!r} cannot run as "
                              f"a population ({why}) Use --population 1 (one network per "
                              "trainer actor) for it.")
-        # A distribution's episodes differ in length: size the exploration schedule (in control
-        # steps) by their mean, not by the probe's first task.
-        self.steps_per_episode = (max(1, round(mean_episode_steps(qan))) if qan.tasks
-                                  else spec["total_steps"])
+        self.steps_per_episode = steps_per_episode(qan, spec["total_steps"])
         self.obs_size = spec["obs_size"]
         self.observation = spec["observation"]
         self.progress = {"episodes": 0, "iterations": 0, "run": self.out.name or "qan",
