@@ -393,8 +393,7 @@ class PopulationTrainer:
         data, cfg = self.data, self.cfg
         loss_sum = torch.zeros(self.k, device=self.device)
         use_mm = cfg.mm_coef > 0 and self._reference is not None
-        for m in (self._models[0] if self.direct else self._template,):
-            m.train()
+        (self._models[0] if self.direct else self._template).train()
         for _ in range(num_batches):
             idx = self._next_indices()
             x, y = data.x_train[idx], data.y_train[idx]
