@@ -7,6 +7,7 @@ from torch import nn
 
 from qan_ray.contract import ObservationSpec, Observer
 from qan_ray.features import (
+    STAT_NAMES,
     WEIGHT_FEATURES,
     group_stats,
     layer_view,
@@ -16,17 +17,81 @@ from qan_ray.features import (
 from qan_ray.models import MLP, LeNet, WideResNet
 
 
+def _reference_stats(v: np.ndarray) -> list[float]:
+    """The 12 statistics of STAT_NAMES by numpy/scipy (float64), independently of qan_ray:
+    mean, linear quartiles, population std, biased skewness, biased excess kurtosis, E[x^1..5];
+    a constant group has skewness and kurtosis 0."""
+    from scipy import stats
+
+    v = np.asarray(v, np.float64)
+    constant = np.ptp(v) == 0
+    return [v.mean(), *np.quantile(v, [0.25, 0.5, 0.75]), v.std(),
+            0.0 if constant else stats.skew(v, bias=True),
+            0.0 if constant else stats.kurtosis(v, fisher=True, bias=True),
+            *stats.moment(v, [1, 2, 3, 4, 5], center=0)]
+
+
 def test_group_stats_match_numpy_on_known_values():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 10.0]])
     s = group_stats(x)[0].numpy()
-    v = x[0].numpy()
-    assert s[0] == pytest.approx(v.mean())
-    assert s[1:4] == pytest.approx(np.quantile(v, [0.25, 0.5, 0.75]))
-    assert s[4] == pytest.approx(v.std(), rel=1e-5)
-    assert s[11] == pytest.approx((v**5).mean(), rel=1e-5)
-    assert s[5] > 0  # right-skewed
+    # by hand: mean 4, central moments 10 (var), 36 (3rd), 278.8 (4th)
+    assert STAT_NAMES == ("mean", "q25", "q50", "q75", "std", "skew", "kurt", "m1", "m2", "m3",
+                          "m4", "m5")
+    assert s == pytest.approx([4.0, 2.0, 3.0, 4.0, 10 ** 0.5, 36 / 10 ** 1.5, 2.788 - 3.0,
+                               4.0, 26.0, 220.0, 2070.8, 20260.0], rel=1e-6)
     const = group_stats(torch.ones(1, 4))[0]
-    assert const[4] == 0 and const[5] == 0 and const[6] == 0  # no NaN from a zero std
+    assert const.tolist() == [1.0] * 4 + [0.0] * 3 + [1.0] * 5  # no NaN from a zero std
+
+
+def test_group_stats_equal_scipy_on_every_row():
+    """Rows of different shapes (skewed, heavy-tailed, shifted, negative, lengths with
+    interpolated quartiles) against the independent numpy/scipy statistics, all 12 of them."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.stack([
+        torch.randn(37, generator=g),
+        torch.rand(37, generator=g).log().neg(),  # exponential: skew ~2, kurtosis ~6
+        torch.randn(37, generator=g) ** 3,  # heavy tails
+        0.3 + 0.1 * torch.randn(37, generator=g),  # shifted: the moments are not central
+        -torch.rand(37, generator=g) ** 2,  # left-skewed, negative
+    ])
+    got = group_stats(rows).double().numpy()
+    for row, s in zip(rows.double().numpy(), got):
+        ref = _reference_stats(row)
+        assert s == pytest.approx(ref, rel=2e-5, abs=2e-6)
+    assert got[1, 5] > 1 and got[4, 5] < 0  # the skewness signs the test data were made for
+    for n in (2, 6, 10):  # quartile positions (n - 1) x 0.25 ... that fall between samples
+        row = torch.randn(n, generator=g)
+        assert group_stats(row[None])[0].double().numpy() == pytest.approx(
+            _reference_stats(row.double().numpy()), rel=2e-5, abs=2e-6)
+
+
+def test_layer_features_equal_the_reference_statistics_of_each_grouping():
+    """All 192 numbers of a small Linear and a small Conv layer (no subsampling), symlog-scaled:
+    the whole layer's 12, then for each grouping the mean/median/std/max/min over its groups of
+    the 12. A one-layer model's first, last and mean pools are that layer's 192."""
+    from qan_ray.features import GROUPINGS, PER_LAYER, SUMMARY_NAMES
+
+    torch.manual_seed(1)
+    for model in (nn.Sequential(nn.Linear(7, 5)), nn.Sequential(nn.Conv1d(5, 3, 3))):
+        weight = model[0].weight.detach()
+        w = weight.double().numpy().reshape(weight.shape[0], weight.shape[1], -1)
+        out_ch, in_ch, k = w.shape
+        groups = {"filter": w.reshape(out_ch, -1),
+                  "in_channel": w.transpose(1, 0, 2).reshape(in_ch, -1),
+                  "kernel": w.reshape(out_ch * in_ch, k)}
+        assert set(groups) == set(GROUPINGS) and len(SUMMARY_NAMES) == 5
+        expected = list(_reference_stats(w.ravel()))
+        for grouping in GROUPINGS:  # odd group counts: the median is one group's value
+            per_group = np.array([_reference_stats(row) for row in groups[grouping]])
+            assert len(per_group) % 2 == 1
+            expected += [*per_group.mean(0), *np.median(per_group, 0), *per_group.std(0),
+                         *per_group.max(0), *per_group.min(0)]
+        expected = np.sign(expected) * np.log1p(np.abs(expected))  # symlog
+        got = weight_features(model).double().numpy()
+        assert got.shape == (3 * PER_LAYER,)
+        for pool in range(3):
+            assert got[pool * PER_LAYER:(pool + 1) * PER_LAYER] == pytest.approx(
+                expected, rel=5e-5, abs=5e-6)
 
 
 def _permute_hidden(mlp: MLP, perm: torch.Tensor) -> None:
