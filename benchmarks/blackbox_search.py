@@ -10,7 +10,7 @@ correction; (a, s) = (1, 0) is plain cosine, always candidate 0.
 Search (random search, seeded): every candidate runs on the same `--search-tasks` tasks drawn
 from the training distribution (`generalist` minus the held-out families; seeds 2,000,000 + j,
 which neither meta-training nor evaluation uses), each task as one population of all candidates
-with the same init seed (qan_ray.population.run_schedules). Objective: mean final val accuracy
+with the same init seed (qan_ray.control.run_schedules). Objective: mean final val accuracy
 over the tasks. Budget: candidates x tasks episodes, reported next to the DQN's episodes.
 
 Held-out evaluation: the held-out presets at one decision per epoch, from start LRs one decade
@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from qan_ray.config import from_dict
-from qan_ray.control import AdaptiveBaseline
+from qan_ray.control import AdaptiveBaseline, run_schedules
 from qan_ray.distribution import TASK_FIELDS, batches_per_epoch, sample_task
 from qan_ray.evaluate import eval_seeds, run_controller
-from qan_ray.population import run_schedules
 from qan_ray.records import write_table
 
 RESULTS = Path(__file__).parent / "results"

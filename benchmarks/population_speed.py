@@ -151,7 +151,7 @@ def env_step_breakdown(task: str, k: int, steps: int = 5) -> str:
 
     env = PopulationVectorEnv({"task": task, "num_envs": k})
     env.reset(seed=0)
-    keep = np.full(k, env.rule.keep if env.rule.keep is not None else 0)
+    keep = np.full(k, env.rule.keep_action)
     env.step(keep)
 
     def ms(fn) -> float:  # the fastest of `steps` calls: robust to other jobs' load
@@ -219,10 +219,10 @@ def control_overhead(task: str, ks: list[int], steps: int = 5) -> list[str]:
             conf = {"task": task, "control_interval": interval, "epochs_per_episode": 50.0}
             if k == 1:
                 env = TargetTrainingEnv(conf)
-                keep = env.actions.keep
+                keep = env.actions.keep_action
             else:
                 env = PopulationVectorEnv({**conf, "num_envs": k})
-                keep = np.full(k, env.rule.keep)
+                keep = np.full(k, env.rule.keep_action)
             env.reset(seed=0)
             env.step(keep)
             total = fastest(functools.partial(env.step, keep))

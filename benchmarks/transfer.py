@@ -228,7 +228,7 @@ def run_eval(args, controllers: dict[str, Any], tasks: list[str], log) -> list[d
     return rows
 
 
-POPULATION_BASELINES = ("fixed", "cosine")  # schedules: qan_ray.population.run_schedules
+POPULATION_BASELINES = ("fixed", "cosine")  # schedules: qan_ray.control.run_schedules
 _KEEP = ("step", "batches", "lr", "val_accuracy", "val_loss", "train_loss", "action")
 
 
@@ -238,9 +238,9 @@ def baseline_key(cache: Cache, cfg: QANConfig, base: str, seed: int, population:
 
 def population_episodes(cache: Cache, bcfg_of: dict, base: str, lrs, seeds, task: str,
                         log) -> list[dict]:
-    """`base` from every LR x seed as one population (qan_ray.population.run_schedules, what
+    """`base` from every LR x seed as one population (qan_ray.control.run_schedules, what
     `qan evaluate --population-baselines` runs); cached per member."""
-    from qan_ray.population import run_schedules
+    from qan_ray.control import run_schedules
 
     todo = [(base, lr, seed) for lr in lrs for seed in seeds
             if cache.get(baseline_key(cache, bcfg_of[lr], base, seed, True)) is None]
@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", default=None,
                    help="part (a) episode epochs: N, or TASK=N,... (default: the preset's)")
     p.add_argument("--population-baselines", action="store_true",
-                   help="fixed and cosine as populations (qan_ray.population.run_schedules, "
+                   help="fixed and cosine as populations (qan_ray.control.run_schedules, "
                         "`qan evaluate --population-baselines`): much cheaper; equal to float "
                         "tolerance where training is stable")
     p.add_argument("--part", choices=("all", "eval", "tune", "report"), default="all")

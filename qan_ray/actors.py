@@ -32,21 +32,10 @@ import gymnasium as gym
 import numpy as np
 import ray
 
+from qan_ray.constants import SLOT_SEED_STRIDE, episode_seed
 from qan_ray.env import OBS_BOUND
 
 ACTOR_NAMESPACE = "qan"
-EPISODE_SEED_BASE = 10_000_000
-"""Training episode seeds are EPISODE_SEED_BASE x (meta seed + 1) + global episode index: disjoint
-from evaluation (1,000,000 + i) and selection (2,000,000 + i) seeds."""
-
-
-def episode_seed(meta_seed: int, index: int) -> int:
-    """The seed of training episode `index` (0-based, over all actors) of a run with `meta_seed`:
-    a pure function, so resume and actor replacement reproduce it."""
-    if meta_seed < 0 or index < 0:
-        raise ValueError(f"meta seed {meta_seed} / episode index {index}: both must be >= 0. "
-                         "Try --meta-seed 0.")
-    return EPISODE_SEED_BASE * (int(meta_seed) + 1) + int(index)
 
 
 class _EpisodeCounter:
@@ -306,9 +295,10 @@ class ActorEnv(gym.Env):
         self._counter_name = env_config.get("counter")
         self._meta_seed = int(env_config.get("meta_seed", 0))
         self._counter = None
-        # Without a counter (a bare ActorEnv): this sub-env's own episodes, seed + 10,000 x slot.
+        # Without a counter (a bare ActorEnv): this sub-env's own episodes (constants: the slot's
+        # seeds).
         slot = worker * 1000 + vector
-        self._qan["seed"] = int(self._qan.get("seed", 0)) + 10_000 * slot
+        self._qan["seed"] = int(self._qan.get("seed", 0)) + SLOT_SEED_STRIDE * slot
         self._local_episodes = 0
         self.index: int | None = None
         self.seed: int | None = None

@@ -31,6 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from qan_ray.constants import NUM_CLASSES, chance_accuracy
+from qan_ray.features import weight_feature_names, weight_features
+from qan_ray.schedules import cosine_factor
+
 OBS_VERSION = 2
 """Observation format. 2: pooled weight statistics + normalised signals (fixed length). Specs
 written before it (no `format` field) carry the per-layer vector, whose length depends on the
@@ -74,7 +78,7 @@ class ObservationSpec:
     """Pooled weight statistics first (the paper's state); False = training signals only."""
     monitored_layers: tuple[str, ...] = ()
     """Linear/Conv module names observed (empty = every one)."""
-    num_classes: int = 10
+    num_classes: int = NUM_CLASSES
     """Classes of the task: the chance level of loss and accuracy."""
     names: tuple[str, ...] | None = None
     """Feature names as stored (None = this code's names for `version`)."""
@@ -83,8 +87,6 @@ class ObservationSpec:
     def feature_names(self) -> list[str]:
         if self.names is not None:
             return list(self.names)
-        from qan_ray.features import weight_feature_names
-
         weights = weight_feature_names() if self.with_weights else []
         return weights + [f"signal.{s}" for s in SIGNAL_NAMES]
 
@@ -103,7 +105,7 @@ class ObservationSpec:
         return cls(version=int(d.get("version", 1)),
                    with_weights=bool(d.get("with_weights", True)),
                    monitored_layers=tuple(d.get("monitored_layers") or ()),
-                   num_classes=int(d.get("num_classes", 10)),
+                   num_classes=int(d.get("num_classes", NUM_CLASSES)),
                    names=tuple(d["feature_names"]) if d.get("feature_names") else None)
 
     def mismatch(self, other: ObservationSpec) -> str | None:
@@ -163,7 +165,9 @@ class Observer:
         slope = float(np.mean(diffs[-SLOPE_WINDOW:])) if diffs else 0.0
         noise = float(np.std(diffs[-NOISE_WINDOW:])) if len(diffs) > 1 else 0.0
         c = self.spec.num_classes
-        acc = (val_accuracy - 1.0 / c) / (1.0 - 1.0 / c) if math.isfinite(val_accuracy) else 0.0
+        chance = chance_accuracy(c)
+        acc = ((val_accuracy - chance) / (1.0 - chance) if math.isfinite(val_accuracy)
+               else 0.0)
         acc_change = acc - self._prev_acc if self._prev_acc is not None else 0.0
         self._prev_acc = acc
         return [math.log10(lr) if lr > 0 else float("nan"), log_lr - _safe_log(self.initial_lr),
@@ -172,24 +176,25 @@ class Observer:
 
     def observe(self, model, *, lr: float, train_loss: float, val_loss: float,
                 val_accuracy: float, progress: float) -> np.ndarray:
-        """The observation (float32, length `spec.size`), computed on the model's device.
-        Non-finite entries become 0 and their count is the last entry."""
-        import torch
+        """The observation (float32, length `spec.size`) of `model` (its weight statistics are
+        computed on its device). Non-finite entries become 0 and their count is the last entry."""
+        weights = (weight_features(model, self.spec.monitored_layers) if self.spec.with_weights
+                   else None)
+        return self.observe_weights(weights, lr=lr, train_loss=train_loss, val_loss=val_loss,
+                                    val_accuracy=val_accuracy, progress=progress)
 
-        from qan_ray.features import weight_features
-
-        sig = torch.tensor(self.signals(lr=lr, train_loss=train_loss, val_loss=val_loss,
-                                        val_accuracy=val_accuracy, progress=progress),
-                           dtype=torch.float32)
+    def observe_weights(self, weights: Any, *, lr: float, train_loss: float, val_loss: float,
+                        val_accuracy: float, progress: float) -> np.ndarray:
+        """`observe` from weight statistics computed elsewhere (a population computes every
+        member's in one batched call): `weights` is one member's `features.weight_features`
+        vector (a tensor or array), or None for a signals-only spec."""
+        sig = np.asarray(self.signals(lr=lr, train_loss=train_loss, val_loss=val_loss,
+                                      val_accuracy=val_accuracy, progress=progress),
+                         dtype=np.float32)
         if self.spec.with_weights:
-            w = weight_features(model, self.spec.monitored_layers)
-            vec = torch.cat([w, sig.to(w.device)])
-        else:
-            vec = sig
-        bad = ~torch.isfinite(vec)
-        vec = torch.where(bad, torch.zeros_like(vec), vec)
-        vec[-1] = bad.sum().float()
-        return vec.cpu().numpy()
+            w = weights.detach().cpu().numpy() if hasattr(weights, "detach") else weights
+            sig = np.concatenate([np.asarray(w, dtype=np.float32).reshape(-1), sig])
+        return clean(sig, self.spec.size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"initial_lr": self.initial_lr, "log_losses": list(self._log_losses),
@@ -232,7 +237,7 @@ class ActionSpec:
     """One more action resets the LR to this value (None = no restart action)."""
     lr_min: float = 1e-5
     lr_max: float = 1.0
-    num_classes: int = 10
+    num_classes: int = NUM_CLASSES
     """Minibatch mode: one action per class."""
     schedule: str = "constant"
     """constant: an action multiplies the current LR | cosine: an action multiplies a correction
@@ -279,6 +284,12 @@ class ActionSpec:
         """The action that leaves the LR unchanged (factor 1.0); None if there is none."""
         return self.lr_factors.index(1.0) if 1.0 in self.lr_factors else None
 
+    @property
+    def keep_action(self) -> int:
+        """The action a run takes when nobody decides (a baseline's rollout, all-NaN Q-values):
+        keep, or action 0 if there is no keep action."""
+        return 0 if self.keep is None else self.keep
+
     def clamp(self, lr: float) -> float:
         return float(min(max(lr, self.lr_min), self.lr_max))
 
@@ -311,8 +322,7 @@ class ActionSpec:
 
     def scheduled_lr(self, initial_lr: float, correction: float, progress: float) -> float:
         """Cosine schedule: the LR of the interval starting at `progress` (0..1)."""
-        p = min(max(float(progress), 0.0), 1.0)
-        return self.clamp(initial_lr * correction * 0.5 * (1.0 + math.cos(math.pi * p)))
+        return self.clamp(initial_lr * correction * cosine_factor(progress))
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "lr_factors": list(self.lr_factors),
@@ -373,8 +383,7 @@ class ControllerSpec:
 
     def fallback_action(self) -> int:
         """What to do when the Q-values are all NaN: keep the LR (or action 0)."""
-        keep = self.action.keep
-        return 0 if keep is None else keep
+        return self.action.keep_action
 
     def check_fits(self, produced: ObservationSpec, where: str) -> None:
         """Refuse (ValueError) when `produced` (the observation `where` builds) does not fit."""
@@ -440,6 +449,11 @@ def spec_for(cfg, hidden: tuple[int, ...], provenance: dict[str, Any] | None = N
                           tuple(hidden), {"task": cfg.to_dict(), **(provenance or {})})
 
 
+def action_spec(cfg) -> ActionSpec:
+    """The actions a task config asks for (labels, keep action, LR rule), validated."""
+    return ActionSpec.from_config(cfg).validate()
+
+
 def observation_spec(cfg) -> ObservationSpec:
     """The observation a task config asks for."""
     return ObservationSpec(with_weights=cfg.weight_features,
@@ -447,4 +461,5 @@ def observation_spec(cfg) -> ObservationSpec:
 
 
 __all__ = ["OBS_VERSION", "SIGNAL_NAMES", "ActionSpec", "ControllerSpec", "ObservationSpec",
-           "Observer", "clean", "greedy_action", "observation_spec", "spec_for", "write_lr"]
+           "Observer", "action_spec", "clean", "greedy_action", "observation_spec", "spec_for",
+           "write_lr"]

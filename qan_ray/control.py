@@ -1,87 +1,42 @@
-"""Actions (how a controller changes the trainer) and the baselines.
+"""The baselines, and how an action changes a trainer outside an episode.
 
-Both act on the same `TargetTrainer` at the same control points, so a controller and a baseline
+A baseline acts on the same trainer at the same control points as a controller, so the two
 differ only in who picks the learning rate. A baseline is either a schedule (progress -> LR:
-fixed, step, cosine, cosine with linear warm-up) or an adaptive rule that reads the run at each
-control point (`AdaptiveBaseline`: torch's ReduceLROnPlateau on the validation loss, and
-hypergradient descent).
+qan_ray.schedules' fixed, step, cosine, cosine with linear warm-up) or an adaptive rule that
+reads the run at each control point (`AdaptiveBaseline`: torch's ReduceLROnPlateau on the
+validation loss, and hypergradient descent). `run_schedules` runs many baselines x seeds as one
+population through the episode rules of qan_ray.episode (the env's episodes, member by member).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from qan_ray.config import QANConfig
-from qan_ray.contract import ActionSpec
+from qan_ray.contract import action_spec
+from qan_ray.data import DeviceData
+from qan_ray.episode import Episodes, start_lr
+from qan_ray.population import PopulationTrainer
+from qan_ray.schedules import SCHEDULES, baseline_schedule
 from qan_ray.trainer import TargetTrainer
 
 
-def action_spec(cfg: QANConfig) -> ActionSpec:
-    """The task config's actions (labels, keep action, LR rule)."""
-    return ActionSpec.from_config(cfg).validate()
-
-
 def apply_action(trainer: TargetTrainer, action: int) -> None:
-    """Change the trainer as `action` says; takes effect on the very next mini-batch."""
+    """Change the trainer as `action` says, now: the LR times the action's factor (the
+    constant-schedule rule, `ActionSpec.next_lr`), or in minibatch mode the class its next
+    batches emphasise. An episode's actions go through `episode.Episodes` instead, which also
+    knows the cosine schedule."""
     spec = action_spec(trainer.cfg)
-    lr = spec.next_lr(trainer.lr, action)  # validates the action index
     if spec.mode == "minibatch":
-        trainer.set_focus_class(int(action))
+        trainer.set_focus_class(spec.checked(action))
     else:
-        trainer.set_lr(lr)
-
-
-# --- baseline schedules: progress in [0, 1] -> learning rate -----------------------------------
-Schedule = Callable[[float], float]
-
-
-def fixed(lr: float) -> Schedule:
-    return lambda progress: lr
-
-
-def step_decay(lr: float, milestones: tuple[float, ...] = (0.5, 0.75),
-               gamma: float = 0.1) -> Schedule:
-    """LR x gamma at each milestone (fractions of the episode)."""
-    return lambda progress: lr * gamma ** sum(progress >= m for m in milestones)
-
-
-def cosine(lr: float, lr_min: float = 0.0) -> Schedule:
-    return lambda progress: lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * progress))
-
-
-WARMUP_FRACTION = 0.05
-WARMUP_START = 0.1
-
-
-def warmup_cosine(lr: float, warmup: float = WARMUP_FRACTION, lr_min: float = 0.0,
-                  start: float = WARMUP_START) -> Schedule:
-    """Linear warm-up from start x lr to lr over the first `warmup` of the episode, then cosine
-    from lr to lr_min over the rest (the usual transformer/ResNet recipe)."""
-    if not 0 <= warmup < 1:
-        raise ValueError(f"`warmup` is {warmup!r}; it must lie in [0, 1). Try 0.05.")
-
-    def sched(progress: float) -> float:
-        if progress < warmup:
-            return lr * (start + (1 - start) * progress / warmup)
-        q = (progress - warmup) / (1 - warmup)
-        return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(1.0, q)))
-
-    return sched
-
-
-SCHEDULES: dict[str, Callable[[float], Schedule]] = {
-    "fixed": fixed, "step": step_decay, "cosine": cosine, "warmup_cosine": warmup_cosine}
-
-
-def baseline_schedule(name: str, lr: float) -> Schedule:
-    """'fixed' | 'step' | 'cosine' | 'warmup_cosine' at base LR `lr`."""
-    if name not in SCHEDULES:
-        raise ValueError(f"baseline {name!r} must be one of {sorted(SCHEDULES)}.")
-    return SCHEDULES[name](lr)
+        trainer.set_lr(spec.next_lr(trainer.lr, action))
 
 
 # --- adaptive baselines: they read the run at each control point ------------------------------
@@ -213,3 +168,94 @@ class ScheduleBaseline(AdaptiveBaseline):
 
     def update(self, trainer: TargetTrainer, info: dict[str, Any]) -> float:
         return self.schedule(trainer.progress)
+
+
+# --- baselines over a population --------------------------------------------------------------
+class Member:
+    """Member i of a population seen as one trainer: what a baseline (`AdaptiveBaseline`) reads
+    and writes at a control point (cfg, lr, set_lr, model, step, progress, episode)."""
+
+    def __init__(self, population: PopulationTrainer, i: int):
+        self.population, self.i = population, int(i)
+        self.episode = 0  # a new run of the member: bump it (the baseline restarts its rule)
+
+    @property
+    def cfg(self) -> QANConfig:
+        return self.population.cfg
+
+    @property
+    def lr(self) -> float:
+        return self.population.lr[self.i]
+
+    def set_lr(self, lr: float) -> float:
+        lrs = self.population.lr
+        lrs[self.i] = float(lr)
+        return self.population.set_lr(lrs)[self.i]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.population.member_model(self.i)
+
+    @property
+    def step(self) -> int:
+        return int(self.population.steps[self.i])
+
+    @property
+    def progress(self) -> float:
+        return float(self.population.progress[self.i])
+
+
+def run_schedules(cfg: QANConfig, members: Sequence[tuple[Any, float, int]],
+                  data: DeviceData | None = None, device: torch.device | str | None = None
+                  ) -> tuple[list[list[dict]], list[float]]:
+    """Episodes of baselines (BASELINES: the schedules fixed, step, cosine, warmup_cosine and
+    the adaptive plateau and hypergradient), one population member per (baseline name, base LR,
+    seed), all trained in lockstep. A member's baseline may also be an `AdaptiveBaseline` object
+    instead of a name (a policy of your own, e.g. from a search).
+
+    Each member's records are what `env.rollout` gives for `evaluate.run_schedule` on a
+    TargetTrainingEnv of `cfg` (step 0 after reset, then one per control step: lr, batches,
+    diverged, train/val loss, val accuracy, action = keep, reward), to float tolerance
+    (tests/test_population.py): the same episode rules (qan_ray.episode), and at every control
+    point the member's baseline reads that point's info and sets the LR of the next interval.
+    The second value is each member's final test accuracy. A member whose episode ends
+    (diverged, or reached the target under reward time_to_target) stops recording and is frozen
+    (LR 0) while the others train on."""
+    if not members:
+        raise ValueError("run_schedules needs at least one (baseline, lr, seed) member.")
+    baselines = [make_baseline(name, lr) if isinstance(name, str) else name
+                 for name, lr, _ in members]
+    seeds = [seed for *_, seed in members]
+    pop = PopulationTrainer(cfg, seeds=seeds, data=data, device=device)
+    views = [Member(pop, i) for i in range(pop.k)]
+    k, keep = pop.k, action_spec(cfg).keep_action
+    episodes = Episodes(cfg, k, pop.total_batches)
+    if cfg.lr_init_range is not None:  # the env's log-uniform start LR (its step-0 record)
+        pop.set_lr([start_lr(cfg, seed) for seed in seeds])
+    val, acc = (t.tolist() for t in pop.evaluate("val"))
+    lrs = pop.lr
+    for i in range(k):
+        episodes.start(i, lrs[i], float(pop.initial_loss[i]), val[i], acc[i])
+    records = [[{"step": 0, "action": -1, "reward": 0.0, "lr": lrs[i], "batches": 0,
+                 "diverged": False, **episodes.last[i]}] for i in range(k)]
+    running = np.ones(k, dtype=bool)
+    while running.any() and not pop.done.all():
+        lrs = pop.lr
+        members_now = np.flatnonzero(running)
+        for i in members_now:
+            lrs[i] = baselines[i].next_lr(views[i], {**records[i][-1]})
+        lrs = pop.set_lr(lrs)
+        losses = pop.train(min(cfg.control_interval, pop.total_batches - int(pop.steps[0])))
+        val, acc = pop.evaluate("val")
+        rewards, ended, diverged = episodes.step(members_now, losses.numpy(), val.numpy(),
+                                                 acc.numpy(), pop.initial_loss, pop.done)
+        for i in members_now:
+            records[i].append({"lr": lrs[i], "step": int(episodes.t[i]),
+                               "batches": int(pop.steps[i]), "diverged": bool(diverged[i]),
+                               **episodes.last[i], "action": keep,
+                               "reward": float(rewards[i])})
+            if ended[i]:
+                running[i] = False
+                pop.freeze(i)
+    _, test_acc = pop.evaluate("test")
+    return records, test_acc.tolist()

@@ -1,15 +1,14 @@
-"""TargetTrainingEnv: the QAN control problem as a gymnasium environment.
+"""TargetTrainingEnv: the QAN control problem as a gymnasium environment (one run).
 
-One episode = one training run of the target network from a fresh init (`epochs_per_episode`);
-one step = `control_interval` mini-batches at the hyperparameters the action set. The observation
-is built by the contract's `Observer` (pooled weight statistics + normalised training signals,
-the same vector a Tune trial reports through `QANReporter`). Divergence (the trainer's one rule:
-NaN/inf or loss > divergence_factor x L_0) ends the episode with -divergence_penalty; it never
-raises. The last step of an episode that did not diverge also pays the terminal reward of the
-final_* rewards (qan_ray.rewards) and, whatever the reward, -chance_penalty if the run's val
-accuracy is still within 2 points of chance. Constructed from a plain config dict, so RLlib can
-build it by name. With `cfg.tasks` (qan_ray.distribution) every reset draws the episode's task
-from its seed: `cfg`, `trainer` and `total_steps` follow that task, the spaces do not.
+One episode = one training run of the target network from a fresh init (`epochs_per_episode`); one
+step = `control_interval` mini-batches at the hyperparameters the action set. The observation is
+built by the contract's `Observer` (pooled weight statistics + normalised training signals, the
+same vector a Tune trial reports through `QANReporter`). The episode's rules (start LR, action ->
+LR, divergence and its penalty, rewards, early end, chance penalty) are qan_ray.episode's, at K =
+1; this class only connects them to a trainer and an observer. Constructed from a plain config
+dict, so RLlib can build it by name. With `cfg.tasks` (qan_ray.distribution) every reset draws the
+episode's task from its seed: `cfg`, `trainer` and `total_steps` follow that task, the spaces do
+not.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ import gymnasium as gym
 import numpy as np
 
 from qan_ray.config import QANConfig, from_dict
-from qan_ray.contract import Observer, observation_spec
-from qan_ray.control import action_spec, apply_action
+from qan_ray.constants import run_seed
+from qan_ray.contract import ActionSpec, Observer, observation_spec
 from qan_ray.distribution import describe, sample_task, trainer_key
-from qan_ray.rewards import chance_penalty, step_reward, terminal_reward
+from qan_ray.episode import Episodes, start_lr
 from qan_ray.trainer import TargetTrainer, reference_run
 
 # Every entry is a symlog statistic, a log loss/LR, an accuracy, a fraction or a count of
@@ -44,21 +43,32 @@ class TargetTrainingEnv(gym.Env):
         if cfg.mm_coef > 0:
             self.trainer.set_reference(reference_run(cfg, self.trainer.device))
         self.observer = Observer(observation_spec(cfg), cfg.lr)
-        self.actions = action_spec(cfg)
-        self._correction = 1.0
+        self.episodes = Episodes(cfg, 1, self.trainer.total_batches)
         size = self.observer.spec.size
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (size,), np.float32)
         self.action_space = gym.spaces.Discrete(cfg.num_actions)
-        self.total_steps = math.ceil(self.trainer.total_batches / cfg.control_interval)
         self.episodes_started = 0
-        self._last: dict[str, float] = {}
         self.base_cfg = cfg  # with cfg.tasks, self.cfg is the current episode's task
         self._trainers: dict[str, TargetTrainer] = {}
+
+    @property
+    def actions(self) -> ActionSpec:
+        """The current task's actions (labels, keep action, LR rule)."""
+        return self.episodes.rule
+
+    @property
+    def total_steps(self) -> int:
+        return self.episodes.total_steps
+
+    @property
+    def _last(self) -> dict[str, float]:
+        return self.episodes.last[0]
 
     # --- gymnasium API -----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        episode_seed = seed if seed is not None else self.cfg.seed + self.episodes_started
+        episode_seed = seed if seed is not None else run_seed(self.cfg.seed,
+                                                              self.episodes_started)
         self.episodes_started += 1
         if self.base_cfg.tasks:
             self._episode_trainer(episode_seed)
@@ -66,44 +76,26 @@ class TargetTrainingEnv(gym.Env):
         tr.reset(episode_seed)
         initial_lr = self.cfg.lr
         if self.cfg.lr_init_range is not None:  # log-uniform start LR, seeded by the episode
-            low, high = (math.log(x) for x in self.cfg.lr_init_range)
-            u = np.random.default_rng(episode_seed).uniform(low, high)
-            initial_lr = tr.set_lr(math.exp(u))
+            initial_lr = tr.set_lr(start_lr(self.cfg, episode_seed))
         self.observer.reset(initial_lr)
-        self._correction = 1.0  # lr_schedule cosine: the controller's factor on the schedule
         val_loss, val_acc = tr.evaluate("val")
-        self._t = 0
-        self._last = {"train_loss": tr.initial_loss, "val_loss": val_loss, "val_accuracy": val_acc}
-        self._initial = dict(self._last)  # the episode's start, for the terminal rewards
+        self.episodes.start(0, initial_lr, tr.initial_loss, val_loss, val_acc)
         return self._observe(tr.initial_loss, val_loss, val_acc), self._info(diverged=False)
 
     def step(self, action):
-        tr, cfg = self.trainer, self.cfg
-        if self.actions.schedule == "cosine" and self.actions.mode == "lr":
-            self._correction = self.actions.next_correction(self._correction, int(action),
-                                                            self.initial_lr)
-            tr.set_lr(self.actions.scheduled_lr(self.initial_lr, self._correction, tr.progress))
+        tr, cfg, ep = self.trainer, self.cfg, self.episodes
+        if ep.rule.mode == "minibatch":
+            tr.set_focus_class(ep.rule.checked(action))
         else:
-            apply_action(tr, int(action))
+            tr.set_lr(float(ep.lrs_after([action], [tr.lr], [tr.progress], [0])[0]))
         train_loss = tr.train(min(cfg.control_interval, tr.total_batches - tr.step))
-        self._t += 1
-        if tr.diverged(train_loss):
-            nan = float("nan")
-            self._last = {"train_loss": train_loss, "val_loss": nan, "val_accuracy": 0.0}
-            obs = self._observe(train_loss, nan, 0.0)
-            return obs, -cfg.divergence_penalty, True, False, self._info(diverged=True)
-        val_loss, val_acc = tr.evaluate("val")
-        reward, reached = step_reward(
-            cfg.reward, prev_train=self._last["train_loss"], train=train_loss,
-            prev_val=self._last["val_loss"], val=val_loss, val_accuracy=val_acc,
-            target_accuracy=cfg.target_accuracy, total_steps=self.total_steps,
-            scale=cfg.reward_scale)
-        self._last = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
-        terminated = tr.done or (cfg.reward == "time_to_target" and reached)
-        if terminated:
-            reward += self._episode_end_reward(val_loss, val_acc)
-        obs = self._observe(train_loss, val_loss, val_acc)
-        return obs, float(reward), bool(terminated), False, self._info(diverged=False)
+        diverged = bool(tr.diverged(train_loss))
+        val_loss, val_acc = (math.nan, 0.0) if diverged else tr.evaluate("val")
+        rewards, ended, _ = ep.step([0], [train_loss], [val_loss], [val_acc],
+                                    [tr.initial_loss], [tr.done])
+        last = ep.last[0]
+        obs = self._observe(train_loss, last["val_loss"], last["val_accuracy"])
+        return obs, float(rewards[0]), bool(ended[0]), False, self._info(diverged=diverged)
 
     # --- helpers -------------------------------------------------------------------------------
     def _episode_trainer(self, seed: int) -> None:
@@ -119,10 +111,7 @@ class TargetTrainingEnv(gym.Env):
         while len(self._trainers) > TRAINER_CACHE:
             self._trainers.pop(next(iter(self._trainers)))
         self.cfg, self.trainer = task, tr
-        self.total_steps = math.ceil(tr.total_batches / task.control_interval)
-
-    def _episode_end_reward(self, val_loss: float, val_acc: float) -> float:
-        return episode_end_reward(self.cfg, self._initial, val_loss, val_acc)
+        self.episodes.set_task(task, tr.total_batches)
 
     @property
     def initial_lr(self) -> float:
@@ -136,28 +125,11 @@ class TargetTrainingEnv(gym.Env):
 
     def _info(self, diverged: bool) -> dict[str, Any]:
         tr = self.trainer
-        info = {"lr": tr.lr, "step": self._t, "batches": tr.step, "diverged": diverged,
-                "task": describe(self.cfg, self.initial_lr), **self._last}
+        info = {"lr": tr.lr, "step": int(self.episodes.t[0]), "batches": tr.step,
+                "diverged": diverged, "task": describe(self.cfg, self.initial_lr), **self._last}
         if self.cfg.action_mode == "minibatch":  # samples per class in the batches just used
             info["composition"] = tr.batch_composition()
         return info
-
-
-def episode_end_reward(cfg: QANConfig, start: dict[str, float], val_loss: float,
-                       val_acc: float) -> float:
-    """Paid once, on the last step of an episode that did not diverge: the terminal part of the
-    reward (final_val, final_acc; 0 for the per-step kinds; `start` holds the episode's first
-    val_loss and val_accuracy) plus the chance penalty."""
-    end = terminal_reward(cfg.reward, initial_val=start["val_loss"], val=val_loss,
-                          initial_accuracy=start["val_accuracy"], val_accuracy=val_acc,
-                          scale=cfg.reward_scale)
-    return end + chance_penalty(val_acc, cfg.chance_penalty_value)
-
-
-def keep_action(cfg: QANConfig) -> int:
-    """The task's keep action (factor 1.0; the contract's ActionSpec.keep), or 0 if none."""
-    keep = action_spec(cfg).keep
-    return 0 if keep is None else keep
 
 
 def rollout(env: TargetTrainingEnv, act, seed: int) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ who sets the learning rate differs:
   interval's mean gradient: hypergradient; qan_ray.control.HypergradientBaseline).
 In minibatch mode the baselines draw ordinary uniform batches.
 
-Evaluation seeds (1,000,000 + i) never occur in meta-training (seed + 10,000 x actor + episode).
+Evaluation seeds (`constants.eval_seed(i)` = 1,000,000 + i) never occur in meta-training (whose
+seeds are `constants.episode_seed`: 10,000,000 x (meta seed + 1) + i).
 Every method starts from the task's LR (`lr_init_range` is a training-time option).
 Meta-momentum is off at evaluation unless --ablate-meta-momentum adds a "qan+mm" run.
 """
@@ -28,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from qan_ray.config import QANConfig, add_config_arguments, from_dict
+from qan_ray.constants import EVAL_SEED_BASE, eval_seed  # noqa: F401 - EVAL_SEED_BASE re-exported
 from qan_ray.control import make_baseline
-from qan_ray.env import TargetTrainingEnv, keep_action, rollout
+from qan_ray.env import TargetTrainingEnv, rollout
 from qan_ray.records import write_table
 from qan_ray.summaries import mean_sd
 
-EVAL_SEED_BASE = 1_000_000
 DEFAULT_GRID_FACTORS = (0.2, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -50,7 +51,7 @@ def run_schedule(env: TargetTrainingEnv, name: str, lr: float, seed: int) -> lis
     """A baseline (qan_ray.control.BASELINES) from LR `lr` on the same env: the trainer's LR is
     set at each control point, then the keep action."""
     baseline = make_baseline(name, lr)
-    keep = keep_action(env.cfg)
+    keep = env.actions.keep_action
 
     def act(obs, info):
         env.trainer.set_lr(baseline.next_lr(env.trainer, info))
@@ -124,7 +125,7 @@ def _timed(fn, *a):
 
 
 def eval_seeds(n: int) -> list[int]:
-    return [EVAL_SEED_BASE + i for i in range(n)]
+    return [eval_seed(i) for i in range(n)]
 
 
 def baseline_config(cfg: QANConfig) -> QANConfig:
@@ -145,7 +146,7 @@ def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (
     With `population` (the default, for a task a population can batch: no BatchNorm model, no
     task distribution), the fixed grid and the adaptive baselines x every seed train as one
     population, and step and cosine x seeds (they need the best fixed LR) as a second one
-    (population.run_schedules: the same records as the env's episodes, to float tolerance); a
+    (control.run_schedules: the same records as the env's episodes, to float tolerance); a
     run's wall s is then its population's time / members. Both paths run the same training
     loop (PopulationTrainer; the env's TargetTrainer is its K = 1 view): the batched one differs
     only in float rounding (vmap's batched matmuls), which can grow into different final
@@ -203,7 +204,8 @@ def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (
 def _population_schedules(bcfg: QANConfig, log=print):
     """run_schedules on `bcfg`'s task (one data load for every population), or None (with the
     reason logged) where PopulationTrainer cannot batch the task."""
-    from qan_ray.population import PopulationTrainer, run_schedules
+    from qan_ray.control import run_schedules
+    from qan_ray.population import PopulationTrainer
 
     if bcfg.tasks:
         log("baselines: a task distribution runs episode by episode (no population)")

@@ -9,9 +9,11 @@ import math
 import torch
 from torch import nn
 
+from qan_ray.constants import NUM_CLASSES
+
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int = 10):
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int = NUM_CLASSES):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -29,7 +31,7 @@ class LeNet(nn.Module):
     """Fu et al. (2016) MNIST net: conv32 5x5 tanh, maxpool, conv64 5x5 tanh, maxpool, FC200 tanh,
     FC10 (28x28 input -> 24 -> 12 -> 8 -> 4)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, image_size: int = 28):
         super().__init__()
         side = ((image_size - 4) // 2 - 4) // 2
         self.features = nn.Sequential(
@@ -48,7 +50,7 @@ class CNN1D(nn.Module):
     conv 25 k3 s2 p1, each with ReLU, then Linear to the classes (length 40 -> 19 -> 10 -> 5, so
     25 x 5 = 125 features)."""
 
-    def __init__(self, in_channels: int = 1, length: int = 40, num_classes: int = 10,
+    def __init__(self, in_channels: int = 1, length: int = 40, num_classes: int = NUM_CLASSES,
                  channels: int = 25):
         super().__init__()
         layers: list[nn.Module] = []
@@ -72,7 +74,7 @@ class CNN2D(nn.Module):
     Linear to the classes (8x8 -> 4 -> 2, so 32 x 2 x 2 = 128 features; 28x28 -> 14 -> 7)."""
 
     def __init__(self, in_channels: int = 1, image_size: tuple[int, int] = (8, 8),
-                 num_classes: int = 10, channels: int = 16):
+                 num_classes: int = NUM_CLASSES, channels: int = 16):
         super().__init__()
         h, w = image_size
         if h < 4 or w < 4:
@@ -111,7 +113,7 @@ class WideResNet(nn.Module):
     """WRN-depth-k (Zagoruyko & Komodakis 2016), pre-activation blocks; depth = 6n + 4."""
 
     def __init__(self, depth: int = 16, width: int = 4, in_channels: int = 3,
-                 num_classes: int = 10):
+                 num_classes: int = NUM_CLASSES):
         super().__init__()
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
@@ -134,7 +136,7 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
 
-def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:
+def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = NUM_CLASSES) -> nn.Module:
     """The target network named by cfg.model for inputs of shape (C, H, W) (images) or (C, L)
     (1-D signals: mlp, cnn1d); for a `module:function` task (model "user"), a fresh network from
     the task's model factory."""

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from qan_ray.constants import NUM_CLASSES  # noqa: E402
+
 
 def _save(fig, path) -> Path:
     path = Path(path)
@@ -112,7 +114,8 @@ def plot_class_shares(curves: list[dict], path) -> Path:
         comp = np.asarray(r["composition"], dtype=float)
         by_step[r["batches"]].append(comp / comp.sum())
     xs = sorted(by_step)
-    shares = np.array([np.mean(by_step[x], axis=0) for x in xs]) if xs else np.zeros((0, 10))
+    shares = (np.array([np.mean(by_step[x], axis=0) for x in xs]) if xs
+              else np.zeros((0, NUM_CLASSES)))
     fig, ax = plt.subplots(figsize=(8, 4))
     if len(xs):
         ax.stackplot(xs, shares.T, labels=[f"class {c}" for c in range(shares.shape[1])])

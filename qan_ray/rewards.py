@@ -5,18 +5,21 @@ Per-step rewards (`step_reward`) are paid at every control point; the terminal r
 improvement at once (`terminal_reward`), so a discount gamma < 1 cannot favour an early LR
 decay that helps the next few steps at the cost of the end (the short-horizon bias of Wu et al.,
 ICLR 2018); train them with gamma = 1 or close. Whatever the reward, a run that ends still at
-chance accuracy pays `chance_penalty` on its last step.
+chance accuracy pays `chance_penalty` on its last step, and a run that diverges (`diverged`) pays
+the divergence penalty.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import numpy as np
+
+from qan_ray.constants import CHANCE_MARGIN, NUM_CLASSES, at_chance, chance_accuracy
 
 STEP_REWARDS = ("log_loss", "val_loss", "time_to_target")
 TERMINAL_REWARDS = ("final_val", "final_acc")
-NUM_CLASSES = 10
-CHANCE_MARGIN = 0.02
-"""A run whose final val accuracy is within this of chance (1/NUM_CLASSES) counts as stuck."""
 
 
 def log_improvement(previous: float, current: float) -> float:
@@ -57,7 +60,7 @@ def terminal_reward(kind: str, *, initial_val: float, val: float, initial_accura
     if kind == "final_val":
         return scale * log_improvement(initial_val, val)
     if kind == "final_acc":
-        return scale * (val_accuracy - initial_accuracy) / (1.0 - 1.0 / num_classes)
+        return scale * (val_accuracy - initial_accuracy) / (1.0 - chance_accuracy(num_classes))
     if kind in STEP_REWARDS:
         return 0.0
     raise ValueError(f"`reward` is {kind!r}; it must be one of "
@@ -67,6 +70,13 @@ def terminal_reward(kind: str, *, initial_val: float, val: float, initial_accura
 def chance_penalty(val_accuracy: float, penalty: float, margin: float = CHANCE_MARGIN,
                    num_classes: int = NUM_CLASSES) -> float:
     """-penalty if the final val accuracy is still within `margin` of chance, else 0."""
-    if not math.isfinite(val_accuracy) or val_accuracy <= 1.0 / num_classes + margin:
-        return -float(penalty)
-    return 0.0
+    return -float(penalty) if at_chance(val_accuracy, num_classes, margin) else 0.0
+
+
+def diverged(losses: Any, initial_losses: Any, factor: float) -> np.ndarray:
+    """(K,) bool, the one divergence rule: a non-finite loss, or one above factor x L_0 (the
+    run's loss at init). A diverged run's episode ends with -divergence_penalty."""
+    losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+    initial = np.broadcast_to(np.asarray(initial_losses, dtype=np.float64), losses.shape)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(losses) | (losses > factor * initial)

@@ -32,6 +32,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from qan_ray import scheduler_core as core
 from qan_ray.contract import OBS_VERSION, ObservationSpec, clean, greedy_action
+from qan_ray.episode import next_lr
 from qan_ray.scheduler_core import TrialState
 
 logger = logging.getLogger(__name__)
@@ -389,12 +390,10 @@ class QANScheduler(FIFOScheduler):
             trial.set_config({**trial.config, "focus_class": int(action)})
             self._publish(trial.trial_id, state, {"focus_class": int(action)})
             return True
-        if self.rule.schedule == "cosine":  # the action corrects a cosine decay
-            state.correction = self.rule.next_correction(state.correction, action,
-                                                         state.initial_lr)
-            new_lr = self.rule.scheduled_lr(state.initial_lr, state.correction, progress)
-        else:
-            new_lr = self.rule.next_lr(state.lr, action)
+        # the episode's rule: x factor, or a correction of the cosine from the trial's start LR
+        new_lr, state.correction = next_lr(self.rule, action, lr=state.lr,
+                                           correction=state.correction,
+                                           start=state.initial_lr, progress=progress)
         changed = not math.isclose(new_lr, state.lr, rel_tol=1e-12)
         if not changed:
             state.history.append([iteration, action, state.lr])

@@ -29,7 +29,10 @@ import logging
 import math
 from typing import Any
 
+from qan_ray.config import QANConfig
+from qan_ray.constants import NUM_CLASSES
 from qan_ray.contract import OBS_VERSION, ObservationSpec, Observer
+from qan_ray.rewards import diverged
 from qan_ray.scheduler_core import (
     OBS_ERROR_KEY,
     OBS_KEY,
@@ -114,7 +117,7 @@ class QANReporter:
     def __init__(self, config: dict[str, Any], lr_key: str = "lr",
                  monitored_layers: tuple[str, ...] = (), channel: Any = "auto",
                  features: bool | str = "auto", timeout_s: float = 30.0,
-                 num_classes: int = 10):
+                 num_classes: int = NUM_CLASSES):
         self.config = dict(config)
         self.lr_key = lr_key
         self.timeout_s = timeout_s
@@ -207,10 +210,14 @@ class QANReporter:
         self.observer.signals(lr=self.lr if lr is None else float(lr), train_loss=train_loss,
                               val_loss=val_loss, val_accuracy=val_accuracy, progress=0.0)
 
-    def diverged(self, train_loss: float, factor: float = 10.0) -> bool:
-        """The environment's divergence rule: NaN/inf, or above `factor` x the initial loss."""
-        ref = self.initial_loss
-        return not math.isfinite(train_loss) or (ref is not None and train_loss > factor * ref)
+    def diverged(self, train_loss: float, factor: float | None = None) -> bool:
+        """The environment's divergence rule (`rewards.diverged`): NaN/inf, or above `factor` x
+        the initial loss. `factor` defaults to the trial config's `divergence_factor`, else the
+        task default (QANConfig.divergence_factor), as in meta-training."""
+        if factor is None:
+            factor = float(self.config.get("divergence_factor", QANConfig.divergence_factor))
+        ref = math.inf if self.initial_loss is None else self.initial_loss
+        return bool(diverged([train_loss], [ref], factor)[0])
 
     def metrics(self, model, *, train_loss: float, val_loss: float, val_accuracy: float,
                 progress: float, initial_loss: float | None = None,

@@ -10,7 +10,7 @@ import pytest
 
 from qan_ray import protocol
 from qan_ray.config import from_dict
-from qan_ray.control import baseline_schedule
+from qan_ray.schedules import baseline_schedule
 from trainables.targets import check_trial_schedule, scheduled_lr, split_config
 
 EPOCHS = 3

@@ -202,4 +202,4 @@ def test_env_with_a_cosine_schedule_and_keep_actions_follows_cosine_exactly():
     assert lrs == pytest.approx(expected)
     env.reset(seed=0)
     env.step(4)  # x2 on the schedule
-    assert env.trainer.lr == pytest.approx(0.4) and env._correction == 2.0
+    assert env.trainer.lr == pytest.approx(0.4) and env.episodes.correction[0] == 2.0

@@ -212,7 +212,6 @@ def test_cross_entropy_matches_torch():
 
 def test_weight_features_of_the_population_equal_each_members(data):
     from qan_ray import features
-    from qan_ray import population as po
 
     pop = PopulationTrainer(CFG.replace(hidden=(64, 48)), k=5, data=data)
     pop.set_lr([0.01, 0.05, 0.1, 0.3, 0.6])
@@ -226,10 +225,10 @@ def test_weight_features_of_the_population_equal_each_members(data):
     assert torch.allclose(only[2], features.weight_features(pop.member_model(2), ("net.3",)))
     # conv weights (out, in, kh, kw), subsampled rows and columns: the same per member
     w = torch.randn(3, 80, 40, 3, 3, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(po.layer_features(w),
-                          torch.stack([features.layer_features(m) for m in w]), rtol=1e-5)
+    assert torch.allclose(features.layer_features(w),
+                          torch.cat([features.layer_features(m[None]) for m in w]), rtol=1e-5)
     with pytest.raises(ValueError, match="has no Linear/Conv layer to observe"):
-        po.population_weight_features([], "Net")
+        features.pooled_weight_features([], "Net")
 
 
 @pytest.mark.parametrize("extra", [{}, {"lr_schedule": "cosine", "reward": "final_val",
@@ -364,9 +363,9 @@ def test_rllib_dqn_trains_on_a_population_vector_env(ray_session):
 
 
 def test_run_schedules_equals_the_envs_schedule_episodes(data):
+    from qan_ray.control import run_schedules
     from qan_ray.env import TargetTrainingEnv
     from qan_ray.evaluate import baseline_config, run_schedule
-    from qan_ray.population import run_schedules
 
     cfg = baseline_config(CFG.replace(epochs_per_episode=2.0, lr_init_range=(0.01, 0.5)))
     members = [("fixed", 0.05, 11), ("cosine", 0.1, 12), ("step", 0.02, 11), ("fixed", 5.0, 13),

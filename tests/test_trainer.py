@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from qan_ray.config import from_dict
-from qan_ray.control import action_spec, apply_action, baseline_schedule
+from qan_ray.contract import action_spec
+from qan_ray.control import apply_action
+from qan_ray.schedules import baseline_schedule
 from qan_ray.trainer import TargetTrainer
 
 

@@ -5,7 +5,7 @@ One training iteration = one epoch of the target network. Each iteration:
    config) and write them into the optimizer (also right after a checkpoint restore, whose
    optimizer state carries the old LR/momentum); with `trial_schedule` (e.g. "cosine"), the LR
    of epoch e is that schedule from the trial's LR at progress e / epochs
-   (`qan_ray.control.baseline_schedule`), so it follows the trial's whole epoch budget across
+   (`qan_ray.schedules.baseline_schedule`), so it follows the trial's whole epoch budget across
    checkpoint restores and PBT restarts alike;
 2. train one epoch, validate;
 3. report metrics (+ QAN's observation when QANScheduler drives the run) and, every
@@ -34,7 +34,7 @@ TRAINABLE_KEYS = {
     "torch_threads": "torch intra-op threads (1 on a shared CPU node)",
     "focus_class": "minibatch mode: the class emphasised in the next batches",
     "trial_schedule": "the trial's own LR schedule over its epochs, one of "
-                      "qan_ray.control.SCHEDULES (fixed, step, cosine, warmup_cosine) from its "
+                      "qan_ray.schedules.SCHEDULES (fixed, step, cosine, warmup_cosine) from its "
                       "LR; unset = the LR stays as set",
 }
 STATE_FILE = "trainer.pt"
@@ -81,14 +81,14 @@ def apply_hyperparams(trainer, hyper: dict[str, Any]) -> None:
 def scheduled_lr(schedule: str, lr: float, epoch: int, epochs: int) -> float:
     """The LR of epoch `epoch` (0-based) of `epochs` under `schedule` from base LR `lr`:
     `baseline_schedule(schedule, lr)` at progress epoch / epochs (the trainer clamps it)."""
-    from qan_ray.control import baseline_schedule
+    from qan_ray.schedules import baseline_schedule
 
     return float(baseline_schedule(schedule, lr)(epoch / epochs))
 
 
 def check_trial_schedule(schedule: Any) -> str | None:
     """`trial_schedule` of a trial config, checked (None = no schedule)."""
-    from qan_ray.control import SCHEDULES
+    from qan_ray.schedules import SCHEDULES
 
     if schedule is None:
         return None
@@ -103,13 +103,13 @@ def target_trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from qan_ray.config import from_dict
+    from qan_ray.distribution import load_config
     from qan_ray.trainer import TargetTrainer
     from qan_ray.tune import QANReporter
 
     qan_keys, extra = split_config(config)
     torch.set_num_threads(int(extra.get("torch_threads", 1)))
-    cfg = from_dict(qan_keys)
+    cfg = load_config(qan_keys)  # a user task's UserTask.config fills what the trial omits
     epochs = int(extra.get("epochs", math.ceil(cfg.epochs_per_episode)))
     if epochs < 1:
         raise ValueError(f"`epochs` is {epochs}; it must be >= 1. Try 8.")

@@ -1,0 +1,160 @@
+"""The control step: every rule of a QAN episode, written once, for K runs at a time.
+
+An episode is one training run from a fresh init; a step is one control interval (the LR an
+action sets, `control_interval` mini-batches, then a validation pass). Everything that drives
+runs through control points calls these rules and keeps no copy of its own: the meta-training
+env (`env.TargetTrainingEnv`, K = 1), the population vector env (`vector_env`, K members), the
+baselines' population runner (`control.run_schedules`), `qan evaluate` (through those two), and
+the Tune side (`QANScheduler` computes the LR after an action with `next_lr`; `QANReporter` tests
+divergence with the same `rewards.diverged` as the trainer).
+
+The rules:
+- start LR: the config's LR, or log-uniform over `lr_init_range` drawn from the episode's seed
+  (`start_lr`);
+- action -> next LR (`next_lr`): with `lr_schedule` constant an action multiplies the current
+  LR; with cosine it multiplies a correction c of a cosine decay from the episode's start LR,
+  lr = clamp(lr0 x c x cosine_factor(progress)), so "keep" is plain cosine; clamped to
+  [lr_min, lr_max];
+- divergence (`rewards.diverged`): a non-finite loss or one above divergence_factor x L_0
+  (the loss at init) ends the episode with -divergence_penalty; it never raises;
+- step reward: `rewards.step_reward` of the task's reward kind;
+- early end: under reward time_to_target an episode ends when val accuracy reaches the target;
+- episode end: the last step of an episode that did not diverge also pays the terminal part of
+  the final_* rewards and -chance_penalty if val accuracy is still at chance
+  (`constants.at_chance`).
+
+`Episodes` holds the per-member state these rules need (start LR, correction, the last and the
+first losses, the step count) as (K,) arrays; K = 1 is the same code. Plain numpy: no torch, no
+trainer; callers pass the numbers their trainer produced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from qan_ray.config import QANConfig
+from qan_ray.constants import CHANCE_MARGIN, NUM_CLASSES
+from qan_ray.contract import ActionSpec, action_spec
+from qan_ray.rewards import chance_penalty, diverged, step_reward, terminal_reward
+
+SIGNALS = ("train_loss", "val_loss", "val_accuracy")
+"""What a step records of a run: the interval's mean train loss, then val loss and accuracy."""
+
+
+def start_lr(cfg: QANConfig, seed: int) -> float:
+    """The episode's start LR before clamping: `cfg.lr`, or with `lr_init_range` a log-uniform
+    draw from the episode seed alone (so a resumed or replayed episode starts where it did)."""
+    if cfg.lr_init_range is None:
+        return float(cfg.lr)
+    low, high = (math.log(x) for x in cfg.lr_init_range)
+    return math.exp(np.random.default_rng(int(seed)).uniform(low, high))
+
+
+def next_lr(rule: ActionSpec, action: int, *, lr: float, correction: float, start: float,
+            progress: float) -> tuple[float, float]:
+    """(LR of the next interval, correction after the action) for one run at `progress` whose
+    LR is `lr` and whose episode started at LR `start`. Minibatch mode leaves both as they are
+    (its action picks a class, not an LR)."""
+    action = rule.checked(action)
+    if rule.mode == "minibatch":
+        return float(lr), float(correction)
+    if rule.schedule == "cosine":
+        c = rule.next_correction(correction, action, start)
+        return rule.scheduled_lr(start, c, progress), c
+    return rule.next_lr(lr, action), float(correction)
+
+
+class Episodes:
+    """The episode state of K runs and the step rules over it.
+
+    A surface calls `start(i, ...)` when member i begins an episode (with the state at init),
+    `lrs_after(actions, ...)` before an interval, and `step(...)` after it with the interval's
+    losses; `step` returns each member's reward and whether its episode ended."""
+
+    def __init__(self, cfg: QANConfig, k: int, total_batches: int):
+        self.k = int(k)
+        self.start_lrs = np.ones(self.k)
+        self.correction = np.ones(self.k)
+        self.t = np.zeros(self.k, dtype=np.int64)
+        self.last: list[dict[str, float]] = [{} for _ in range(self.k)]
+        self.first: list[dict[str, float]] = [{} for _ in range(self.k)]
+        self.set_task(cfg, total_batches)
+
+    def set_task(self, cfg: QANConfig, total_batches: int) -> None:
+        """The task of the next episodes (a task distribution draws one per episode)."""
+        self.cfg, self.rule = cfg, action_spec(cfg)
+        self.total_steps = math.ceil(int(total_batches) / cfg.control_interval)
+
+    def start(self, i: int, lr: float, train_loss: float, val_loss: float,
+              val_accuracy: float) -> None:
+        """Member i begins an episode at (clamped) LR `lr` in the given state at init."""
+        self.start_lrs[i], self.correction[i], self.t[i] = float(lr), 1.0, 0
+        self.last[i] = {"train_loss": float(train_loss), "val_loss": float(val_loss),
+                        "val_accuracy": float(val_accuracy)}
+        self.first[i] = dict(self.last[i])
+
+    def lrs_after(self, actions: Any, lrs: Any, progress: Any, members: Any) -> np.ndarray:
+        """The LRs of the next interval: `members` act (their actions), the others keep theirs."""
+        out = np.array(lrs, dtype=np.float64).reshape(self.k)
+        actions = np.asarray(actions).reshape(-1)
+        progress = np.asarray(progress, dtype=np.float64).reshape(-1)
+        for i in np.asarray(members, dtype=np.int64).reshape(-1):
+            out[i], self.correction[i] = next_lr(
+                self.rule, int(actions[i]), lr=float(out[i]), correction=self.correction[i],
+                start=self.start_lrs[i], progress=float(progress[i]))
+        return out
+
+    def step(self, members: Any, train_loss: Any, val_loss: Any, val_accuracy: Any,
+             initial_loss: Any, done: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """After an interval: (rewards, ended, diverged), each (K,), for `members` (the others
+        get 0 / False). A diverged member's val loss and accuracy are recorded as NaN and 0.
+        `initial_loss` is L_0 of each member, `done` whether its training budget is spent."""
+        cfg = self.cfg
+        train = np.asarray(train_loss, dtype=np.float64).reshape(-1)
+        val = np.asarray(val_loss, dtype=np.float64).reshape(-1)
+        acc = np.asarray(val_accuracy, dtype=np.float64).reshape(-1)
+        done = np.asarray(done, dtype=bool).reshape(-1)
+        div = diverged(train, initial_loss, cfg.divergence_factor)
+        rewards = np.zeros(self.k)
+        ended = np.zeros(self.k, dtype=bool)
+        diverged_out = np.zeros(self.k, dtype=bool)
+        for i in np.asarray(members, dtype=np.int64).reshape(-1):
+            self.t[i] += 1
+            if div[i]:
+                rewards[i], ended[i], diverged_out[i] = -cfg.divergence_penalty, True, True
+                self.last[i] = {"train_loss": float(train[i]), "val_loss": math.nan,
+                                "val_accuracy": 0.0}
+                continue
+            last = self.last[i]
+            reward, reached = step_reward(
+                cfg.reward, prev_train=last["train_loss"], train=float(train[i]),
+                prev_val=last["val_loss"], val=float(val[i]), val_accuracy=float(acc[i]),
+                target_accuracy=cfg.target_accuracy, total_steps=self.total_steps,
+                scale=cfg.reward_scale)
+            self.last[i] = {"train_loss": float(train[i]), "val_loss": float(val[i]),
+                            "val_accuracy": float(acc[i])}
+            ended[i] = bool(done[i]) or (cfg.reward == "time_to_target" and reached)
+            if ended[i]:
+                reward += self.end_reward(i)
+            rewards[i] = reward
+        return rewards, ended, diverged_out
+
+    def end_reward(self, i: int) -> float:
+        """Member i's episode-end reward (it did not diverge): the terminal part of the reward
+        (final_val, final_acc; 0 for the per-step kinds) plus the chance penalty."""
+        return episode_end_reward(self.cfg, self.first[i], self.last[i]["val_loss"],
+                                  self.last[i]["val_accuracy"])
+
+
+def episode_end_reward(cfg: QANConfig, first: dict[str, float], val_loss: float,
+                       val_accuracy: float) -> float:
+    """The end-of-episode reward of a run that did not diverge, from its state at init (`first`:
+    val_loss, val_accuracy) and its final val loss and accuracy."""
+    end = terminal_reward(cfg.reward, initial_val=first["val_loss"], val=val_loss,
+                          initial_accuracy=first["val_accuracy"], val_accuracy=val_accuracy,
+                          scale=cfg.reward_scale)
+    return end + chance_penalty(val_accuracy, cfg.chance_penalty_value, CHANCE_MARGIN,
+                                NUM_CLASSES)
