@@ -75,15 +75,22 @@ def test_reporter_observation_is_finite_for_a_nan_loss():
     assert all(math.isfinite(v) for v in out["qan_obs"])
 
 
-def test_reporter_diverged_is_the_environment_rule():
-    reporter = QANReporter({"lr": 0.1})
+@pytest.mark.parametrize("factor", [None, 3.0, 25.0])
+def test_reporter_diverged_is_the_environment_rule(factor):
+    """The reporter, the trainer and the env's episode step share one rule and one factor: the
+    trial config's `divergence_factor` (QANConfig's default when absent)."""
+    extra = {} if factor is None else {"divergence_factor": factor}
+    expected = 10.0 if factor is None else factor
+    reporter = QANReporter({"lr": 0.1, **extra})
     model = torch.nn.Linear(2, 2)
     reporter.metrics(model, train_loss=2.0, val_loss=2.0, val_accuracy=0.1, progress=0.1,
-                     initial_loss=2.3)
-    assert not reporter.diverged(22.0) and reporter.diverged(23.5)
+                     initial_loss=2.0)
+    assert not reporter.diverged(2.0 * expected) and reporter.diverged(2.0 * expected + 0.01)
     assert reporter.diverged(float("nan")) and reporter.diverged(float("inf"))
-    trainer = TargetTrainer(from_dict(task="digits-mlp", device="cpu"))
-    assert trainer.diverged(11 * trainer.initial_loss) and not trainer.diverged(1.0)
+    trainer = TargetTrainer(from_dict(task="digits-mlp", device="cpu", **extra))
+    l0 = trainer.initial_loss
+    assert not trainer.diverged(expected * l0) and trainer.diverged(expected * l0 * 1.001)
+    assert not reporter.diverged(2.0 * expected, factor=expected * 2)  # an explicit factor
 
 
 def test_env_lr_init_range_starts_each_episode_at_a_seeded_log_uniform_lr():

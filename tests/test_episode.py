@@ -1,0 +1,152 @@
+"""The one control step (qan_ray.episode): each rule on plain numbers, and the surfaces that
+share it (env, population vector env, run_schedules, QANScheduler's LR) agreeing with it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qan_ray.config import from_dict
+from qan_ray.constants import (
+    EVAL_SEED_BASE,
+    NUM_CLASSES,
+    SELECTION_SEED_BASE,
+    at_chance,
+    episode_seed,
+    eval_seed,
+    run_seed,
+    selection_seed,
+)
+from qan_ray.contract import action_spec
+from qan_ray.episode import Episodes, next_lr, start_lr
+from qan_ray.rewards import diverged
+from qan_ray.schedules import cosine_factor
+
+CFG = from_dict(task="digits-mlp", device="cpu")
+
+
+def test_start_lr_is_the_config_lr_or_a_seeded_log_uniform_draw():
+    assert start_lr(CFG, 7) == CFG.lr
+    cfg = CFG.replace(lr_init_range=(1e-4, 1.0))
+    draws = [start_lr(cfg, s) for s in range(200)]
+    assert draws == [start_lr(cfg, s) for s in range(200)]  # a function of the seed alone
+    assert all(1e-4 <= d <= 1.0 for d in draws)
+    logs = np.log10(draws)  # log-uniform: every decade of the four is drawn
+    assert all(((logs >= lo) & (logs < lo + 1)).any() for lo in (-4, -3, -2, -1))
+    assert start_lr(cfg, 3) == math.exp(np.random.default_rng(3).uniform(math.log(1e-4), 0.0))
+
+
+def test_diverged_is_nonfinite_or_above_factor_times_initial_loss():
+    got = diverged([1.0, 10.0, 10.0001, math.nan, math.inf, -math.inf], 1.0, 10.0)
+    assert got.tolist() == [False, False, True, True, True, True]
+    assert diverged([5.0, 5.0], [2.0, 0.4], 3.0).tolist() == [False, True]
+
+
+def test_next_lr_constant_multiplies_and_clamps():
+    rule = action_spec(CFG)  # factors (0.5, 0.9, 1.0, 1.1, 2.0), LR in [1e-5, 1]
+    for action, factor in enumerate(rule.lr_factors):
+        lr, c = next_lr(rule, action, lr=0.1, correction=1.0, start=0.1, progress=0.5)
+        assert (lr, c) == (pytest.approx(0.1 * factor), 1.0)
+    assert next_lr(rule, 4, lr=0.8, correction=1.0, start=0.1, progress=0.0)[0] == rule.lr_max
+    with pytest.raises(ValueError, match="action 9 is outside 0..4"):
+        next_lr(rule, 9, lr=0.1, correction=1.0, start=0.1, progress=0.0)
+
+
+def test_next_lr_cosine_keep_is_plain_cosine_and_actions_scale_the_correction():
+    rule = action_spec(CFG.replace(lr_schedule="cosine"))
+    keep = rule.keep_action
+    c, lrs = 1.0, []
+    for p in (0.0, 0.25, 0.5, 0.75):
+        lr, c = next_lr(rule, keep, lr=123.0, correction=c, start=0.2, progress=p)
+        lrs.append(lr)
+    assert c == 1.0 and lrs == [0.2 * cosine_factor(p) for p in (0.0, 0.25, 0.5, 0.75)]
+    lr, c = next_lr(rule, 4, lr=0.2, correction=1.0, start=0.2, progress=0.5)  # x2
+    assert c == 2.0 and lr == pytest.approx(0.2 * 2.0 * 0.5)
+    lr, c = next_lr(rule, 0, lr=lr, correction=c, start=0.2, progress=0.5)  # x0.5 undoes it
+    assert c == 1.0 and lr == pytest.approx(0.1)
+
+
+def test_minibatch_actions_leave_the_lr_alone():
+    rule = action_spec(CFG.replace(action_mode="minibatch"))
+    assert next_lr(rule, 7, lr=0.05, correction=1.0, start=0.05, progress=0.3) == (0.05, 1.0)
+
+
+def _episodes(**kw) -> Episodes:
+    cfg = CFG.replace(**kw)
+    ep = Episodes(cfg, 3, total_batches=4 * cfg.control_interval)
+    for i in range(3):
+        ep.start(i, 0.1, 2.3, 2.3, 0.1)
+    return ep
+
+
+def test_step_pays_log_loss_and_penalises_divergence_without_raising():
+    ep = _episodes(divergence_penalty=7.0, divergence_factor=10.0)
+    rewards, ended, div = ep.step([0, 1, 2], [1.0, math.nan, 30.0], [1.1, 1.0, 1.0],
+                                  [0.7, 0.7, 0.7], [2.3, 2.3, 2.3], [False] * 3)
+    assert rewards[0] == pytest.approx(math.log(2.3) - math.log(1.0))
+    assert rewards[1:].tolist() == [-7.0, -7.0] and ended.tolist() == [False, True, True]
+    assert div.tolist() == [False, True, True]
+    assert math.isnan(ep.last[1]["val_loss"]) and ep.last[1]["val_accuracy"] == 0.0
+    assert ep.t.tolist() == [1, 1, 1]
+
+
+def test_step_only_touches_the_members_given():
+    ep = _episodes()
+    rewards, ended, _ = ep.step([1], [1.0, 1.0, 1.0], [1.0] * 3, [0.5] * 3, [2.3] * 3,
+                                [True] * 3)
+    assert ep.t.tolist() == [0, 1, 0] and ended.tolist() == [False, True, False]
+    assert rewards[0] == rewards[2] == 0.0 and ep.last[0]["train_loss"] == 2.3
+
+
+def test_the_last_step_pays_the_terminal_reward_and_the_chance_penalty():
+    ep = _episodes(reward="final_val", divergence_penalty=6.0)  # chance penalty: 6 / 2
+    rewards, ended, _ = ep.step([0, 1], [1.0, 1.0, 1.0], [0.5, 2.2, 2.2], [0.9, 0.11, 0.5],
+                                [2.3] * 3, [True, True, False])
+    assert ended.tolist() == [True, True, False]
+    assert rewards[0] == pytest.approx(math.log(2.3 / 0.5))  # final_val, not at chance
+    assert rewards[1] == pytest.approx(math.log(2.3 / 2.2) - 3.0)  # at chance: penalised
+
+
+def test_time_to_target_ends_early_when_the_target_is_reached():
+    ep = _episodes(reward="time_to_target", target_accuracy=0.8, chance_penalty=0.0)
+    rewards, ended, _ = ep.step([0, 1], [1.0] * 3, [1.0] * 3, [0.85, 0.5, 0.5], [2.3] * 3,
+                                [False] * 3)
+    assert ended.tolist() == [True, False, False]
+    assert rewards[:2].tolist() == [pytest.approx(-1 / 4)] * 2
+
+
+def test_chance_and_seed_formulas_are_the_constants():
+    assert NUM_CLASSES == 10 and at_chance(0.12) and not at_chance(0.1201)
+    assert at_chance(math.nan)
+    assert run_seed(5, 3) == 8 and eval_seed(2) == EVAL_SEED_BASE + 2
+    assert selection_seed(0) == SELECTION_SEED_BASE
+    train = {episode_seed(m, i) for m in range(3) for i in range(1000)}
+    held_out = {eval_seed(i) for i in range(1000)} | {selection_seed(i) for i in range(1000)}
+    assert len(train) == 3000 and not train & held_out
+    with pytest.raises(ValueError, match="both must be >= 0"):
+        episode_seed(-1, 0)
+
+
+def test_env_and_vector_env_follow_the_same_episode_rules():
+    """The env (K = 1) and a population vector env at K = 3, fed the same actions from the same
+    seeds, give member 0 the same LRs, rewards and ends (both call qan_ray.episode)."""
+    from qan_ray.env import TargetTrainingEnv
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    conf = {"task": "digits-mlp", "device": "cpu", "epochs_per_episode": 1.0,
+            "control_interval": 7, "lr_schedule": "cosine", "lr_init_range": [0.01, 0.05],
+            "reward": "final_val"}
+    env = TargetTrainingEnv(conf)
+    venv = PopulationVectorEnv({**conf, "num_envs": 3})
+    _, info = env.reset(seed=11)
+    _, vinfo = venv.reset(options={"seeds": [11, 12, 13]})
+    assert vinfo["lr"][0] == pytest.approx(info["lr"])
+    for action in (4, 0, 2, 4, 2):  # 35 batches = 5 steps of 7
+        _, r, term, _, info = env.step(action)
+        _, vr, vterm, _, vinfo = venv.step(np.array([action, 2, 2]))
+        assert vinfo["lr"][0] == pytest.approx(info["lr"], rel=1e-9)
+        assert vr[0] == pytest.approx(r, rel=1e-3, abs=1e-4) and vterm[0] == term
+    assert term and abs(r) > 0.05  # the last step paid final_val
+    assert env.episodes.correction[0] == venv.episodes.correction[0] == 2.0
