@@ -344,20 +344,49 @@ def test_rllib_dqn_trains_on_a_population_vector_env(ray_session):
     try:
         env = algo.env_runner.env.unwrapped
         assert type(env).__name__ == "PopulationVectorEnv" and env.num_envs == 4
-        before = {n: np.array(v) for n, v in
-                  algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
-        result = {}
-        for _ in range(12):
+        def weights() -> dict[str, np.ndarray]:
+            return {n: np.array(v) for n, v in
+                    algo.learner_group.get_weights()[DEFAULT_MODULE_ID].items()}
+
+        obs = np.random.default_rng(0).standard_normal((3, env.single_observation_space.shape[0]))
+
+        def q_values(w: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:
+            """The Q-net (or its target copy) on fixed observations, by a float64 forward of
+            the learner's weights (one hidden layer of 32 here)."""
+            h = np.maximum(obs @ w[f"{prefix}encoder.mlp.0.weight"].T
+                           + w[f"{prefix}encoder.mlp.0.bias"], 0.0)
+            return h @ w[f"{prefix}af.weight"].T + w[f"{prefix}af.bias"]
+
+        before = weights()
+        assert np.array_equal(q_values(before, "_target_"), q_values(before))  # a copy at start
+        # each iteration samples rollout_fragment_length 4 x 4 members = 16 env steps; learning
+        # starts at 8 sampled steps, then one update on a batch of 16 per iteration
+        for iteration in (1, 2):
             result = algo.train()
-            if result.get("learners", {}).get("default_policy", {}).get("qf_loss") is not None:
-                break
-        sampled = result["env_runners"]["num_env_steps_sampled_lifetime"]
-        assert sampled >= 8
-        assert result["learners"]["__all_modules__"]["num_module_steps_trained_lifetime"] > 0
-        after = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
-        assert [n for n in before if not n.startswith("_target")
-                and not np.allclose(before[n], np.asarray(after[n]))]
-        assert env.trainer.steps.max() > 0  # the population really trained
+            assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 16 * iteration
+            learner = result["learners"][DEFAULT_MODULE_ID]
+            assert learner["num_module_steps_trained"] == 16  # this iteration's one batch
+            assert learner["num_module_steps_trained_lifetime"] == 16 * iteration
+            assert np.isfinite(learner["qf_loss"])
+            if iteration == 1:
+                first = weights()
+        after = weights()
+        # the Q-net moved at every update: its outputs on the same observations changed (an
+        # Adam step of lr 5e-4 on every weight moves them by ~1e-2; float noise is ~1e-7) ...
+        main = [n for n in before if not n.startswith("_target")]
+        assert len(main) == 4
+        for a, b in ((before, first), (first, after)):
+            assert np.abs(q_values(b) - q_values(a)).max() > 1e-4
+            assert [n for n in main if np.array_equal(a[n], b[n])] == []  # every layer learns
+        # ... while the target network stayed the initial copy (its update period, 500 trained
+        # steps, is far away): a separate network, not an alias of the trained one
+        assert np.array_equal(q_values(after, "_target_"), q_values(before))
+        assert np.abs(q_values(after, "_target_") - q_values(after)).max() > 1e-4
+        # the env runner acts with the trained weights (synced after each update)
+        runner = {n: np.asarray(v.detach()) for n, v in algo.env_runner.module.state_dict().items()
+                  if not n.startswith("_target")}
+        assert runner and all(np.array_equal(v, after[n]) for n, v in runner.items())
+        assert (env.trainer.steps > 0).all()  # every member of the population trained
     finally:
         algo.stop()
 
