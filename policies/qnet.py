@@ -111,10 +111,22 @@ def load_controller(path: str | Path = "builtin", expect: ObservationSpec | None
     net = plain_qnet(spec.obs_size, spec.hidden, spec.num_actions)
     try:
         state = torch.load(folder / WEIGHTS_FILE, weights_only=True)
-        net.load_state_dict(state)
+        inputs = int(state["0.weight"].shape[1])
     except Exception as err:  # noqa: BLE001 - truncated, empty, foreign or garbage file
-        raise ValueError(f"{folder / WEIGHTS_FILE} is not a readable controller for its spec "
+        raise ValueError(f"{folder / WEIGHTS_FILE} is not a readable controller "
                          f"({type(err).__name__}). It may be truncated or from another run: "
                          "re-export it with `qan train --resume` or restore it from the run "
                          "folder.") from None
+    if inputs != spec.obs_size:  # spec.json checked itself on load, so qnet.pt is the odd one
+        raise ValueError(f"{folder / WEIGHTS_FILE} takes {inputs} inputs but "
+                         f"{folder / SPEC_FILE} describes {spec.obs_size} features: the two files "
+                         "are from different controllers. Restore both from the same run "
+                         "folder (or re-export with `qan train --resume`).")
+    try:
+        net.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - same input width, other hidden/action shapes
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not match the network "
+                         f"{folder / SPEC_FILE} describes ({type(err).__name__}: the hidden "
+                         "widths or the action count differ). Restore both files from the "
+                         "same run folder.") from None
     return Controller(net, spec)

@@ -102,6 +102,15 @@ class ObservationSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ObservationSpec:
+        names = d.get("feature_names")
+        if names and d.get("size") is not None and int(d["size"]) != len(names):
+            raise ValueError(f"its observation declares size {d['size']} but lists "
+                             f"{len(names)} feature names")
+        if names and int(d.get("version", 1)) == OBS_VERSION:
+            mine = cls(with_weights=bool(d.get("with_weights", True)))
+            if list(names) != mine.feature_names:
+                raise ValueError(f"its observation (format {OBS_VERSION}) lists {len(names)} "
+                                 f"feature names where the format has {mine.size}")
         return cls(version=int(d.get("version", 1)),
                    with_weights=bool(d.get("with_weights", True)),
                    monitored_layers=tuple(d.get("monitored_layers") or ()),
@@ -440,6 +449,10 @@ class ControllerSpec:
             raise ValueError(f"{path} is not a valid controller spec ({type(err).__name__}: "
                              f"{err}). Re-export the controller with `qan train`, or restore "
                              "the file from the run folder.") from err
+        except ValueError as err:  # a spec that contradicts itself
+            raise ValueError(f"{path} is not a valid controller spec: {err}. Re-export the "
+                             "controller with `qan train`, or restore the file from the run "
+                             "folder.") from err
 
 
 def spec_for(cfg, hidden: tuple[int, ...], provenance: dict[str, Any] | None = None

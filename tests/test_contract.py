@@ -143,6 +143,45 @@ def test_bad_spec_json_names_the_file(tmp_path):
         load_controller(tmp_path)
 
 
+def _copy_builtin(tmp_path):
+    import shutil
+
+    folder = tmp_path / "c"
+    shutil.copytree(BUILTIN, folder)
+    return folder, json.loads((folder / "spec.json").read_text())
+
+
+def test_a_spec_whose_size_and_names_disagree_is_refused_naming_spec_json(tmp_path):
+    folder, spec = _copy_builtin(tmp_path)
+    spec["observation"]["size"] = 600  # beside its 589 names
+    (folder / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"spec.json is not a valid controller spec: its "
+                                         r"observation declares size 600 but lists 589"):
+        load_controller(folder)
+
+
+def test_a_spec_with_too_few_features_blames_spec_json_not_qnet_pt(tmp_path):
+    folder, spec = _copy_builtin(tmp_path)
+    names = spec["observation"]["feature_names"][:100]
+    spec["observation"].update(feature_names=names, size=100)
+    (folder / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"spec.json is not a valid controller spec: .*lists "
+                                         r"100 feature names where the format has 589") as err:
+        load_controller(folder)
+    assert "truncated" not in str(err.value)
+
+
+def test_weights_of_another_controller_are_named_as_such(tmp_path):
+    folder, spec = _copy_builtin(tmp_path)
+    torch.save(plain_qnet(13, (8,), 5).state_dict(), folder / "qnet.pt")  # signals-only width
+    with pytest.raises(ValueError, match=r"qnet.pt takes 13 inputs but .*spec.json describes "
+                                         r"589 features: the two files are from different"):
+        load_controller(folder)
+    torch.save(plain_qnet(589, (8,), 5).state_dict(), folder / "qnet.pt")  # other hidden width
+    with pytest.raises(ValueError, match=r"qnet.pt does not match the network .*spec.json"):
+        load_controller(folder)
+
+
 def test_action_spec_is_the_one_lr_rule():
     a = ActionSpec(lr_factors=(0.5, 1.0, 2.0), restart_lr=0.05, lr_min=1e-3, lr_max=0.8)
     assert a.labels == ["x0.5", "keep", "x2", "restart 0.05"] and a.keep == 1
