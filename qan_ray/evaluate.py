@@ -364,18 +364,29 @@ def evaluation_config(trained: dict[str, Any], flags: dict[str, Any]) -> QANConf
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from policies.qnet import load_controller
-    from qan_ray.config import _FIELDS
     from qan_ray.records import writable_dir
 
     if args.seeds < 1:
         raise ValueError(f"`--seeds` is {args.seeds}; it must be >= 1. Try --seeds 3.")
-    writable_dir(args.out, "--out")  # before any compute: never lose the results at the end
+    out = Path(args.out)
+    created = not out.exists()
+    writable_dir(out, "--out")  # before any compute: never lose the results at the end
+    try:
+        return _evaluate_into(args, out)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed evaluation leaves no empty folder behind
+        raise
+
+
+def _evaluate_into(args: argparse.Namespace, out: Path) -> int:
+    from policies.qnet import load_controller
+    from qan_ray.config import _FIELDS
+
     controller = load_controller(args.controller)
     flags = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
     cfg = evaluation_config(controller.spec.task, flags)
     grid = tuple(float(x) for x in args.lr_grid.split(",")) if args.lr_grid else ()
-    out = Path(args.out)
     print(f"evaluating controller {args.controller} on {cfg.task} ({args.seeds} seeds) -> {out}")
     result = evaluate(controller, cfg, args.seeds, grid, ablate_mm=args.ablate_meta_momentum,
                       population_baselines=args.population_baselines)

@@ -33,6 +33,35 @@ def test_help_lists_every_subcommand_with_its_help_line():
     assert listed["compare"].startswith("QAN vs ASHA/PBT")
 
 
+HELP_SCRIPT = """
+import contextlib, io, sys
+from qan_ray.cli import COMMANDS, build_parser
+
+parser = build_parser()
+for argv in ([], *([name] for name in COMMANDS)):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        parser.parse_args([*argv, "--help"])
+    print(out.getvalue().split(chr(10))[0])  # the usage line
+print("heavy:", *sorted(m for m in ("torch", "ray") if m in sys.modules))
+"""
+
+
+def test_help_imports_neither_torch_nor_ray():
+    # `qan --help` and `qan <command> --help` build the whole parser: each command's flags
+    # import only argparse-level modules; torch and Ray load when a command runs
+    out = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True,
+                         timeout=60, env=ENV)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "heavy:"  # neither torch nor ray in sys.modules
+    commands = ["episode", "train", "evaluate", "tune", "compare"]
+    assert [line.split()[:3] for line in lines[1:-1]] == [
+        ["usage:", "qan", name] for name in commands]
+    top = qan("--help")  # the entry point itself, as a user runs it
+    assert top.returncode == 0 and all(f"    {name} " in top.stdout for name in commands)
+
+
 def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path):
     out = qan("episode", "--control-interval", "0")
     assert out.returncode == 2
@@ -41,6 +70,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path):
     assert "Traceback" not in out.stderr
     out = qan("evaluate", "--controller", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
     assert out.returncode == 2 and "has no spec.json + qnet.pt" in out.stderr
+    assert not (tmp_path / "e").exists()  # a failed evaluation leaves no empty --out folder
 
 
 def test_episode_prints_both_controllers():
