@@ -144,6 +144,12 @@ def _seeds(text: str) -> list[int]:
                          "0,1,2.") from err
     if not seeds:
         raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds 0.")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        unique = ",".join(str(s) for s in dict.fromkeys(seeds))
+        raise ValueError(f"--seeds is {text!r}, which repeats seed(s) {repeated}: a seed would "
+                         "run once but count twice. Give each seed once, e.g. --seeds "
+                         f"{unique}.")
     return seeds
 
 

@@ -154,3 +154,14 @@ def test_flags_map_to_the_protocol_and_unset_flags_keep_its_defaults():
 def test_bad_protocol_flags_name_the_value_and_the_fix(argv, message):
     with pytest.raises(ValueError, match=message):
         protocol.protocol_from_args(_parse(*argv))
+
+
+def test_duplicate_seeds_are_refused_naming_them_and_a_fix():
+    from qan_ray.compare import _seeds
+
+    assert _seeds("0,1,2") == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"--seeds is '0,0,1', which repeats seed\(s\) \[0\]: "
+                                         r".*e\.g\. --seeds 0,1\."):
+        _seeds("0,0,1")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        _seeds("0,x")
