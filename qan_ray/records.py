@@ -180,23 +180,30 @@ def append_parts(folder: str | os.PathLike, rows: list[dict[str, Any]],
 
 
 def read_parts(folder: str | os.PathLike, schema: pa.Schema = STEP_SCHEMA) -> pa.Table:
-    """All part files of `folder` as one table (empty table with the schema if none)."""
-    parts = sorted(Path(folder).glob("part-*.parquet"))
+    """All part files of `folder` as one table, in name (= commit) order, read as one
+    pyarrow.dataset with `schema`: parts from before a column was added get it as nulls (empty
+    table with the schema if there is no part). A part that cannot be read is a ValueError
+    naming it."""
+    import pyarrow.dataset as ds
+
+    parts = sorted(Path(folder).glob("part-*.parquet"))  # not the .tmp of a write under way
     if not parts:
         return schema.empty_table()
-    tables = []
-    for p in parts:
-        try:
-            table = pq.read_table(p)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ValueError(f"{p} is not a readable Parquet part ({err}); it may be truncated. "
-                             "Move it out of the folder (its episodes are lost) and --resume "
-                             "again.") from None
-        # parts from before a column was added get it as nulls
-        tables.append(pa.table({f.name: (table[f.name].cast(f.type) if f.name in
-                                         table.column_names else pa.nulls(len(table), f.type))
-                                for f in schema}, schema=schema))
-    return pa.concat_tables(tables)
+    try:
+        return ds.dataset([str(p) for p in parts], schema=schema, format="parquet").to_table()
+    except (pa.ArrowInvalid, OSError) as err:
+        bad = next((p for p in parts if not _readable(p)), Path(folder))
+        raise ValueError(f"{bad} is not a readable Parquet part ({err}); it may be truncated. "
+                         "Move it out of the folder (its episodes are lost) and --resume "
+                         "again.") from None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        pq.read_metadata(path)
+        return True
+    except (pa.ArrowInvalid, OSError):
+        return False
 
 
 def write_table(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
