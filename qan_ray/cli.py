@@ -1,7 +1,10 @@
 """`qan` command line: one subcommand per job; each lives in the module that implements it.
 
-A command module exposes `configure_<name>(parser)` and `run_<name>(args) -> int`. Modules import
-Ray and friends inside `run_*`, so `qan --help` stays fast.
+A command module exposes `configure_<name>(parser)` (its flags) and `run_<name>(args) -> int`.
+Building the parser imports every command's flags module, and those import neither torch nor
+Ray: the command modules import them inside `run_*` (and the functions it calls), so `qan --help`
+and `qan <command> --help` stay fast (tests/test_cli.py checks both). Only the command that runs
+is imported in full.
 """
 
 from __future__ import annotations
@@ -10,13 +13,27 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NamedTuple
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "episode": ("qan_ray.demo", "run the QAN environment with a fixed-LR or random controller"),
-    "train": ("qan_ray.meta", "meta-train a controller: RLlib DQN over Ray trainer actors"),
-    "evaluate": ("qan_ray.evaluate", "greedy controller vs fixed/step/cosine baselines, seeds"),
-    "tune": ("qan_ray.compare", "one Ray Tune experiment with a chosen scheduler"),
-    "compare": ("qan_ray.compare", "QAN vs ASHA/PBT/... on the same task, seeds and budget"),
+
+class Command(NamedTuple):
+    module: str
+    """Defines run_<name> (and configure_<name>, unless `flags` names another module)."""
+    help: str
+    flags: str = ""
+    """The module of configure_<name> when `module` imports torch when it loads."""
+
+
+COMMANDS: dict[str, Command] = {
+    "episode": Command("qan_ray.smoke",
+                       "run the QAN environment with a fixed-LR or random controller"),
+    "train": Command("qan_ray.meta", "meta-train a controller: RLlib DQN over Ray trainer actors"),
+    "evaluate": Command("qan_ray.evaluate",
+                        "greedy controller vs fixed/step/cosine baselines, seeds",
+                        flags="qan_ray.evaluate_flags"),
+    "tune": Command("qan_ray.compare", "one Ray Tune experiment with a chosen scheduler"),
+    "compare": Command("qan_ray.compare",
+                       "QAN vs ASHA/PBT/... on the same task, seeds and budget"),
 }
 
 
@@ -24,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qan", description="QAN on Ray: a learned controller that drives NN training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        getattr(mod, f"configure_{name}")(p)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        flags = importlib.import_module(command.flags or command.module)
+        getattr(flags, f"configure_{name}")(p)
     return parser
 
 
@@ -38,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    mod = importlib.import_module(COMMANDS[args.command][0])
+    mod = importlib.import_module(COMMANDS[args.command].module)
     try:
         return int(getattr(mod, f"run_{args.command}")(args) or 0)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback

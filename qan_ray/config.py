@@ -7,6 +7,11 @@ task of your own, "module:function" (qan_ray.tasks, docs/user_tasks.md), fills t
 `UserTask.config` its function returns, with dataset and model "user". `tasks` turns the config
 into a task distribution for meta-training (qan_ray.distribution): every episode draws its own
 task from the episode seed.
+
+The lowest layer: plain values, imports nothing of the project. `validate()` checks values only.
+What needs a task loaded (a user task's `UserTask.config` and its module, a distribution's
+members and families) is done by `qan_ray.distribution.load_config`, which ends in `from_dict`.
+Each field's help text (the CLI's, `add_dataclass_arguments`) is its `documented(...)` text.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ ACTION_MODES = ("lr", "minibatch")
 LR_SCHEDULES = ("constant", "cosine")
 REWARDS = ("log_loss", "val_loss", "time_to_target", "final_val", "final_acc")
 MM_REFERENCES = ("final", "trajectory")
+
+def documented(default: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    """A dataclass field with its help text (metadata "help", whitespace collapsed)."""
+    return dataclasses.field(default=default, metadata={"help": " ".join(doc.split())})
+
 
 # Task presets: a name the user types -> the fields it sets. Anything given explicitly wins.
 TASK_PRESETS: dict[str, dict[str, Any]] = {
@@ -94,123 +104,125 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
 class QANConfig:
     """One target-training task plus the control problem over it (see docs/background.md)."""
 
-    task: str = "digits-mlp"
-    """A preset name (TASK_PRESETS), or your own task as module:function (a function returning
-    qan_ray.tasks.UserTask: model factory, data, optimizer settings; docs/user_tasks.md). It
-    fills the fields below that are not given."""
-    tasks: tuple[str, ...] = ()
-    """Meta-train on a task distribution instead of the single `task`: each episode draws one
-    task from the episode seed, uniformly over the names given here. A name is a distribution
-    (generalist: digits and MNIST-1D; MLPs 1-4 layers of width 32-512, 1-D and 2-D CNNs; SGD,
-    momentum, Nesterov, Adam; batch 16-256; a log-uniform initial LR over 3 decades; one decision
-    per epoch), a preset or your own module:function. Empty = the single `task`."""
-    holdout: tuple[str, ...] = ()
-    """Families left out of the `tasks` distribution (for transfer tests): a dataset (digits,
-    mnist1d), a model (mlp, cnn1d, cnn2d) or model family (cnn), a dataset-model pair
-    (mnist1d-mlp, digits-cnn), an optimizer (sgd, momentum, nesterov, adam) or a task name."""
-    dataset: str = "digits"
-    """digits (embedded, no download) | mnist1d (MNIST-1D, built by its generator, no download) |
-    mnist | fashion-mnist | cifar10 | user (the data of a module:function task)."""
-    data_root: str | None = None
-    """Folder holding torchvision's on-disk dataset files; required for all but digits and
-    mnist1d."""
-    download: bool = False
-    """Let torchvision download the dataset into data_root (only when the user asks)."""
-    val_fraction: float = 0.2
-    """Share of the training split held out for validation (fixed by data_seed)."""
-    data_seed: int = 0
-    """Seed of the train/validation/test split; the same for every episode."""
-    max_train_samples: int | None = None
-    """Cap on training samples (None = all); handy for quick runs on big datasets."""
-    augment: bool = False
-    """Random flip + pad-4 crop on the device (CIFAR-10)."""
+    task: str = documented("digits-mlp", """
+        A preset name (TASK_PRESETS), or your own task as module:function (a function returning
+        qan_ray.tasks.UserTask: model factory, data, optimizer settings; docs/user_tasks.md). It
+        fills the fields below that are not given.""")
+    tasks: tuple[str, ...] = documented((), """
+        Meta-train on a task distribution instead of the single `task`: each episode draws one
+        task from the episode seed, uniformly over the names given here. A name is a distribution
+        (generalist: digits and MNIST-1D; MLPs 1-4 layers of width 32-512, 1-D and 2-D CNNs; SGD,
+        momentum, Nesterov, Adam; batch 16-256; a log-uniform initial LR over 3 decades; one
+        decision per epoch), a preset or your own module:function. Empty = the single `task`.""")
+    holdout: tuple[str, ...] = documented((), """
+        Families left out of the `tasks` distribution (for transfer tests): a dataset (digits,
+        mnist1d), a model (mlp, cnn1d, cnn2d) or model family (cnn), a dataset-model pair
+        (mnist1d-mlp, digits-cnn), an optimizer (sgd, momentum, nesterov, adam) or a task name.""")
+    dataset: str = documented("digits", """
+        digits (embedded, no download) | mnist1d (MNIST-1D, built by its generator, no download) |
+        mnist | fashion-mnist | cifar10 | user (the data of a module:function task).""")
+    data_root: str | None = documented(None, """
+        Folder holding torchvision's on-disk dataset files; required for all but digits and
+        mnist1d.""")
+    download: bool = documented(False, """
+        Let torchvision download the dataset into data_root (only when the user asks).""")
+    val_fraction: float = documented(0.2, """
+        Share of the training split held out for validation (fixed by data_seed).""")
+    data_seed: int = documented(0, """
+        Seed of the train/validation/test split; the same for every episode.""")
+    max_train_samples: int | None = documented(None, """
+        Cap on training samples (None = all); handy for quick runs on big datasets.""")
+    augment: bool = documented(False, """
+        Random flip + pad-4 crop on the device (CIFAR-10).""")
 
-    model: str = "mlp"
-    """mlp | lenet (the paper's MNIST CNN) | cnn1d (the MNIST-1D paper's 1-D CNN) | cnn2d (a
-    small 2-D CNN: two 3x3 convs + pooling + a Linear head, any image size) | wrn
-    (WideResNet-depth-width) | user (the model factory of a module:function task)."""
-    hidden: tuple[int, ...] = (64,)
-    """Hidden layer widths of the MLP."""
-    wrn_depth: int = 16
-    """WideResNet depth (6n+4)."""
-    wrn_width: int = 4
-    """WideResNet widening factor k."""
+    model: str = documented("mlp", """
+        mlp | lenet (the paper's MNIST CNN) | cnn1d (the MNIST-1D paper's 1-D CNN) | cnn2d (a
+        small 2-D CNN: two 3x3 convs + pooling + a Linear head, any image size) | wrn
+        (WideResNet-depth-width) | user (the model factory of a module:function task).""")
+    hidden: tuple[int, ...] = documented((64,), """
+        Hidden layer widths of the MLP.""")
+    wrn_depth: int = documented(16, """
+        WideResNet depth (6n+4).""")
+    wrn_width: int = documented(4, """
+        WideResNet widening factor k.""")
 
-    optimizer: str = "sgd"
-    """sgd | adam."""
-    lr: float = 0.05
-    """Initial learning rate of every episode."""
-    lr_init_range: tuple[float, ...] | None = None
-    """If set (LOW,HIGH), each episode starts at an LR drawn log-uniformly from it (seeded by the
-    episode seed) instead of `lr`, so a controller learns to correct bad initial LRs (as Tune's
-    sampled trials need)."""
-    momentum: float = 0.9
-    """SGD momentum (0 = plain SGD)."""
-    nesterov: bool = False
-    """Nesterov momentum (SGD only; needs momentum > 0)."""
-    weight_decay: float = 0.0
-    """L2 weight decay."""
-    batch_size: int = 32
-    """Mini-batch size."""
-    epochs_per_episode: float = 8.0
-    """Length of one episode (one training run from a fresh init), in epochs."""
-    amp: bool = True
-    """bf16 autocast on CUDA (ignored on the CPU)."""
+    optimizer: str = documented("sgd", """
+        sgd | adam.""")
+    lr: float = documented(0.05, """
+        Initial learning rate of every episode.""")
+    lr_init_range: tuple[float, ...] | None = documented(None, """
+        If set (LOW,HIGH), each episode starts at an LR drawn log-uniformly from it (seeded by the
+        episode seed) instead of `lr`, so a controller learns to correct bad initial LRs (as
+        Tune's sampled trials need).""")
+    momentum: float = documented(0.9, """
+        SGD momentum (0 = plain SGD).""")
+    nesterov: bool = documented(False, """
+        Nesterov momentum (SGD only; needs momentum > 0).""")
+    weight_decay: float = documented(0.0, """
+        L2 weight decay.""")
+    batch_size: int = documented(32, """
+        Mini-batch size.""")
+    epochs_per_episode: float = documented(8.0, """
+        Length of one episode (one training run from a fresh init), in epochs.""")
+    amp: bool = documented(True, """
+        bf16 autocast on CUDA (ignored on the CPU).""")
 
-    action_mode: str = "lr"
-    """lr: multiplicative LR actions | minibatch: pick the class emphasised in the next batches."""
-    control_interval: int = 10
-    """Mini-batches between two controller decisions (the paper used 1)."""
-    lr_factors: tuple[float, ...] = (0.5, 0.9, 1.0, 1.1, 2.0)
-    """Multiplicative LR actions (action i multiplies the LR by lr_factors[i])."""
-    restart_lr: float | None = None
-    """If set, one more action resets the LR to this value (the paper's 'restart')."""
-    lr_schedule: str = "constant"
-    """constant: each action multiplies the current LR | cosine: actions multiply a correction
-    of a cosine schedule from the episode's initial LR (keep = plain cosine decay)."""
-    lr_min: float = 1e-5
-    """Lower clamp of the LR."""
-    lr_max: float = 1.0
-    """Upper clamp of the LR."""
-    focus_share: float = 20 / 128
-    """Minibatch mode: share of a batch drawn from the chosen class (paper: 20 of 128)."""
+    action_mode: str = documented("lr", """
+        lr: multiplicative LR actions | minibatch: pick the class emphasised in the next
+        batches.""")
+    control_interval: int = documented(10, """
+        Mini-batches between two controller decisions (the paper used 1).""")
+    lr_factors: tuple[float, ...] = documented((0.5, 0.9, 1.0, 1.1, 2.0), """
+        Multiplicative LR actions (action i multiplies the LR by lr_factors[i]).""")
+    restart_lr: float | None = documented(None, """
+        If set, one more action resets the LR to this value (the paper's 'restart').""")
+    lr_schedule: str = documented("constant", """
+        constant: each action multiplies the current LR | cosine: actions multiply a correction of
+        a cosine schedule from the episode's initial LR (keep = plain cosine decay).""")
+    lr_min: float = documented(1e-5, """
+        Lower clamp of the LR.""")
+    lr_max: float = documented(1.0, """
+        Upper clamp of the LR.""")
+    focus_share: float = documented(20 / 128, """
+        Minibatch mode: share of a batch drawn from the chosen class (paper: 20 of 128).""")
 
-    reward: str = "log_loss"
-    """log_loss: -(log L_t - log L_{t-1}) on training loss | val_loss: same on validation loss |
-    time_to_target: -1/steps per step until val accuracy >= target_accuracy | final_val: 0 per
-    step, log L_val_0 - log L_val_T at the episode's end | final_acc: 0 per step,
-    (acc_T - acc_0) / 0.9 at the end (use gamma = 1 or close with the final_* rewards)."""
-    reward_scale: float = 1.0
-    """Multiplies every reward (not the divergence penalty)."""
-    target_accuracy: float = 0.95
-    """Validation accuracy that ends a time_to_target episode (and is reported by evaluate)."""
-    divergence_factor: float = 10.0
-    """Loss above divergence_factor x the first loss (or NaN/inf) ends the episode."""
-    divergence_penalty: float = 5.0
-    """Reward given on divergence is -divergence_penalty."""
-    chance_penalty: float | None = None
-    """Subtracted on the last step of a run whose final val accuracy is still within 2 points of
-    chance (0.1 for 10 classes), whatever the reward: None = divergence_penalty / 2, 0 = off."""
+    reward: str = documented("log_loss", """
+        log_loss: -(log L_t - log L_{t-1}) on training loss | val_loss: same on validation loss |
+        time_to_target: -1/steps per step until val accuracy >= target_accuracy | final_val: 0 per
+        step, log L_val_0 - log L_val_T at the episode's end | final_acc: 0 per step, (acc_T -
+        acc_0) / 0.9 at the end (use gamma = 1 or close with the final_* rewards).""")
+    reward_scale: float = documented(1.0, """
+        Multiplies every reward (not the divergence penalty).""")
+    target_accuracy: float = documented(0.95, """
+        Validation accuracy that ends a time_to_target episode (and is reported by evaluate).""")
+    divergence_factor: float = documented(10.0, """
+        Loss above divergence_factor x the first loss (or NaN/inf) ends the episode.""")
+    divergence_penalty: float = documented(5.0, """
+        Reward given on divergence is -divergence_penalty.""")
+    chance_penalty: float | None = documented(None, """
+        Subtracted on the last step of a run whose final val accuracy is still within 2 points
+        of chance (0.1 for 10 classes), whatever the reward: None = divergence_penalty / 2, 0
+        = off.""")
 
-    mm_coef: float = 0.0
-    """Meta-momentum pull W <- W + c (W* - W) after each step (0 = off; paper 0.001-0.01)."""
-    mm_active_fraction: float = 0.5
-    """Meta-momentum is active during this first fraction of every episode."""
-    mm_reference: str = "final"
-    """W*: 'final' weights of a reference run, or its weights at the same 'trajectory' step."""
+    mm_coef: float = documented(0.0, """
+        Meta-momentum pull W <- W + c (W* - W) after each step (0 = off; paper 0.001-0.01).""")
+    mm_active_fraction: float = documented(0.5, """
+        Meta-momentum is active during this first fraction of every episode.""")
+    mm_reference: str = documented("final", """
+        W*: 'final' weights of a reference run, or its weights at the same 'trajectory' step.""")
 
-    weight_features: bool = True
-    """Observe the weight statistics (the paper's state); False = training signals only (an
-    ablation that asks how much the weights tell the controller)."""
-    monitored_layers: tuple[str, ...] = ()
-    """Names of Linear/Conv modules whose weights are observed (empty = every one)."""
-    val_max_samples: int = 5000
-    """Validation samples used at each control point (all if fewer)."""
+    weight_features: bool = documented(True, """
+        Observe the weight statistics (the paper's state); False = training signals only (an
+        ablation that asks how much the weights tell the controller).""")
+    monitored_layers: tuple[str, ...] = documented((), """
+        Names of Linear/Conv modules whose weights are observed (empty = every one).""")
+    val_max_samples: int = documented(5000, """
+        Validation samples used at each control point (all if fewer).""")
 
-    seed: int = 0
-    """Seed of episode 0's init and batch order; episode e uses seed + e unless reset(seed=)."""
-    device: str = "auto"
-    """auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N."""
+    seed: int = documented(0, """
+        Seed of episode 0's init and batch order; episode e uses seed + e unless reset(seed=).""")
+    device: str = documented("auto", """
+        auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N.""")
 
     # --- derived helpers -------------------------------------------------------------------
     @property
@@ -353,38 +365,60 @@ class QANConfig:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise bad("device", self.device, "it must be auto, cpu, cuda or cuda:N",
                       "Try --device auto.")
-        if self.tasks or self.holdout:
-            from qan_ray.distribution import check_distribution  # the members' rules
-
-            check_distribution(self)
+        # tasks/holdout: the rules on the values; the members' own (names, families, LR
+        # ranges) are checked where they are loaded (qan_ray.distribution.check_distribution)
+        if self.holdout and not self.tasks:
+            raise ValueError(f"`holdout` is {self.holdout!r}, but `tasks` is empty; a holdout "
+                             "leaves families out of a task distribution. Pass --tasks "
+                             "generalist too, or drop --holdout.")
+        if self.tasks and self.mm_coef > 0:
+            raise ValueError(f"`mm_coef` is {self.mm_coef}, but `tasks` is set; meta-momentum "
+                             "pulls towards the weights of a reference run of one task, and a "
+                             "distribution changes the task every episode. Pass --mm-coef 0, or "
+                             "drop --tasks.")
         return self
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(QANConfig)}
 
 
-def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConfig:
-    """Build a validated config: preset of `task` first, then the given values.
-
-    Unknown keys raise (a typo would otherwise be silently ignored). Keys whose value is None are
-    treated as "not given" except for the fields whose default is None.
-    """
+def given_values(values: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The fields given: `values` then `overrides`, without the keys whose value is None ("not
+    given") except for the fields whose default is None. Unknown keys raise (a typo would
+    otherwise be silently ignored)."""
     given = {**(values or {}), **overrides}
     unknown = sorted(set(given) - set(_FIELDS))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; valid keys are {sorted(_FIELDS)}. "
                          "Check the spelling (use underscores, e.g. control_interval).")
+    return {k: v for k, v in given.items() if v is not None or _FIELDS[k].default is None}
+
+
+def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConfig:
+    """Build a validated config: preset of `task` first, then the given values (`given_values`).
+
+    A task of your own ("module:function") has no preset here: its defaults are its
+    `UserTask.config`, which `qan_ray.distribution.load_config` reads by loading the task and
+    passes in with dataset and model "user". A dict that names a user task without its dataset
+    (e.g. {"task": "my_tasks:make_task"}) raises, pointing there; a saved config (`to_dict()`)
+    gives every field and builds as is.
+    """
+    given = given_values(values, **overrides)
     task = given.get("task") or QANConfig.task
     if is_user_task(task):
-        from qan_ray.tasks import load_user_task  # imports torch: only for a user task
-
-        merged: dict[str, Any] = {**load_user_task(task).config, "dataset": USER, "model": USER}
+        if "dataset" not in given:
+            raise ValueError(
+                f"`task` is {task!r}, a task of your own, but its config was not loaded: its "
+                "defaults (UserTask.config) come from importing and calling the task, which "
+                "qan_ray.config does not do. Build the config with "
+                "qan_ray.distribution.load_config(...) (what the CLI, the environments and the "
+                "trainables use), or pass a saved config (QANConfig.to_dict()).")
+        merged: dict[str, Any] = {"dataset": USER, "model": USER}
     elif task in TASK_PRESETS:
         merged = dict(TASK_PRESETS[task])
     else:
         raise _bad_task(task)
-    merged.update({k: v for k, v in given.items()
-                   if v is not None or _FIELDS[k].default is None})
+    merged.update(given)
     merged["task"] = task
     for key in ("tasks", "holdout"):  # "generalist" or "a,b" means those names, not letters
         if isinstance(merged.get(key), str):
@@ -410,41 +444,24 @@ def _bad_task(task: Any) -> ValueError:
                       "default, no download).")
 
 
-def field_docs_of(cls) -> dict[str, str]:
-    """The docstring under each field of dataclass `cls` (parsed from its source)."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 def add_dataclass_arguments(parser, cls, title: str, skip: tuple[str, ...] = (),
                             dest_prefix: str = "", flags: dict[str, str] | None = None,
                             choices: dict[str, list] | None = None,
                             helps: dict[str, str] | None = None,
                             metavars: dict[str, str] | None = None) -> None:
-    """One --flag per field of dataclass `cls`, help = the field's docstring. Every flag defaults
-    to None ("not given"), so the dataclass (or a preset) supplies the default. Tuples are
-    comma-separated; bools get --x / --no-x; `flags` renames a field's flag; `helps` and
-    `metavars` replace a field's help text and metavar."""
+    """One --flag per field of dataclass `cls`, help = the field's `documented` text (metadata
+    "help"). Every flag defaults to None ("not given"), so the dataclass (or a preset) supplies
+    the default. Tuples are comma-separated; bools get --x / --no-x; `flags` renames a field's
+    flag; `helps` and `metavars` replace a field's help text and metavar."""
     import argparse
 
-    docs = field_docs_of(cls)
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind = str(f.type)
         kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": None,
-                                  "help": (helps or {}).get(f.name, docs.get(f.name, ""))}
+                                  "help": (helps or {}).get(f.name, f.metadata.get("help", ""))}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind.startswith("tuple"):
@@ -479,8 +496,8 @@ def _csv(item):
     return parse
 
 
-def config_from_args(args, **overrides: Any) -> QANConfig:
-    """QANConfig from parsed CLI args (flags left unset fall back to the task preset)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(QANConfig)
-             if getattr(args, f.name, None) is not None}
-    return from_dict({**given, **overrides})
+def args_values(args) -> dict[str, Any]:
+    """The QANConfig fields given as flags in parsed CLI args (unset flags left out); the CLI
+    loads them with `qan_ray.distribution.config_from_args`."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(QANConfig)
+            if getattr(args, f.name, None) is not None}

@@ -24,6 +24,11 @@ user task's `module:function`). Within the mix, each remaining member is equally
 within `generalist` each remaining (dataset, model, optimizer) combination.
 
 `sample_task(cfg, seed)` is a pure function of the config and the episode seed.
+
+`load_config(values)` is where a config's tasks are loaded: a user task's `UserTask.config`
+fills the fields not given (explicit values win), and `tasks`/`holdout` are checked against
+their members (`check_distribution`). The CLI, the environments and the trainables build their
+configs with it; `qan_ray.config` checks values only.
 """
 
 from __future__ import annotations
@@ -37,7 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from qan_ray.config import TASK_PRESETS, USER, QANConfig, from_dict, is_user_task
+from qan_ray.config import (
+    TASK_PRESETS,
+    USER,
+    QANConfig,
+    args_values,
+    from_dict,
+    given_values,
+    is_user_task,
+)
 
 GENERALIST = "generalist"
 DISTRIBUTIONS = (GENERALIST,)
@@ -171,8 +184,8 @@ def _options(cfg: QANConfig, name: str) -> list[_Option]:
     probe = QANConfig(**{k: fields[k] for k in ("optimizer", "momentum", "nesterov")})
     low, high = _lr_range(cfg, optimizer_family(probe))
     try:
-        template = from_dict({**_shared(cfg), "task": name, "lr": low if low <= high else None,
-                              "tasks": (), "holdout": ()})  # a member is one task
+        template = load_config({**_shared(cfg), "task": name, "lr": low if low <= high else None,
+                                "tasks": (), "holdout": ()})  # a member is one task
     except ValueError as err:
         raise ValueError(f"`tasks` entry {name!r} does not make a valid task with this "
                          f"config: {err}") from err
@@ -194,12 +207,9 @@ def known_families(cfg: QANConfig) -> list[str]:
 
 
 def check_distribution(cfg: QANConfig) -> None:
-    """The rules of `tasks` and `holdout` (QANConfig.validate calls this); ValueError naming the
-    value, the rule and the fix."""
-    if cfg.holdout and not cfg.tasks:
-        raise ValueError(f"`holdout` is {cfg.holdout!r}, but `tasks` is empty; a holdout leaves "
-                         "families out of a task distribution. Pass --tasks generalist too, or "
-                         "drop --holdout.")
+    """The rules of `tasks` and `holdout` that need their members (load_config calls this; the
+    rules on the values alone are QANConfig.validate's); ValueError naming the value, the rule
+    and the fix."""
     for name in cfg.tasks:
         if not (isinstance(name, str) and (name in DISTRIBUTIONS or name in TASK_PRESETS
                                            or is_user_task(name))):
@@ -207,10 +217,6 @@ def check_distribution(cfg: QANConfig) -> None:
                              f"({', '.join(DISTRIBUTIONS)}), a preset ({', '.join(TASK_PRESETS)}) "
                              f"or a task of your own written module:function. {_FIXES}, or fix "
                              "the spelling.")
-    if cfg.mm_coef > 0:
-        raise ValueError(f"`mm_coef` is {cfg.mm_coef}, but `tasks` is set; meta-momentum pulls "
-                         "towards the weights of a reference run of one task, and a distribution "
-                         "changes the task every episode. Pass --mm-coef 0, or drop --tasks.")
     for family in OPTIMIZER_FAMILIES:
         low, high = _lr_range(cfg, family)
         if low > high:
@@ -228,6 +234,30 @@ def check_distribution(cfg: QANConfig) -> None:
     if not _available(cfg):
         raise ValueError(f"`holdout` is {list(cfg.holdout)}; it leaves no task of "
                          f"{list(cfg.tasks)} to sample. Hold out fewer families, or add tasks.")
+
+
+def load_config(values: dict[str, Any] | None = None, **overrides: Any) -> QANConfig:
+    """A validated QANConfig with the tasks it names loaded: for a task of your own
+    ("module:function") its `UserTask.config` fills the fields not given (explicit values win;
+    dataset and model are "user"), and a task distribution (`tasks`, `holdout`) is checked
+    against its members. Otherwise `from_dict`."""
+    given = given_values(values, **overrides)
+    task = given.get("task") or QANConfig.task
+    if is_user_task(task):
+        from qan_ray.tasks import load_user_task  # imports torch: only for a user task
+
+        given = {**given_values(load_user_task(task).config), "dataset": USER, "model": USER,
+                 **given}
+    cfg = from_dict(given)
+    if cfg.tasks:
+        check_distribution(cfg)
+    return cfg
+
+
+def config_from_args(args: Any, **overrides: Any) -> QANConfig:
+    """`load_config` of the task flags given in parsed CLI args (unset flags fall back to the
+    --task preset or the user task's config)."""
+    return load_config({**args_values(args), **overrides})
 
 
 # --- sampling ----------------------------------------------------------------------------------
@@ -312,5 +342,6 @@ def mean_episode_steps(cfg: QANConfig, samples: int = 64) -> float:
 
 
 __all__ = ["DISTRIBUTIONS", "GENERALIST", "LR_RANGES", "batches_per_epoch", "check_distribution",
-           "describe", "episode_steps", "families", "known_families", "mean_episode_steps",
-           "model_family", "optimizer_family", "sample_task", "trainer_key"]
+           "config_from_args", "describe", "episode_steps", "families", "known_families",
+           "load_config", "mean_episode_steps", "model_family", "optimizer_family", "sample_task",
+           "trainer_key"]

@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qan_ray.actors import ActorResources
-from qan_ray.config import QANConfig, add_config_arguments, config_from_args, from_dict
-from qan_ray.distribution import mean_episode_steps
+from qan_ray.config import QANConfig, add_config_arguments, documented, from_dict
+from qan_ray.constants import SELECTION_SEED_BASE, selection_seed  # noqa: F401 - re-exported
+from qan_ray.distribution import config_from_args, mean_episode_steps
 from qan_ray.quiet import quiet_rllib
 from qan_ray.records import (
     append_parts,
@@ -65,10 +65,6 @@ from qan_ray.records import (
     write_json,
 )
 
-SELECTION_SEED_BASE = 2_000_000
-"""First selection seed (2,000,000 + i). Evaluation uses 1,000,000 + i (evaluate.EVAL_SEED_BASE).
-Training episodes never reach either: episode i (global, over all actors, handed out by the run's
-EpisodeCounter) trains with seed 10,000,000 x (meta.seed + 1) + i (actors.episode_seed)."""
 PROGRESS_IN_CHECKPOINT = "qan_progress.json"
 """The committed progress, inside checkpoint/ so that it and the RLlib state swap as one."""
 
@@ -77,59 +73,62 @@ PROGRESS_IN_CHECKPOINT = "qan_progress.json"
 class MetaConfig:
     """How the controller is meta-trained (RLlib DQN and the actors)."""
 
-    episodes: int = 20
-    """Target-network training runs (episodes) to learn from, over all actors: the loop bound
-    (with --resume, the new total; the exploration schedule stays that of the original run)."""
-    num_actors: int = 2
-    """Trainer actors (= RLlib EnvRunners), each running its own episodes in parallel."""
-    population: int = 1
-    """Target networks per trainer actor, trained in lockstep as one PopulationVectorEnv and
-    seen by RLlib as one vector env of this many sub-envs (1 = one TargetTrainingEnv per
-    actor). Not for BatchNorm models, minibatch mode or task distributions (refused, naming
-    the fix). Default 1: on digits-mlp, 1 actor, 16 episodes, 2 busy
-    cores, K = 1/4/8/16 gave 15.3/20.6/20.5/18.0 control steps/s; at the default training
-    intensity the DQN learner bounds the loop, so K > 1 was not clearly better."""
-    cpus_per_actor: float = 1.0
-    """CPUs per trainer actor."""
-    gpus_per_actor: float = 0.0
-    """GPUs per trainer actor (fractions allowed); 0 on CPU-only clusters."""
-    learner_gpus: float = 0.0
-    """GPUs for the DQN learner (0 = CPU; the Q-network is tiny)."""
-    hidden: tuple[int, ...] = (64, 64)
-    """Hidden widths of the controller's Q-MLP (policies/qnet.py)."""
-    dqn_lr: float = 1e-3
-    """Adam learning rate of the DQN learner (paper: 2.5e-4 with far more episodes)."""
-    gamma: float = 0.95
-    """Discount factor."""
-    train_batch_size: int = 32
-    """Transitions per DQN update."""
-    replay_capacity: int = 20_000
-    """Replay buffer capacity in transitions (the original hard-coded 1,000)."""
-    learning_starts: int = 100
-    """Sampled control steps before the first DQN update."""
-    training_intensity: float = 16.0
-    """Replayed / sampled transitions (RLlib's training_intensity; sets the update rate)."""
-    target_update_freq: int = 200
-    """Sampled steps between target-network syncs."""
-    epsilon_final: float = 0.05
-    """Final exploration epsilon (linear decay from 1.0)."""
-    explore_fraction: float = 0.5
-    """Share of the exploration horizon's control steps over which epsilon decays."""
-    explore_episodes: int | None = None
-    """Exploration horizon in episodes (None = episodes): epsilon decays over explore_fraction x
-    explore_episodes x the control steps of one episode. Fixed when a run starts (saved in
-    config.json); resuming with another --episodes moves only the loop bound."""
-    double_q: bool = True
-    """Double Q-learning."""
-    n_step: int = 1
-    """n-step returns."""
-    seed: int = 0
-    """Seed of RLlib (exploration, replay sampling)."""
-    select_every: int = 0
-    """Every this many episodes, run the greedy controller on held-out selection seeds and keep
-    the best one as controller/ (the last goes to controller_last/); 0 = keep the last only."""
-    select_seeds: int = 2
-    """Selection episodes per check (seeds 2,000,000 + i: never used in training or evaluation)."""
+    episodes: int = documented(20, """
+        Target-network training runs (episodes) to learn from, over all actors: the loop bound
+        (with --resume, the new total; the exploration schedule stays that of the original
+        run).""")
+    num_actors: int = documented(2, """
+        Trainer actors (= RLlib EnvRunners), each running its own episodes in parallel.""")
+    population: int = documented(1, """
+        Target networks per trainer actor, trained in lockstep as one PopulationVectorEnv and seen
+        by RLlib as one vector env of this many sub-envs (1 = one TargetTrainingEnv per actor).
+        Not for BatchNorm models, minibatch mode or task distributions (refused, naming the fix).
+        Default 1: on digits-mlp, 1 actor, 16 episodes, 2 busy cores, K = 1/4/8/16 gave
+        15.3/20.6/20.5/18.0 control steps/s; at the default training intensity the DQN learner
+        bounds the loop, so K > 1 was not clearly better.""")
+    cpus_per_actor: float = documented(1.0, """
+        CPUs per trainer actor.""")
+    gpus_per_actor: float = documented(0.0, """
+        GPUs per trainer actor (fractions allowed); 0 on CPU-only clusters.""")
+    learner_gpus: float = documented(0.0, """
+        GPUs for the DQN learner (0 = CPU; the Q-network is tiny).""")
+    hidden: tuple[int, ...] = documented((64, 64), """
+        Hidden widths of the controller's Q-MLP (policies/qnet.py).""")
+    dqn_lr: float = documented(1e-3, """
+        Adam learning rate of the DQN learner (paper: 2.5e-4 with far more episodes).""")
+    gamma: float = documented(0.95, """
+        Discount factor.""")
+    train_batch_size: int = documented(32, """
+        Transitions per DQN update.""")
+    replay_capacity: int = documented(20_000, """
+        Replay buffer capacity in transitions (the original hard-coded 1,000).""")
+    learning_starts: int = documented(100, """
+        Sampled control steps before the first DQN update.""")
+    training_intensity: float = documented(16.0, """
+        Replayed / sampled transitions (RLlib's training_intensity; sets the update rate).""")
+    target_update_freq: int = documented(200, """
+        Sampled steps between target-network syncs.""")
+    epsilon_final: float = documented(0.05, """
+        Final exploration epsilon (linear decay from 1.0).""")
+    explore_fraction: float = documented(0.5, """
+        Share of the exploration horizon's control steps over which epsilon decays.""")
+    explore_episodes: int | None = documented(None, """
+        Exploration horizon in episodes (None = episodes): epsilon decays over explore_fraction x
+        explore_episodes x the control steps of one episode. Fixed when a run starts (saved in
+        config.json); resuming with another --episodes moves only the loop bound.""")
+    double_q: bool = documented(True, """
+        Double Q-learning.""")
+    n_step: int = documented(1, """
+        n-step returns.""")
+    seed: int = documented(0, """
+        Seed of RLlib (exploration, replay sampling).""")
+    select_every: int = documented(0, """
+        Every this many episodes, run the greedy controller on held-out selection seeds and
+        keep the best one as controller/ (the last goes to controller_last/); 0 = keep the
+        last only.""")
+    select_seeds: int = documented(2, """
+        Selection episodes per check (seeds 2,000,000 + i: never used in training or
+        evaluation).""")
 
     def validate(self) -> MetaConfig:
         for name in ("episodes", "num_actors", "population", "train_batch_size",
@@ -154,6 +153,8 @@ class MetaConfig:
         if self.training_intensity <= 0:
             raise ValueError(f"`training_intensity` is {self.training_intensity}; it must be > 0"
                              ". Try 16.")
+        from qan_ray.actors import ActorResources  # Ray: imported when a run starts, not by --help
+
         ActorResources(self.cpus_per_actor, self.gpus_per_actor).validate()
         return self
 
@@ -278,7 +279,7 @@ class MetaTrainer:
                  resume: bool = False, log=print):
         import ray
 
-        from qan_ray.actors import start_trainer_actor
+        from qan_ray.actors import ActorResources, start_trainer_actor
 
         self.qan, self.meta, self.out, self.log = qan, meta.validate(), Path(out), log
         self.out.mkdir(parents=True, exist_ok=True)
@@ -432,14 +433,14 @@ class MetaTrainer:
         keep it as controller/ if its mean final val accuracy is the best so far."""
         import ray
 
-        from qan_ray.actors import start_trainer_actor
+        from qan_ray.actors import ActorResources, start_trainer_actor
 
         net, spec = self._current_controller()
         if self._selector is None:  # 0 CPUs: it runs only while the trainers wait for it
             self._selector = start_trainer_actor(
                 self.qan.replace(mm_coef=0.0, lr_init_range=None).to_dict(),
                 ActorResources(0.0, self.meta.gpus_per_actor))
-        seeds = [SELECTION_SEED_BASE + i for i in range(self.meta.select_seeds)]
+        seeds = [selection_seed(i) for i in range(self.meta.select_seeds)]
         accs = ray.get(self._selector.greedy_final_accuracy.remote(
             {k: v.clone() for k, v in net.state_dict().items()}, spec.to_dict(), seeds))
         score = sum(accs) / len(accs)

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qan_ray.config import add_dataclass_arguments, config_from_args
+from qan_ray.config import add_dataclass_arguments, documented
+from qan_ray.distribution import config_from_args
 from qan_ray.summaries import run_summary
 
 METRIC, MODE = "val_score", "max"
@@ -64,28 +65,29 @@ DEST_PREFIX = "protocol_"
 class Protocol:
     """What every scheduler of a comparison shares."""
 
-    task_config: dict[str, Any]
-    """QANConfig fields passed to the trainable (task preset + explicit flags)."""
-    samples: int = 8
-    """Trials per experiment."""
-    epochs: int = 8
-    """Epochs per trial (the iteration budget of one trial)."""
-    lr_low: float = 1e-3
-    """Lower end of the log-uniform LR search space (flag: --lr-range LOW,HIGH)."""
-    lr_high: float = 1.0
-    """Upper end of the log-uniform LR search space (flag: --lr-range LOW,HIGH)."""
-    max_concurrent: int = 2
-    """Trials running at the same time."""
-    cpus_per_trial: float = 1.0
-    """CPUs per trial."""
-    gpus_per_trial: float = 0.0
-    """GPUs per trial (fractions allowed)."""
-    budget_epochs: int | None = None
-    """Cap on the total epochs of one experiment (default: samples x epochs, what FIFO spends)."""
-    policy: str = "builtin"
-    """QAN controller: 'builtin' or the folder of an exported controller (`qan train --out`)."""
-    control_every: int = 1
-    """QAN acts after every n-th epoch of a trial."""
+    task_config: dict[str, Any] = documented(doc="""
+        QANConfig fields passed to the trainable (task preset + explicit flags).""")
+    samples: int = documented(8, """
+        Trials per experiment.""")
+    epochs: int = documented(8, """
+        Epochs per trial (the iteration budget of one trial).""")
+    lr_low: float = documented(1e-3, """
+        Lower end of the log-uniform LR search space (flag: --lr-range LOW,HIGH).""")
+    lr_high: float = documented(1.0, """
+        Upper end of the log-uniform LR search space (flag: --lr-range LOW,HIGH).""")
+    max_concurrent: int = documented(2, """
+        Trials running at the same time.""")
+    cpus_per_trial: float = documented(1.0, """
+        CPUs per trial.""")
+    gpus_per_trial: float = documented(0.0, """
+        GPUs per trial (fractions allowed).""")
+    budget_epochs: int | None = documented(None, """
+        Cap on the total epochs of one experiment (default: samples x epochs, what FIFO
+        spends).""")
+    policy: str = documented("builtin", """
+        QAN controller: 'builtin' or the folder of an exported controller (`qan train --out`).""")
+    control_every: int = documented(1, """
+        QAN acts after every n-th epoch of a trial.""")
 
     def validate(self) -> Protocol:
         for name in ("samples", "epochs", "max_concurrent"):
@@ -107,7 +109,7 @@ class Protocol:
 
 # --- CLI flags, generated from the dataclass ---------------------------------------------------
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per Protocol field (dest protocol_<field>, help = the field's docstring; unset =
+    """One flag per Protocol field (dest protocol_<field>, help = the field's help text; unset =
     the dataclass default), plus --lr-range LOW,HIGH for lr_low/lr_high."""
     title = "experiment protocol (Protocol)"
     add_dataclass_arguments(p, Protocol, title, skip=("task_config", "lr_low", "lr_high"),
@@ -133,7 +135,7 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
     lr_range = getattr(args, DEST_PREFIX + "lr_range", None)
     if lr_range is not None:
         given["lr_low"], given["lr_high"] = _lr_range(lr_range)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)  # loads a user task: a bad one fails before Ray starts
     task_flags = {k: getattr(args, k) for k in cfg.to_dict()
                   if k not in SKIP_FLAGS and getattr(args, k, None) is not None}
     task_config = {"task": cfg.task, **{k: (list(v) if isinstance(v, tuple) else v)

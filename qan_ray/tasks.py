@@ -3,8 +3,8 @@
 A user task is a function that takes no arguments and returns a `UserTask`: a model factory, the
 data as tensors (or torch/torchvision datasets, turned into tensors by `tensors_from_dataset`) and
 optimizer settings. Everywhere a preset name works, "module:function" works too: `qan train`,
-`qan evaluate`, `qan tune`/`qan compare`, `from_dict(task=...)`, `TargetTrainer` and
-`TargetTrainingEnv`.
+`qan evaluate`, `qan tune`/`qan compare`, `qan_ray.distribution.load_config(task=...)`,
+`TargetTrainer` and `TargetTrainingEnv`.
 
 The function is imported by name (importlib) and called once per process, in every process that
 builds a trainer: the driver, the Ray trainer actors and the Tune trials. Its module must therefore
@@ -15,7 +15,7 @@ docs/user_tasks.md.
 
 Data rules (checked here, each broken rule raises a ValueError that names the value and the fix):
 - `x` is a floating tensor (N, ...) of finite values (cast to float32); `y` an integer tensor (N,)
-  of class indices in 0..9 (`qan_ray.data.NUM_CLASSES` = 10 classes everywhere in the project).
+  of class indices in 0..9 (`qan_ray.constants.NUM_CLASSES`: 10 classes everywhere in the project).
 - val/test inputs have the train inputs' shape per sample.
 - `val=None`: `val_fraction` of train is held out by `data_seed`, as for the presets.
   `test=None`: a fixed fifth of train is held out first (seed 12345, independent of `data_seed`,
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qan_ray.config import is_user_task  # noqa: F401 - re-exported
-from qan_ray.data import NUM_CLASSES
+from qan_ray.config import QANConfig, is_user_task  # noqa: F401 - is_user_task re-exported
+from qan_ray.constants import NUM_CLASSES
 
 DOCS = "see docs/user_tasks.md"
 # QANConfig fields a task may not set: they are what the task itself stands for.
@@ -181,8 +181,6 @@ def _import(module_name: str):
 
 
 def _checked(task: str, ut: UserTask) -> UserTask:
-    from qan_ray.config import QANConfig
-
     train = _split(task, "train", ut.train)
     val = None if ut.val is None else _split(task, "val", ut.val)
     test = None if ut.test is None else _split(task, "test", ut.test)

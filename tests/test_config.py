@@ -46,7 +46,8 @@ def test_every_preset_validates_with_a_data_root():
 def test_task_flag_takes_a_preset_or_module_function_and_its_help_lists_both(monkeypatch):
     import argparse
 
-    from qan_ray.config import add_config_arguments, config_from_args
+    from qan_ray.config import add_config_arguments
+    from qan_ray.distribution import config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
@@ -88,7 +89,8 @@ def test_mnist1d_presets_are_embedded_and_need_no_data_root():
 def test_tasks_and_holdout_flags_are_comma_separated_names():
     import argparse
 
-    from qan_ray.config import add_config_arguments, config_from_args
+    from qan_ray.config import add_config_arguments
+    from qan_ray.distribution import config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
@@ -109,3 +111,31 @@ def test_digits_cnn_preset_and_cnn2d_needs_images():
     with pytest.raises(ValueError, match="`model` is 'cnn2d'; the 2-D CNN needs \\(C, H, W\\) "
                                          "images and mnist1d gives 1-D signals"):
         from_dict(task="mnist1d-mlp", model="cnn2d")
+
+
+def test_every_flag_help_is_the_field_help_text():
+    import argparse
+    import dataclasses
+
+    from qan_ray.config import QANConfig, add_config_arguments
+
+    fields = dataclasses.fields(QANConfig)
+    assert all(f.metadata["help"] and "  " not in f.metadata["help"] for f in fields)
+    lr = next(f for f in fields if f.name == "lr")
+    assert lr.metadata["help"] == "Initial learning rate of every episode."
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["lr"] == lr.metadata["help"] and helps["lr_schedule"].startswith("constant: each")
+    assert QANConfig.hidden == (64,) and QANConfig().lr == 0.05  # plain defaults
+
+
+def test_config_imports_nothing_of_the_project():
+    # the lowest layer: validation of values only; tasks are loaded by qan_ray.distribution
+    import subprocess
+    import sys
+
+    code = ("import sys, qan_ray.config as c; c.from_dict(tasks=('generalist',), holdout=("
+            "'cnn',)); print(*sorted(m for m in sys.modules if m.startswith('qan_ray')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["qan_ray", "qan_ray.config"]

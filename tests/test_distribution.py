@@ -20,6 +20,7 @@ from qan_ray.distribution import (
     describe,
     episode_steps,
     families,
+    load_config,
     mean_episode_steps,
     optimizer_family,
     sample_task,
@@ -170,8 +171,16 @@ def test_env_switches_task_across_resets_with_the_same_observation_length():
 ])
 def test_bad_tasks_or_holdout_is_a_clear_error(values, fragment):
     with pytest.raises(ValueError) as err:
-        from_dict(values)
+        load_config(values)
     assert fragment in str(err.value)
+
+
+def test_config_checks_the_values_and_load_config_the_members():
+    assert from_dict(tasks=("generalst",)).tasks == ("generalst",)  # a name, not yet a member
+    with pytest.raises(ValueError, match="`tasks` names 'generalst'"):
+        load_config(tasks=("generalst",))
+    with pytest.raises(ValueError, match="`holdout` is \\('cnn',\\), but `tasks` is empty"):
+        from_dict(holdout=("cnn",))  # a rule on the values alone
 
 
 def test_mean_episode_steps_is_the_mean_epochs_of_the_mix():
