@@ -3,9 +3,40 @@ the default of `QANScheduler()`, driving the embedded tasks in real Tune runs.""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
-from policies.qnet import load_controller
+from policies.qnet import Controller, load_controller
+
+
+class RecordingController(Controller):
+    """The same controller, keeping every observation it was asked about and its Q-values."""
+
+    def __init__(self, ctrl: Controller):
+        super().__init__(ctrl.net, ctrl.spec)
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def q_values(self, obs):
+        q = super().q_values(obs)
+        self.calls.append((np.array(obs, np.float32), np.array(q)))
+        return q
+
+
+def _builtin_q(obs: np.ndarray) -> np.ndarray:
+    """The shipped Q-net on `obs`, by a float64 numpy forward of qnet.pt (independent of
+    Controller)."""
+    import torch
+
+    from policies.qnet import BUILTIN, WEIGHTS_FILE
+
+    state = torch.load(BUILTIN / WEIGHTS_FILE, weights_only=True)
+    h = np.asarray(obs, np.float64)
+    for i in (0, 2, 4):
+        h = h @ state[f"{i}.weight"].double().numpy().T + state[f"{i}.bias"].double().numpy()
+        h = np.maximum(h, 0.0) if i < 4 else h
+    return h
 
 
 def test_builtin_is_the_generalist_and_fits_every_embedded_task():
@@ -32,6 +63,7 @@ def test_default_scheduler_drives_an_embedded_task_it_never_trained_on(ray_sessi
     from trainables.targets import trainable_for
 
     sched = QANScheduler()  # no arguments: the shipped generalist
+    sched.controller = RecordingController(sched.controller)  # the decisions it is asked for
     grid = tune.Tuner(
         tune.with_resources(trainable_for(task), {"cpu": 1}),
         param_space={"task": task, "lr": tune.grid_search([0.01, 0.1]), "epochs": 3,
@@ -44,19 +76,42 @@ def test_default_scheduler_drives_an_embedded_task_it_never_trained_on(ray_sessi
                                   failure_config=tune.FailureConfig(max_failures=0))).fit()
     assert not grid.errors and len(grid) == 2
     rule = load_controller("builtin").spec.action
+    assert rule.lr_factors == (0.5, 0.9, 1.0, 1.1, 2.0) and (rule.lr_min, rule.lr_max) == (1e-5, 1)
+    # every decision is the shipped network's greedy action on the observation the trial sent:
+    # the Q-values are the file's network's, and the best action leads by far more than float
+    # rounding, so the expected action is exact
+    calls = sched.controller.calls
+    assert len(calls) == 4  # 2 trials x (after epoch 1, after epoch 2); never on the last result
+    expected_actions = []
+    for obs, q in calls:
+        ref = _builtin_q(obs)
+        assert q == pytest.approx(ref, rel=1e-5, abs=1e-5)
+        top, second = np.sort(ref)[-2:][::-1]
+        assert top - second > 1e-3, ref  # not a knife edge
+        expected_actions.append(int(np.argmax(ref)))
+    histories = [sched.trial_state(r.metrics["trial_id"]).history for r in grid]
+    assert sorted(a for h in histories for _, a, _ in h) == sorted(expected_actions)
+    # the shipped generalist's decision here: x2 at both points of both trials (x86: it leads
+    # the runner-up by 0.27 to 0.62 in Q), so each trial trains at lr0, 1.5 lr0, lr0
+    assert expected_actions == [rule.labels.index("x2")] * 4
     for result in grid:
         state = sched.trial_state(result.metrics["trial_id"])
         assert state.skipped is None and len(state.history) == 2  # acted after epochs 1 and 2
+        lr0 = result.config["lr"]
+        assert state.initial_lr == lr0
         trained = result.metrics_dataframe["lr"].tolist()
-        assert trained[0] == pytest.approx(result.config["lr"]) or trained[0] == pytest.approx(
-            state.initial_lr)
-        # each later epoch trained with the LR QAN published: the cosine decay from the start
-        # LR (at progress 1/3, then 2/3) times the correction chosen so far
-        for _, action, lr_after in state.history:
-            assert 0 <= action < rule.num_actions and rule.lr_min <= lr_after <= rule.lr_max
-        assert trained[1:] == pytest.approx([lr for *_, lr in state.history])
-        assert trained[-1] == pytest.approx(rule.scheduled_lr(state.initial_lr, state.correction,
-                                                              2 / 3))
+        # epoch 1 trains at the config's LR (the schedule's start); each later epoch with the
+        # LR QAN published: the cosine decay from lr0 at progress 1/3, then 2/3, times the
+        # product of the factors chosen so far (clamped to the rule's range)
+        correction, expected = 1.0, [lr0]
+        for k, (iteration, action, lr_after) in enumerate(state.history, start=1):
+            assert iteration == k
+            correction *= rule.lr_factors[action]
+            cosine = 0.5 * (1 + math.cos(math.pi * k / 3))
+            expected.append(min(max(lr0 * correction * cosine, 1e-5), 1.0))
+            assert lr_after == pytest.approx(expected[-1], rel=1e-9)
+        assert state.correction == pytest.approx(correction, rel=1e-12)
+        assert trained == pytest.approx(expected, rel=1e-6)
 
 
 def test_evaluating_the_generalist_on_one_task_takes_that_tasks_own_fields():
