@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from qan_ray.config import is_user_task
-
-NUM_CLASSES = 10
+from qan_ray.constants import NUM_CLASSES
 
 
 @dataclass

@@ -19,10 +19,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from qan_ray.config import QANConfig, from_dict
+from qan_ray.config import QANConfig
 from qan_ray.constants import run_seed
 from qan_ray.contract import ActionSpec, Observer, observation_spec
-from qan_ray.distribution import describe, sample_task, trainer_key
+from qan_ray.distribution import describe, load_config, sample_task, trainer_key
 from qan_ray.episode import Episodes, start_lr
 from qan_ray.trainer import TargetTrainer, reference_run
 
@@ -37,7 +37,7 @@ class TargetTrainingEnv(gym.Env):
 
     def __init__(self, config: dict[str, Any] | QANConfig | None = None):
         super().__init__()
-        cfg = config if isinstance(config, QANConfig) else from_dict(dict(config or {}))
+        cfg = config if isinstance(config, QANConfig) else load_config(dict(config or {}))
         self.cfg = cfg
         self.trainer = TargetTrainer(cfg)
         if cfg.mm_coef > 0:

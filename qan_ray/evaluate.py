@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qan_ray.config import QANConfig, add_config_arguments, from_dict
+from qan_ray.config import QANConfig
 from qan_ray.constants import EVAL_SEED_BASE, eval_seed  # noqa: F401 - EVAL_SEED_BASE re-exported
 from qan_ray.control import make_baseline
+from qan_ray.distribution import TASK_FIELDS, batches_per_epoch, load_config
 from qan_ray.env import TargetTrainingEnv, rollout
 from qan_ray.records import write_table
 from qan_ray.summaries import mean_sd
@@ -324,25 +325,6 @@ def write_outputs(result: dict[str, Any], cfg: QANConfig, out: Path,
     return files
 
 
-def configure_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--controller", default="builtin",
-                   help="controller folder (a `qan train --out` folder or its controller/), or "
-                        "'builtin'")
-    p.add_argument("--seeds", type=int, default=3, help="evaluation seeds per method")
-    p.add_argument("--out", required=True, help="folder for the table, Parquet and figures")
-    p.add_argument("--lr-grid", default=None, help="fixed-LR grid, comma-separated (default: "
-                   "the task LR x 0.2, 0.5, 1, 2, 4)")
-    p.add_argument("--ablate-meta-momentum", type=float, default=0.0, metavar="COEF",
-                   help="also run the controller with meta-momentum at this coefficient")
-    p.add_argument("--population-baselines", action=argparse.BooleanOptionalAction,
-                   default=True,
-                   help="train the baselines x seeds as populations (the fixed grid with the "
-                        "adaptive baselines, then step and cosine): the same training loop, "
-                        "equal to float tolerance where training is stable; "
-                        "--no-population-baselines runs them episode by episode")
-    add_config_arguments(p)
-
-
 def evaluation_config(trained: dict[str, Any], flags: dict[str, Any]) -> QANConfig:
     """The task config of an evaluation: the controller's training config overridden by the
     flags given. A controller meta-trained on a task distribution, evaluated on one task
@@ -350,17 +332,15 @@ def evaluation_config(trained: dict[str, Any], flags: dict[str, Any]) -> QANConf
     task's own fields (data, model, optimizer, batch, epochs, LR) come from `--task` and the
     other flags, and it decides once per epoch as in meta-training unless --control-interval
     is given."""
-    from qan_ray.distribution import TASK_FIELDS, batches_per_epoch
-
     if not trained:
-        return from_dict(flags)
+        return load_config(flags)
     if trained.get("tasks") and (flags.get("task") or flags.get("tasks") is not None):
         control = {k: v for k, v in trained.items() if k not in TASK_FIELDS}
-        cfg = from_dict({**control, **flags})
+        cfg = load_config({**control, **flags})
         if "control_interval" not in flags and not cfg.tasks:
             cfg = cfg.replace(control_interval=batches_per_epoch(cfg))
         return cfg
-    return from_dict({**trained, **flags})
+    return load_config({**trained, **flags})
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

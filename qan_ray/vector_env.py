@@ -30,9 +30,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from qan_ray.config import from_dict
 from qan_ray.constants import run_seed
 from qan_ray.contract import ActionSpec, Observer, observation_spec
+from qan_ray.distribution import load_config
 from qan_ray.env import OBS_BOUND
 from qan_ray.episode import SIGNALS, Episodes, start_lr
 from qan_ray.population import PopulationTrainer
@@ -47,7 +47,7 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         k = int(num_envs if num_envs is not None else config.pop("num_envs", 1))
         config.pop("num_envs", None)
         compile_step = bool(config.pop("compile", False))  # PopulationTrainer(compile=...)
-        cfg = from_dict(config)  # QANConfig fields only: a typo raises, naming the valid keys
+        cfg = load_config(config)  # QANConfig fields only: a typo raises, naming valid keys
         if cfg.tasks:
             raise ValueError(f"tasks {list(cfg.tasks)}: a task distribution draws a model and "
                              "dataset per episode, but a population shares one model shape. "

@@ -28,7 +28,9 @@ def test_build_model_mlp_from_config():
 
 
 def test_build_model_of_a_user_task_calls_its_factory_each_time():
-    cfg = from_dict(task="user_task_example:make_task")
+    from qan_ray.distribution import load_config
+
+    cfg = load_config(task="user_task_example:make_task")
     a, b = build_model(cfg, (1, 8, 8)), build_model(cfg, (1, 8, 8))
     assert a is not b and isinstance(a, torch.nn.Sequential)
     assert [m.out_channels for m in a.modules() if isinstance(m, torch.nn.Conv2d)] == [8, 16]

@@ -281,10 +281,6 @@ def test_any_input_shape_trains_but_augment_needs_images(tmp_path, monkeypatch):
         TargetTrainer(load_config(task=flat, augment=True, device="cpu"))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="env.py builds a config dict with qan_ray.config.from_dict, which no "
-                          "longer loads a user task; TargetTrainingEnv.__init__ must call "
-                          "qan_ray.distribution.load_config (env.py's owner): then drop this mark")
 def test_environment_episode_runs_on_the_user_task():
     from qan_ray.env import TargetTrainingEnv
 
