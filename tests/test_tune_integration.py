@@ -326,19 +326,66 @@ def test_old_format_controller_warns_and_every_trial_finishes(ray_session, tmp_p
     assert any("observation format 1 vs 2" in r.message for r in caplog.records)
 
 
+def _longest_numeric_run(obj, seen: dict | None = None, depth: int = 0) -> int:
+    """The length of the longest sequence of numbers anywhere in `obj`: JSON values, JSON
+    documents inside strings, Tune's pickled values (CLOUDPICKLE_FALLBACK and other hex pickles,
+    unpickled and walked, objects through their attributes), numpy arrays."""
+    import collections
+
+    import numpy as np
+
+    seen = {} if seen is None else seen  # id -> object: kept alive, so no id is reused
+    if depth > 40 or id(obj) in seen or isinstance(obj, (bool, int, float, bytes, type(None))):
+        return 0
+    seen[id(obj)] = obj
+    if isinstance(obj, np.ndarray):
+        return obj.size if obj.dtype.kind in "fiuc" else 0
+    if isinstance(obj, str):
+        text = obj.strip()
+        if text[:1] in "{[":
+            try:
+                return _longest_numeric_run(json.loads(text), seen, depth + 1)
+            except ValueError:
+                return 0
+        if len(text) >= 8 and len(text) % 2 == 0 and text.startswith("80") and all(
+                c in "0123456789abcdef" for c in text):  # a pickle (protocol 2+), hex-encoded
+            return _longest_numeric_run(cloudpickle.loads(bytes.fromhex(text)), seen, depth + 1)
+        return 0
+    if isinstance(obj, dict):
+        return max((_longest_numeric_run(v, seen, depth + 1) for v in obj.values()), default=0)
+    if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+        items = list(obj)
+        run = len(items) if items and all(
+            isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in items) else 0
+        return max([run, *(_longest_numeric_run(x, seen, depth + 1) for x in items)])
+    attrs = getattr(obj, "__dict__", None)
+    return _longest_numeric_run(attrs, seen, depth + 1) if isinstance(attrs, dict) else 0
+
+
 def test_experiment_state_does_not_grow_with_the_number_of_monitored_layers(ray_session,
                                                                              tmp_path):
-    from qan_ray.scheduler import QANScheduler
+    """The observation (589 floats, at any depth) travels through the control channel: neither
+    Tune's experiment state (trial configs, last results, metric windows) nor QAN's own saved
+    state holds it, under any key, as a list, an array or a pickle."""
+    from qan_ray.contract import ObservationSpec
+    from qan_ray.scheduler import STATE_FILE, QANScheduler
 
-    sizes = {}
+    assert ObservationSpec().size == 589
+    sizes, qan_sizes = {}, {}
     for name, hidden in (("small", [8]), ("deep", [32, 32, 32, 32, 32])):
         _tuner(tmp_path / name, QANScheduler(policy=_halving()), {"lr": 0.1, "hidden": hidden},
                iterations=3, name=name).fit()
         (state,) = (tmp_path / name / name).glob("experiment_state-*.json")
         text = state.read_text()
         assert "qan_obs\"" not in text and "qan_obs_ref" in text
-        sizes[name] = len(text)
+        # the longest runs of numbers are Tune's metric windows (the last 5 and 10 values of
+        # each metric: 3 results here) and the config's hidden widths (1 or 5 entries)
+        assert _longest_numeric_run(json.loads(text)) == max(3, len(hidden)), name
+        qan_state = (tmp_path / name / name / STATE_FILE).read_text()
+        assert _longest_numeric_run(json.loads(qan_state)) <= 3  # [iteration, action, lr]
+        sizes[name], qan_sizes[name] = len(text), len(qan_state)
     assert abs(sizes["deep"] - sizes["small"]) < 300, sizes  # hidden sizes differ in the config
+    assert qan_sizes["deep"] == qan_sizes["small"], qan_sizes  # the same LRs and decisions
 
 
 def test_minibatch_controller_drives_the_builtin_trainable(ray_session, tmp_path):
