@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from qan_ray.config import from_dict
-from qan_ray.contract import ObservationSpec
+from qan_ray.contract import SIGNAL_NAMES, ObservationSpec
+from qan_ray.features import WEIGHT_FEATURES, weight_features
 from qan_ray.trainer import TargetTrainer
 from qan_ray.tune import QANReporter
 from trainables.targets import apply_hyperparams, split_config, trainable_for, val_score
@@ -32,8 +34,10 @@ def test_apply_hyperparams_overrides_loaded_optimizer_state():
     trainer = TargetTrainer(cfg)
     state = trainer.state_dict()  # carries lr 0.05, momentum 0.9
     trainer.load_state_dict(state)
-    apply_hyperparams(trainer, {"lr": 0.2, "momentum": 0.5, "weight_decay": 1e-4})
     opt = trainer.population.optimizer
+    assert (float(opt.lr[0]), opt.momentum, opt.weight_decay) == (pytest.approx(0.05), 0.9,
+                                                                  cfg.weight_decay)
+    apply_hyperparams(trainer, {"lr": 0.2, "momentum": 0.5, "weight_decay": 1e-4})
     assert (float(opt.lr[0]), opt.momentum, opt.weight_decay) == (pytest.approx(0.2), 0.5, 1e-4)
     apply_hyperparams(trainer, {"lr": 5.0})
     assert trainer.lr == cfg.lr_max  # clamped
@@ -64,6 +68,15 @@ def test_reporter_outside_tune_uses_the_config_and_skips_features():
     forced = QANReporter({"lr": 0.1}, features=True).metrics(
         model, train_loss=1.0, val_loss=1.0, val_accuracy=0.5, progress=0.1)
     assert len(forced["qan_obs"]) == ObservationSpec().size and forced["qan_progress"] == 0.1
+    # the environment's observation: the model's weight statistics, then the signals (LR 0.1 =
+    # the config's, so no change; losses 1.0 against the chance loss ln 10; accuracy 0.5
+    # rescaled from chance 0.1; progress 0.1; no non-finite entry)
+    obs = np.asarray(forced["qan_obs"], np.float32)
+    assert np.array_equal(obs[:WEIGHT_FEATURES], weight_features(model).numpy())
+    log_loss = math.log(1.0 / math.log(10))
+    assert obs[WEIGHT_FEATURES:] == pytest.approx(
+        [-1.0, 0.0, 0.0, 0.1, log_loss, log_loss, 0.0, 0.0, 0.0, 0.4 / 0.9, 0.0, 0.1, 0.0],
+        abs=1e-6)
 
 
 def test_reporter_observation_is_finite_for_a_nan_loss():
@@ -71,8 +84,14 @@ def test_reporter_observation_is_finite_for_a_nan_loss():
     out = QANReporter({"lr": 0.05}, features=True).metrics(
         trainer.model, train_loss=float("nan"), val_loss=1.0, val_accuracy=0.5, progress=0.5)
     assert len(out["qan_obs"]) == ObservationSpec().size
-    assert out["qan_obs"][-1] >= 1.0  # the NaN loss signals are counted as non-finite
     assert all(math.isfinite(v) for v in out["qan_obs"])
+    # the two signals a NaN train loss makes NaN (log train loss, train/val gap) are zeroed and
+    # counted; the val-loss signal and the rest are as usual
+    signals = dict(zip(SIGNAL_NAMES, out["qan_obs"][-len(SIGNAL_NAMES):]))
+    assert signals["nonfinite"] == 2.0
+    assert signals["log_train_loss"] == 0.0 and signals["train_val_gap"] == 0.0
+    assert signals["log_val_loss"] == pytest.approx(math.log(1.0 / math.log(10)), abs=1e-6)
+    assert signals["log10_lr"] == pytest.approx(math.log10(0.05), abs=1e-6)
 
 
 @pytest.mark.parametrize("factor", [None, 3.0, 25.0])
@@ -105,6 +124,9 @@ def test_env_lr_init_range_starts_each_episode_at_a_seeded_log_uniform_lr():
         _, info = env.reset(seed=seed)
         starts.append(info["lr"])
         assert env.initial_lr == info["lr"] and 1e-3 <= info["lr"] <= 1.0
+        # log-uniform from the episode seed's generator
+        u = np.random.default_rng(seed).uniform(math.log(1e-3), math.log(1.0))
+        assert info["lr"] == pytest.approx(math.exp(u), rel=1e-9)
     assert starts[0] == starts[2] != starts[1]  # seeded by the episode seed
     plain = TargetTrainingEnv(from_dict(task="digits-mlp", device="cpu", epochs_per_episode=1.0))
     assert plain.reset(seed=0)[1]["lr"] == 0.05  # unset: the config's lr, as before
