@@ -203,6 +203,20 @@ class QANConfig:
         Subtracted on the last step of a run whose final val accuracy is still within 2 points
         of chance (0.1 for 10 classes), whatever the reward: None = divergence_penalty / 2, 0
         = off.""")
+    chance_step_penalty: float = documented(0.1, """
+        Subtracted at every step (after the first) whose val accuracy is within 2 points of
+        chance, so that a controller learns to leave a dead or stalled state early.""")
+    guard: bool = documented(True, """
+        The rescue guard: a dying run (NaN/inf, a loss 2% above its initial value, or val
+        accuracy back at chance after it had learned; qan_ray.episode) is rolled back to its last
+        good weights and optimizer state and its LR is cut by rescue_factor. --no-guard turns
+        it off (an ablation): a diverged episode then ends with -divergence_penalty.""")
+    rescue_factor: float = documented(0.1, """
+        A rescue multiplies the LR (with lr_schedule cosine: the correction) by this.""")
+    rescue_penalty: float = documented(1.0, """
+        Reward given on each rescue is -rescue_penalty.""")
+    max_rescues: int = documented(4, """
+        Rescues per run at most; after them the guard leaves the run alone.""")
 
     mm_coef: float = documented(0.0, """
         Meta-momentum pull W <- W + c (W* - W) after each step (0 = off; paper 0.001-0.01).""")
@@ -332,6 +346,17 @@ class QANConfig:
                 and self.lr_min <= self.lr_init_range[0] <= self.lr_init_range[1] <= self.lr_max):
             raise bad("lr_init_range", self.lr_init_range, "it must be LOW,HIGH with lr_min <= "
                       "LOW <= HIGH <= lr_max", "Try --lr-init-range 0.001,1, or leave it unset.")
+        if not 0 < self.rescue_factor < 1:
+            raise bad("rescue_factor", self.rescue_factor, "it must lie in (0, 1)",
+                      "Try --rescue-factor 0.1.")
+        for name in ("rescue_penalty", "chance_step_penalty"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise bad(name, value, "it must be a finite number >= 0",
+                          f"Try --{name.replace('_', '-')} 1, or 0 to switch it off.")
+        if not isinstance(self.max_rescues, int) or self.max_rescues < 0:
+            raise bad("max_rescues", self.max_rescues, "it must be an integer >= 0",
+                      "Try --max-rescues 4.")
         if self.restart_lr is not None and not (self.lr_min <= self.restart_lr <= self.lr_max):
             raise bad("restart_lr", self.restart_lr, "it must lie in [lr_min, lr_max]",
                       "Change --restart-lr or the bounds.")

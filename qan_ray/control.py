@@ -237,7 +237,8 @@ def run_schedules(cfg: QANConfig, members: Sequence[tuple[Any, float, int]],
     for i in range(k):
         episodes.start(i, lrs[i], float(pop.initial_loss[i]), val[i], acc[i])
     records = [[{"step": 0, "action": -1, "reward": 0.0, "lr": lrs[i], "batches": 0,
-                 "diverged": False, **episodes.last[i]}] for i in range(k)]
+                 "diverged": False, "rescued": False, "rescues": 0, **episodes.last[i]}]
+               for i in range(k)]
     running = np.ones(k, dtype=bool)
     while running.any() and not pop.done.all():
         lrs = pop.lr
@@ -247,14 +248,16 @@ def run_schedules(cfg: QANConfig, members: Sequence[tuple[Any, float, int]],
         lrs = pop.set_lr(lrs)
         losses = pop.train(min(cfg.control_interval, pop.total_batches - int(pop.steps[0])))
         val, acc = pop.evaluate("val")
-        rewards, ended, diverged = episodes.step(members_now, losses.numpy(), val.numpy(),
-                                                 acc.numpy(), pop.initial_loss, pop.done)
+        out = episodes.step(members_now, losses.numpy(), val.numpy(), acc.numpy(),
+                            pop.initial_loss, pop.done)
+        episodes.guard_trainer(pop, out, members_now)
         for i in members_now:
             records[i].append({"lr": lrs[i], "step": int(episodes.t[i]),
-                               "batches": int(pop.steps[i]), "diverged": bool(diverged[i]),
-                               **episodes.last[i], "action": keep,
-                               "reward": float(rewards[i])})
-            if ended[i]:
+                               "batches": int(pop.steps[i]), "diverged": bool(out.diverged[i]),
+                               "rescued": bool(out.rescued[i]),
+                               "rescues": int(episodes.rescues[i]), **episodes.last[i],
+                               "action": keep, "reward": float(out.rewards[i])})
+            if out.ended[i]:
                 running[i] = False
                 pop.freeze(i)
     _, test_acc = pop.evaluate("test")

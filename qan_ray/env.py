@@ -89,13 +89,14 @@ class TargetTrainingEnv(gym.Env):
         else:
             tr.set_lr(float(ep.lrs_after([action], [tr.lr], [tr.progress], [0])[0]))
         train_loss = tr.train(min(cfg.control_interval, tr.total_batches - tr.step))
-        diverged = bool(tr.diverged(train_loss))
-        val_loss, val_acc = (math.nan, 0.0) if diverged else tr.evaluate("val")
-        rewards, ended, _ = ep.step([0], [train_loss], [val_loss], [val_acc],
-                                    [tr.initial_loss], [tr.done])
+        nonfinite = not math.isfinite(train_loss)
+        val_loss, val_acc = (math.nan, 0.0) if nonfinite else tr.evaluate("val")
+        out = ep.step([0], [train_loss], [val_loss], [val_acc], [tr.initial_loss], [tr.done])
+        ep.guard_trainer(tr.population, out, [0])
         last = ep.last[0]
-        obs = self._observe(train_loss, last["val_loss"], last["val_accuracy"])
-        return obs, float(rewards[0]), bool(ended[0]), False, self._info(diverged=diverged)
+        obs = self._observe(last["train_loss"], last["val_loss"], last["val_accuracy"])
+        info = self._info(diverged=bool(out.diverged[0]), rescued=bool(out.rescued[0]))
+        return obs, float(out.rewards[0]), bool(out.ended[0]), False, info
 
     # --- helpers -------------------------------------------------------------------------------
     def _episode_trainer(self, seed: int) -> None:
@@ -123,10 +124,11 @@ class TargetTrainingEnv(gym.Env):
                                      val_loss=val_loss, val_accuracy=val_acc,
                                      progress=tr.progress)
 
-    def _info(self, diverged: bool) -> dict[str, Any]:
-        tr = self.trainer
-        info = {"lr": tr.lr, "step": int(self.episodes.t[0]), "batches": tr.step,
-                "diverged": diverged, "task": describe(self.cfg, self.initial_lr), **self._last}
+    def _info(self, diverged: bool, rescued: bool = False) -> dict[str, Any]:
+        tr, ep = self.trainer, self.episodes
+        info = {"lr": tr.lr, "step": int(ep.t[0]), "batches": tr.step, "diverged": diverged,
+                "rescued": rescued, "rescues": int(ep.rescues[0]),
+                "task": describe(self.cfg, self.initial_lr), **self._last}
         if self.cfg.action_mode == "minibatch":  # samples per class in the batches just used
             info["composition"] = tr.batch_composition()
         return info

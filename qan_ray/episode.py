@@ -21,7 +21,15 @@ The rules:
 - early end: under reward time_to_target an episode ends when val accuracy reaches the target;
 - episode end: the last step of an episode that did not diverge also pays the terminal part of
   the final_* rewards and -chance_penalty if val accuracy is still at chance
-  (`constants.at_chance`).
+  (`constants.at_chance`); every earlier step at chance pays -chance_step_penalty;
+- the first decision: with LR actions, the action on the state at init is replaced by "keep"
+  (the weights at init say nothing about the LR; a Tune trial's first decision, too, comes
+  after its first interval), so no first action can kill a run;
+- the rescue guard (`dying`, on with cfg.guard): after an interval, a run that is dying is
+  rolled back to its last good state (weights and optimizer state, kept in memory on its
+  device; its state at init if it has no good one yet) and its LR is cut by rescue_factor, at
+  most max_rescues times per run; the step pays -rescue_penalty, and a diverged run is rescued
+  instead of ended. `Episodes.guard_trainer` does the rollback, the cut and the snapshots.
 
 `Episodes` holds the per-member state these rules need (start LR, correction, the last and the
 first losses, the step count) as (K,) arrays; K = 1 is the same code. Plain numpy: no torch, no
@@ -31,14 +39,21 @@ trainer; callers pass the numbers their trainer produced.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from qan_ray.config import QANConfig
-from qan_ray.constants import CHANCE_MARGIN, NUM_CLASSES
-from qan_ray.contract import ActionSpec, action_spec
+from qan_ray.constants import CHANCE_MARGIN, NUM_CLASSES, at_chance, chance_accuracy
+from qan_ray.contract import CORRECTION_RANGE, ActionSpec, action_spec
 from qan_ray.rewards import chance_penalty, diverged, step_reward, terminal_reward
+
+RISE_MARGIN = 0.02
+"""A loss this far (relative) above its value at init marks a dying run."""
+LEARNED = 0.10
+"""Val accuracy this far above chance counts as learned ..."""
+LOST = 0.05
+"""... and back within this of chance, after that, as lost."""
 
 SIGNALS = ("train_loss", "val_loss", "val_accuracy")
 """What a step records of a run: the interval's mean train loss, then val loss and accuracy."""
@@ -51,6 +66,40 @@ def start_lr(cfg: QANConfig, seed: int) -> float:
         return float(cfg.lr)
     low, high = (math.log(x) for x in cfg.lr_init_range)
     return math.exp(np.random.default_rng(int(seed)).uniform(low, high))
+
+
+def dying(train_loss: Any, val_loss: Any, val_accuracy: Any, initial_train: Any,
+          initial_val: Any, best_accuracy: Any, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """(K,) bool, the rescue guard's rule, after an interval: a non-finite loss, a train or val
+    loss more than RISE_MARGIN above its value at init, or val accuracy back within LOST of
+    chance after the run's best was LEARNED above it.
+
+    Why these (measured on the training tasks digits-mlp and mnist1d-cnn with SGD, momentum 0.9
+    and Adam, fixed LRs 1e-4..1, one decision per epoch, 2 seeds; docs/background.md): runs from
+    a too-low LR never rose above their losses at init (at most 1.0000 x val, 0.9997 x train,
+    over 72 runs), while every run a too-high LR killed either rose at least 1.1% (val) or 1.6%
+    (train) above them, went non-finite, or fell back to chance after it had learned. Cutting
+    the LR of a slow run would make it slower, so being at chance alone is not dying."""
+    train = np.asarray(train_loss, dtype=np.float64).reshape(-1)
+    val = np.asarray(val_loss, dtype=np.float64).reshape(-1)
+    acc = np.asarray(val_accuracy, dtype=np.float64).reshape(-1)
+    chance = chance_accuracy(num_classes)
+    with np.errstate(invalid="ignore"):
+        nonfinite = ~np.isfinite(train) | ~np.isfinite(val)
+        rose = ((train > (1 + RISE_MARGIN) * np.asarray(initial_train, dtype=np.float64))
+                | (val > (1 + RISE_MARGIN) * np.asarray(initial_val, dtype=np.float64)))
+        lost = ((np.asarray(best_accuracy, dtype=np.float64) >= chance + LEARNED)
+                & (acc <= chance + LOST))
+    return nonfinite | rose | lost
+
+
+class Outcome(NamedTuple):
+    """What one step did to each of K members ((K,) arrays; members that did not step: 0)."""
+
+    rewards: np.ndarray
+    ended: np.ndarray
+    diverged: np.ndarray
+    rescued: np.ndarray
 
 
 def next_lr(rule: ActionSpec, action: int, *, lr: float, correction: float, start: float,
@@ -71,16 +120,20 @@ class Episodes:
     """The episode state of K runs and the step rules over it.
 
     A surface calls `start(i, ...)` when member i begins an episode (with the state at init),
-    `lrs_after(actions, ...)` before an interval, and `step(...)` after it with the interval's
-    losses; `step` returns each member's reward and whether its episode ended."""
+    `lrs_after(actions, ...)` before an interval, `step(...)` after it with the interval's
+    losses (each member's reward, end, divergence and rescue), then `guard_trainer` to roll
+    rescued members back and keep the good states."""
 
     def __init__(self, cfg: QANConfig, k: int, total_batches: int):
         self.k = int(k)
         self.start_lrs = np.ones(self.k)
         self.correction = np.ones(self.k)
         self.t = np.zeros(self.k, dtype=np.int64)
+        self.best_accuracy = np.zeros(self.k)
+        self.rescues = np.zeros(self.k, dtype=np.int64)
         self.last: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.first: list[dict[str, float]] = [{} for _ in range(self.k)]
+        self.good: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.set_task(cfg, total_batches)
 
     def set_task(self, cfg: QANConfig, total_batches: int) -> None:
@@ -92,39 +145,56 @@ class Episodes:
               val_accuracy: float) -> None:
         """Member i begins an episode at (clamped) LR `lr` in the given state at init."""
         self.start_lrs[i], self.correction[i], self.t[i] = float(lr), 1.0, 0
+        self.best_accuracy[i], self.rescues[i] = float(val_accuracy), 0
         self.last[i] = {"train_loss": float(train_loss), "val_loss": float(val_loss),
                         "val_accuracy": float(val_accuracy)}
         self.first[i] = dict(self.last[i])
+        self.good[i] = dict(self.last[i])
 
     def lrs_after(self, actions: Any, lrs: Any, progress: Any, members: Any) -> np.ndarray:
-        """The LRs of the next interval: `members` act (their actions), the others keep theirs."""
+        """The LRs of the next interval: `members` act (their actions; the first decision of an
+        episode is keep), the others keep theirs."""
         out = np.array(lrs, dtype=np.float64).reshape(self.k)
         actions = np.asarray(actions).reshape(-1)
         progress = np.asarray(progress, dtype=np.float64).reshape(-1)
+        first_keeps = self.rule.mode == "lr" and self.rule.keep is not None
         for i in np.asarray(members, dtype=np.int64).reshape(-1):
+            action = self.rule.keep if first_keeps and self.t[i] == 0 else int(actions[i])
             out[i], self.correction[i] = next_lr(
-                self.rule, int(actions[i]), lr=float(out[i]), correction=self.correction[i],
+                self.rule, action, lr=float(out[i]), correction=self.correction[i],
                 start=self.start_lrs[i], progress=float(progress[i]))
         return out
 
     def step(self, members: Any, train_loss: Any, val_loss: Any, val_accuracy: Any,
-             initial_loss: Any, done: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """After an interval: (rewards, ended, diverged), each (K,), for `members` (the others
-        get 0 / False). A diverged member's val loss and accuracy are recorded as NaN and 0.
-        `initial_loss` is L_0 of each member, `done` whether its training budget is spent."""
+             initial_loss: Any, done: Any) -> Outcome:
+        """After an interval: each member's reward, end, divergence and rescue, for `members`
+        (the others get 0 / False). A diverged member's val loss and accuracy are recorded as
+        NaN and 0; a rescued member's record is its last good state's. `initial_loss` is L_0
+        of each member, `done` whether its training budget is spent."""
         cfg = self.cfg
         train = np.asarray(train_loss, dtype=np.float64).reshape(-1)
         val = np.asarray(val_loss, dtype=np.float64).reshape(-1)
         acc = np.asarray(val_accuracy, dtype=np.float64).reshape(-1)
         done = np.asarray(done, dtype=bool).reshape(-1)
-        div = diverged(train, initial_loss, cfg.divergence_factor)
-        rewards = np.zeros(self.k)
-        ended = np.zeros(self.k, dtype=bool)
-        diverged_out = np.zeros(self.k, dtype=bool)
+        initial = np.broadcast_to(np.asarray(initial_loss, dtype=np.float64), (self.k,))
+        div = diverged(train, initial, cfg.divergence_factor)
+        first_val = [f.get("val_loss", math.nan) for f in self.first]
+        risky = dying(train, val, acc, initial, first_val, self.best_accuracy)
+        out = Outcome(np.zeros(self.k), np.zeros(self.k, dtype=bool),
+                      np.zeros(self.k, dtype=bool), np.zeros(self.k, dtype=bool))
         for i in np.asarray(members, dtype=np.int64).reshape(-1):
             self.t[i] += 1
+            if (cfg.guard and self.rescues[i] < cfg.max_rescues) and (div[i] or risky[i]):
+                self.rescues[i] += 1
+                out.rescued[i] = True
+                out.rewards[i] = -cfg.rescue_penalty
+                self.last[i] = dict(self.good[i])  # the state it is rolled back to
+                if done[i]:  # the budget is spent: the run ends in its last good state
+                    out.ended[i] = True
+                    out.rewards[i] += self.end_reward(i)
+                continue
             if div[i]:
-                rewards[i], ended[i], diverged_out[i] = -cfg.divergence_penalty, True, True
+                out.rewards[i], out.ended[i], out.diverged[i] = -cfg.divergence_penalty, 1, 1
                 self.last[i] = {"train_loss": float(train[i]), "val_loss": math.nan,
                                 "val_accuracy": 0.0}
                 continue
@@ -136,11 +206,44 @@ class Episodes:
                 scale=cfg.reward_scale)
             self.last[i] = {"train_loss": float(train[i]), "val_loss": float(val[i]),
                             "val_accuracy": float(acc[i])}
-            ended[i] = bool(done[i]) or (cfg.reward == "time_to_target" and reached)
-            if ended[i]:
+            self.good[i] = dict(self.last[i])
+            self.best_accuracy[i] = max(self.best_accuracy[i], float(acc[i]))
+            out.ended[i] = bool(done[i]) or (cfg.reward == "time_to_target" and reached)
+            if out.ended[i]:
                 reward += self.end_reward(i)
-            rewards[i] = reward
-        return rewards, ended, diverged_out
+            elif at_chance(float(acc[i])):
+                reward -= cfg.chance_step_penalty
+            out.rewards[i] = reward
+        return out
+
+    def cut_lrs(self, lrs: Any, progress: Any, members: Any) -> np.ndarray:
+        """The LRs after a rescue of `members`: x rescue_factor (with a cosine schedule, its
+        correction x rescue_factor), clamped; the others keep theirs."""
+        out = np.array(lrs, dtype=np.float64).reshape(self.k)
+        progress = np.asarray(progress, dtype=np.float64).reshape(-1)
+        factor = self.cfg.rescue_factor
+        for i in np.asarray(members, dtype=np.int64).reshape(-1):
+            if self.rule.mode == "lr" and self.rule.schedule == "cosine":
+                low, high = CORRECTION_RANGE
+                self.correction[i] = min(max(self.correction[i] * factor, low), high)
+                out[i] = self.rule.scheduled_lr(self.start_lrs[i], self.correction[i],
+                                                float(progress[i]))
+            else:
+                out[i] = self.rule.clamp(out[i] * factor)
+        return out
+
+    def guard_trainer(self, population: Any, outcome: Outcome, members: Any) -> None:
+        """Carry an outcome out on a `PopulationTrainer`: rescued members are rolled back to
+        their last good state at the cut LR; members that stepped normally and go on keep
+        their new state as the good one."""
+        rescued = np.flatnonzero(outcome.rescued)
+        if len(rescued):
+            population.rollback(rescued)
+            population.set_lr(self.cut_lrs(population.lr, population.progress, rescued))
+        members = np.asarray(members, dtype=np.int64).reshape(-1)
+        good = [int(i) for i in members if not outcome.rescued[i] and not outcome.ended[i]]
+        if good and self.cfg.guard:
+            population.snapshot(good)
 
     def end_reward(self, i: int) -> float:
         """Member i's episode-end reward (it did not diverge): the terminal part of the reward

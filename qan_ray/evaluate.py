@@ -130,9 +130,10 @@ def eval_seeds(n: int) -> list[int]:
 
 
 def baseline_config(cfg: QANConfig) -> QANConfig:
-    """Baselines: uniform batches (lr mode), a keep action available, meta-momentum off, and
-    the LR they set held until the next control point (no controller schedule underneath)."""
-    base = cfg.replace(action_mode="lr", mm_coef=0.0, lr_schedule="constant")
+    """Baselines: uniform batches (lr mode), a keep action available, meta-momentum off, the
+    LR they set held until the next control point (no controller schedule underneath), and no
+    rescue guard (the guard is part of QAN; a baseline is what a user runs without it)."""
+    base = cfg.replace(action_mode="lr", mm_coef=0.0, lr_schedule="constant", guard=False)
     if 1.0 not in base.lr_factors:
         base = base.replace(lr_factors=(*base.lr_factors, 1.0))
     return base

@@ -25,6 +25,7 @@ import json
 import torch
 
 from qan_ray.config import QANConfig
+from qan_ray.constants import REFERENCE_SEED_OFFSET
 from qan_ray.data import DeviceData
 from qan_ray.population import PopulationTrainer
 
@@ -146,9 +147,9 @@ class TargetTrainer:
 
 def reference_run(cfg: QANConfig, device: torch.device | str | None = None
                   ) -> list[list[torch.Tensor]]:
-    """W* for meta-momentum: train one reference run (fixed LR cfg.lr, seed cfg.seed + 10,000,
-    meta-momentum off) and keep the monitored weights at every control point plus the end.
-    The same W* serves every episode (cached per process)."""
+    """W* for meta-momentum: train one reference run (fixed LR cfg.lr, seed cfg.seed +
+    constants.REFERENCE_SEED_OFFSET, meta-momentum off) and keep the monitored weights at every
+    control point plus the end. The same W* serves every episode (cached per process)."""
     key = json.dumps({**cfg.to_dict(), "mm_coef": 0.0}, sort_keys=True, default=list)
     return _reference_run(key, str(device) if device is not None else None)
 
@@ -158,7 +159,7 @@ def _reference_run(cfg_json: str, device: str | None) -> list[list[torch.Tensor]
     from qan_ray.config import from_dict
 
     cfg = from_dict(json.loads(cfg_json))
-    ref = TargetTrainer(cfg.replace(seed=cfg.seed + 10_000), device=device)
+    ref = TargetTrainer(cfg.replace(seed=cfg.seed + REFERENCE_SEED_OFFSET), device=device)
 
     def snap() -> list[torch.Tensor]:
         return [p.detach().clone() for p in ref.monitored_weights()]

@@ -128,10 +128,12 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
                 val_accuracy=last["val_accuracy"], progress=float(progress[i]))
         return obs
 
-    def _infos(self, diverged: np.ndarray) -> dict[str, Any]:
+    def _infos(self, diverged: np.ndarray, rescued: np.ndarray | None = None) -> dict[str, Any]:
         last = self.episodes.last
+        rescued = np.zeros(self.num_envs, dtype=bool) if rescued is None else rescued
         return {"lr": np.asarray(self.trainer.lr), "step": self.episodes.t.copy(),
                 "batches": self.trainer.steps.copy(), "diverged": diverged.copy(),
+                "rescued": rescued.copy(), "rescues": self.episodes.rescues.copy(),
                 **{key: np.array([m.get(key, np.nan) for m in last]) for key in SIGNALS}}
 
     # --- gymnasium API ---------------------------------------------------------------------
@@ -168,12 +170,13 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         # ignored; they trained along in lockstep above, and that work is dropped here).
         self._start(fresh)
         val, acc = (t.numpy() for t in tr.evaluate("val"))
-        rewards, terminated, diverged = ep.step(running, losses, val, acc, tr.initial_loss,
-                                                tr.done)
+        out = ep.step(running, losses, val, acc, tr.initial_loss, tr.done)
+        ep.guard_trainer(tr, out, running)
         self._begin(fresh, val, acc)
-        self._needs_reset = terminated.copy()
+        self._needs_reset = out.ended.copy()
         truncated = np.zeros(k, dtype=bool)
-        return self._observe(), rewards, terminated, truncated, self._infos(diverged)
+        return (self._observe(), out.rewards, out.ended.copy(), truncated,
+                self._infos(out.diverged, out.rescued))
 
 
 def make_population_env(config: dict[str, Any] | None = None) -> PopulationVectorEnv:

@@ -240,5 +240,9 @@ def test_env_with_a_cosine_schedule_and_keep_actions_follows_cosine_exactly():
         lrs.append(info["lr"])
     assert lrs == pytest.approx(expected)
     env.reset(seed=0)
+    env.step(4)  # the first decision is keep, whatever the action
+    assert env.trainer.lr == pytest.approx(0.2) and env.episodes.correction[0] == 1.0
+    progress = env.trainer.progress
     env.step(4)  # x2 on the schedule
-    assert env.trainer.lr == pytest.approx(0.4) and env.episodes.correction[0] == 2.0
+    assert env.trainer.lr == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert env.episodes.correction[0] == 2.0

@@ -121,7 +121,7 @@ def test_final_rewards_pay_only_at_the_end_of_an_episode(kind):
 def test_a_run_still_at_chance_pays_the_chance_penalty_on_its_last_step():
     # LR 1e-5 for half an epoch: the MLP does not move from its ~10% initial accuracy
     cfg = {"lr": 1e-5, "lr_min": 1e-6, "epochs_per_episode": 0.5, "reward": "final_acc",
-           "divergence_penalty": 6.0}
+           "divergence_penalty": 6.0, "chance_step_penalty": 0.0}
     _, info0, info, rewards = _episode(cfg, 2)
     assert abs(info["val_accuracy"] - 0.1) <= 0.02
     gain = (info["val_accuracy"] - info0["val_accuracy"]) / 0.9

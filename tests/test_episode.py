@@ -20,7 +20,7 @@ from qan_ray.constants import (
     selection_seed,
 )
 from qan_ray.contract import action_spec
-from qan_ray.episode import Episodes, next_lr, start_lr
+from qan_ray.episode import Episodes, dying, next_lr, start_lr
 from qan_ray.rewards import diverged
 from qan_ray.schedules import cosine_factor
 
@@ -82,8 +82,8 @@ def _episodes(**kw) -> Episodes:
 
 
 def test_step_pays_log_loss_and_penalises_divergence_without_raising():
-    ep = _episodes(divergence_penalty=7.0, divergence_factor=10.0)
-    rewards, ended, div = ep.step([0, 1, 2], [1.0, math.nan, 30.0], [1.1, 1.0, 1.0],
+    ep = _episodes(divergence_penalty=7.0, divergence_factor=10.0, guard=False)
+    rewards, ended, div, _ = ep.step([0, 1, 2], [1.0, math.nan, 30.0], [1.1, 1.0, 1.0],
                                   [0.7, 0.7, 0.7], [2.3, 2.3, 2.3], [False] * 3)
     assert rewards[0] == pytest.approx(math.log(2.3) - math.log(1.0))
     assert rewards[1:].tolist() == [-7.0, -7.0] and ended.tolist() == [False, True, True]
@@ -94,7 +94,7 @@ def test_step_pays_log_loss_and_penalises_divergence_without_raising():
 
 def test_step_only_touches_the_members_given():
     ep = _episodes()
-    rewards, ended, _ = ep.step([1], [1.0, 1.0, 1.0], [1.0] * 3, [0.5] * 3, [2.3] * 3,
+    rewards, ended, _, _ = ep.step([1], [1.0, 1.0, 1.0], [1.0] * 3, [0.5] * 3, [2.3] * 3,
                                 [True] * 3)
     assert ep.t.tolist() == [0, 1, 0] and ended.tolist() == [False, True, False]
     assert rewards[0] == rewards[2] == 0.0 and ep.last[0]["train_loss"] == 2.3
@@ -102,7 +102,7 @@ def test_step_only_touches_the_members_given():
 
 def test_the_last_step_pays_the_terminal_reward_and_the_chance_penalty():
     ep = _episodes(reward="final_val", divergence_penalty=6.0)  # chance penalty: 6 / 2
-    rewards, ended, _ = ep.step([0, 1], [1.0, 1.0, 1.0], [0.5, 2.2, 2.2], [0.9, 0.11, 0.5],
+    rewards, ended, _, _ = ep.step([0, 1], [1.0, 1.0, 1.0], [0.5, 2.2, 2.2], [0.9, 0.11, 0.5],
                                 [2.3] * 3, [True, True, False])
     assert ended.tolist() == [True, True, False]
     assert rewards[0] == pytest.approx(math.log(2.3 / 0.5))  # final_val, not at chance
@@ -110,11 +110,65 @@ def test_the_last_step_pays_the_terminal_reward_and_the_chance_penalty():
 
 
 def test_time_to_target_ends_early_when_the_target_is_reached():
-    ep = _episodes(reward="time_to_target", target_accuracy=0.8, chance_penalty=0.0)
-    rewards, ended, _ = ep.step([0, 1], [1.0] * 3, [1.0] * 3, [0.85, 0.5, 0.5], [2.3] * 3,
+    ep = _episodes(reward="time_to_target", target_accuracy=0.8, chance_penalty=0.0,
+                   chance_step_penalty=0.0)
+    rewards, ended, _, _ = ep.step([0, 1], [1.0] * 3, [1.0] * 3, [0.85, 0.5, 0.5], [2.3] * 3,
                                 [False] * 3)
     assert ended.tolist() == [True, False, False]
     assert rewards[:2].tolist() == [pytest.approx(-1 / 4)] * 2
+
+
+def test_a_step_at_chance_pays_the_chance_step_penalty():
+    ep = _episodes(chance_step_penalty=0.25)
+    rewards, ended, _, _ = ep.step([0, 1], [2.2] * 3, [2.2] * 3, [0.11, 0.5, 0.5], [2.3] * 3,
+                                   [False] * 3)
+    assert not ended.any()
+    assert rewards[0] == pytest.approx(math.log(2.3 / 2.2) - 0.25)
+    assert rewards[1] == pytest.approx(math.log(2.3 / 2.2))
+
+
+def test_dying_is_a_rise_above_init_nonfinite_or_accuracy_lost_never_mere_slowness():
+    # members: slow (just under init), train +3%, val +3%, NaN, lost (0.4 best -> 0.12), at
+    # chance but never learned (a too-low LR: not dying)
+    got = dying([2.29, 2.37, 2.2, math.nan, 2.0, 2.3], [2.30, 2.2, 2.37, 2.0, 2.2, 2.3],
+                [0.1, 0.1, 0.1, 0.1, 0.12, 0.1], 2.3, 2.3, [0.1, 0.1, 0.1, 0.1, 0.4, 0.18])
+    assert got.tolist() == [False, True, True, True, True, False]
+    assert not dying([2.3 * 1.019], [2.0], [0.5], 2.3, 2.3, 0.5)[0]  # inside the 2% margin
+
+
+def test_the_guard_rescues_a_dying_member_and_keeps_its_last_good_record():
+    ep = _episodes(rescue_penalty=1.5, max_rescues=2)
+    ep.step([0, 1, 2], [1.0] * 3, [1.0] * 3, [0.6] * 3, [2.3] * 3, [False] * 3)
+    good = dict(ep.last[0])
+    out = ep.step([0, 1], [math.nan, 2.5, 1.0], [math.nan, 2.6, 1.0], [0.0, 0.1, 0.6], [2.3] * 3,
+                  [False] * 3)
+    assert out.rescued.tolist() == [True, True, False] and not out.ended.any()
+    assert out.rewards[:2].tolist() == [-1.5, -1.5] and not out.diverged.any()
+    assert ep.last[0] == good and ep.rescues.tolist() == [1, 1, 0]
+    ep.step([0], [math.nan] * 3, [1.0] * 3, [0.6] * 3, [2.3] * 3, [False] * 3)
+    out = ep.step([0], [math.nan] * 3, [1.0] * 3, [0.6] * 3, [2.3] * 3, [False] * 3)
+    assert not out.rescued[0] and out.diverged[0] and out.ended[0]  # max_rescues spent
+    off = _episodes(guard=False)
+    assert not off.step([0], [2.5] * 3, [2.6] * 3, [0.1] * 3, [2.3] * 3, [False] * 3).rescued[0]
+
+
+def test_a_rescue_cuts_the_lr_or_the_cosine_correction_by_the_rescue_factor():
+    ep = _episodes(rescue_factor=0.1)
+    assert ep.cut_lrs([0.5, 0.3, 0.2], [0.5] * 3, [0, 2]).tolist() == [
+        pytest.approx(0.05), 0.3, pytest.approx(0.02)]
+    cos = _episodes(lr_schedule="cosine", rescue_factor=0.1)
+    lrs = cos.cut_lrs([0.1] * 3, [0.5] * 3, [1])
+    assert cos.correction.tolist() == [1.0, pytest.approx(0.1), 1.0]
+    assert lrs[1] == pytest.approx(0.1 * 0.1 * 0.5) and lrs[0] == 0.1
+
+
+def test_the_first_decision_is_keep():
+    ep = _episodes()
+    lrs = ep.lrs_after([4, 4, 0], [0.1] * 3, [0.0] * 3, [0, 1, 2])  # x2, x2, x0.5 ignored
+    assert lrs.tolist() == [0.1, 0.1, 0.1]
+    ep.step([0, 1, 2], [1.0] * 3, [1.0] * 3, [0.6] * 3, [2.3] * 3, [False] * 3)
+    assert ep.lrs_after([4, 4, 0], [0.1] * 3, [0.3] * 3, [0, 1, 2]).tolist() == [
+        pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.05)]
 
 
 def test_chance_and_seed_formulas_are_the_constants():
@@ -143,7 +197,7 @@ def test_env_and_vector_env_follow_the_same_episode_rules():
     _, info = env.reset(seed=11)
     _, vinfo = venv.reset(options={"seeds": [11, 12, 13]})
     assert vinfo["lr"][0] == pytest.approx(info["lr"])
-    for action in (4, 0, 2, 4, 2):  # 35 batches = 5 steps of 7
+    for action in (0, 4, 2, 4, 0):  # 35 batches = 5 steps of 7; the first is keep
         _, r, term, _, info = env.step(action)
         _, vr, vterm, _, vinfo = venv.step(np.array([action, 2, 2]))
         assert vinfo["lr"][0] == pytest.approx(info["lr"], rel=1e-9)
