@@ -283,6 +283,9 @@ class MetaTrainer:
 
         self.qan, self.meta, self.out, self.log = qan, meta.validate(), Path(out), log
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and (self.out / "steps").exists() and any((self.out / "steps").iterdir()):
+            raise ValueError(f"--out {str(self.out)!r} already holds a run; pass --resume to "
+                             "continue it, or choose a new --out (nothing was overwritten).")
         if not ray.is_initialized():
             ray.init(namespace="qan", log_to_driver=False)  # RAY_ADDRESS joins a cluster
         # Probe the task where trainers run (the data may only exist on worker nodes).
@@ -323,9 +326,6 @@ class MetaTrainer:
             log(f"resumed from {self.out / 'checkpoint'} at episode {self.progress['episodes']}"
                 f" (commit {self.progress['commits']})")
         else:
-            if (self.out / "steps").exists() and any((self.out / "steps").iterdir()):
-                raise ValueError(f"--out {str(self.out)!r} already holds a run; pass --resume to "
-                                 "continue it, or choose a new --out (nothing was overwritten).")
             if self.meta.explore_episodes is None:  # the horizon is fixed from here on
                 self.meta = dataclasses.replace(self.meta, explore_episodes=self.meta.episodes)
             from qan_ray.actors import start_episode_counter

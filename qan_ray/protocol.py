@@ -44,6 +44,7 @@ from typing import Any
 
 from qan_ray.config import add_dataclass_arguments, documented
 from qan_ray.distribution import config_from_args
+from qan_ray.records import fault_point
 from qan_ray.summaries import run_summary
 
 METRIC, MODE = "val_score", "max"
@@ -219,6 +220,7 @@ def epoch_counter(log_path: str | Path | None = None):
             if self.log_path:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            fault_point("tune-result")  # QAN_FAULT=tune-result:N:sigint: Ctrl-C at result N
 
     return EpochCounter()
 

@@ -39,6 +39,19 @@ def _unmarked_tests_do_not_start_ray(request):
                     "`ray_session` fixture (conftest.py marks its users) or @pytest.mark.ray.")
 
 
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """For a command run in process (`qan_ray.cli.main`) that must refuse before any Ray work:
+    starting Ray, or using a running instance (the session's), fails the test."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started Ray; it must refuse before any Ray work")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))

@@ -1,4 +1,5 @@
-"""End-to-end: `qan compare` and `qan tune` in a subprocess, as a user runs them (tiny budget)."""
+"""End-to-end: `qan compare` and `qan tune` as a user runs them (tiny budget). A fresh process
+where that is what is checked (lazy imports, Ctrl-C), `qan_ray.cli.main` in process otherwise."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def qan(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def qan(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qan_ray.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=ENV, cwd=ROOT)
+                          text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
 
 
 def test_package_import_is_lazy_and_exports_the_public_names():
@@ -33,21 +34,44 @@ def test_package_import_is_lazy_and_exports_the_public_names():
         "qan_ray.scheduler True"]
 
 
-def test_missing_controller_and_bad_scheduler_are_one_clear_line(tmp_path):
-    out = qan("compare", "--policy", str(tmp_path / "nope"), "--out", str(tmp_path))
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "has no spec.json + qnet.pt" in out.stderr and "--policy" in out.stderr
-    out = qan("tune", "--scheduler", "qan+fifo", "--out", str(tmp_path))
-    assert out.returncode == 2 and "qan+STOPPER" in out.stderr
+def test_missing_controller_and_bad_scheduler_are_one_clear_line(tmp_path, capsys,
+                                                                 ray_must_not_start):
+    from qan_ray.cli import main
+
+    # main() returning (not raising) is the CLI's "no traceback": one error line, status 2
+    assert main(["compare", "--policy", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "qan compare: error: " in err
+    assert "has no spec.json + qnet.pt" in err and "--policy" in err
+    assert main(["tune", "--scheduler", "qan+fifo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "qan tune: error: " in err and "qan+STOPPER" in err
 
 
-def test_compare_prints_and_writes_the_table(tmp_path):
+def test_interrupted_compare_writes_no_table_then_reuses_and_writes_it(ray_session, tmp_path,
+                                                                       capsys):
+    """`qan compare` stopped by Ctrl-C inside its second scheduler writes no table (it would mix
+    an interrupted run with complete ones); the same command again reuses the finished run, runs
+    the other, prints the table and writes compare.md/.parquet, trace.parquet and the figure."""
+    from qan_ray.cli import main
+
     policy = fixed_action_controller(action=2).save(tmp_path / "ctrl")  # keep
     out_dir = tmp_path / "cmp"
-    out = qan("compare", "--schedulers", "qan,fifo", "--samples", "2", "--epochs", "2",
-              "--policy", str(policy), "--out", str(out_dir), timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    args = ["compare", "--schedulers", "qan,fifo", "--samples", "2", "--epochs", "2",
+            "--policy", str(policy), "--out", str(out_dir)]
+    # a real SIGINT, sent by the process to itself at the 5th result: qan's 2 trials x 2 epochs
+    # came first, so it lands in fifo's first epoch
+    stopped = qan(*args, env={"QAN_FAULT": "tune-result:5:sigint"}, timeout=400)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Finished: ['qan seed 0']" in stopped.stderr
+    assert "No table was written" in stopped.stderr
+    assert not (out_dir / "compare.md").exists() and not (out_dir / "compare.parquet").exists()
+
+    assert main(args) == 0  # the same command again, in process on the session's Ray
+    printed = capsys.readouterr().out
+    assert f"  {'qan':<14} seed 0: finished before, reused" in printed
+    assert f"  {'fifo':<14} seed 0: finished before" not in printed  # the interrupted one reran
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["qan", "fifo"]
     rows = pq.read_table(out_dir / "compare.parquet").to_pylist()
     assert [(r["scheduler"], r["total_epochs"]) for r in rows] == [("qan", 4.0), ("fifo", 4.0)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,76 +199,123 @@ def test_a_minibatch_controller_sets_minibatch_trials_and_a_mismatch_is_refused(
         align_action_mode(["qan", "fifo"], proto)
 
 
-# --- real Ray, in process ------------------------------------------------------------------------
-def _meta(**kw):
-    from qan_ray.meta import MetaConfig
-
-    base = dict(episodes=3, num_actors=1, cpus_per_actor=0.5, learning_starts=4,
-                training_intensity=4.0, hidden=(8,), select_every=0)
-    return MetaConfig(**{**base, **kw})
+# --- a `qan train` process killed mid-commit, shared by the resume tests ----------------------
+TRAIN = ("train", "--task", "digits-mlp", "--epochs-per-episode", "1", "--control-interval", "35",
+         "--num-actors", "1", "--cpus-per-actor", "0.5", "--learning-starts", "4",
+         "--q-hidden", "8")
 
 
-def test_crashes_between_commit_steps_then_resume_have_the_seeds_of_an_uninterrupted_run(
-        ray_session, tmp_path, monkeypatch):
-    """Two crashes in a row, at two steps of a commit: after its Parquet part (the resume drops
-    the uncommitted part), then inside the checkpoint swap of the resumed run's first commit (the
-    next resume puts the old checkpoint back)."""
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One `qan train` process, ended by os._exit (no cleanup: what a SIGKILL leaves) right after
+    the Parquet part of its second commit, before that commit completed. Trained once; each test
+    resumes its own copy."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    proc = qan(*TRAIN, "--episodes", "20", "--out", str(out), env={"QAN_FAULT": "after-parquet:2"})
+    return out, proc
+
+
+def _copy_of_killed_run(killed_run, dest: Path) -> tuple[Path, int, list[dict]]:
+    """A copy of the killed run: its folder, the committed episodes, and the rows of the part
+    the kill left uncommitted."""
+    src, proc = killed_run
+    assert proc.returncode == 86, proc.stderr[-2000:]  # os._exit at the fault point
+    out = Path(shutil.copytree(src, dest))
+    done = json.loads((out / "progress.json").read_text())["episodes"]
+    parts = sorted(p.name for p in (out / "steps").glob("*.parquet"))
+    assert done >= 1 and parts == ["part-c000000.parquet", "part-c000001.parquet"]
+    cut = pq.read_table(out / "steps" / "part-c000001.parquet").to_pylist()
+    assert cut and min(r["episode"] for r in cut) == done  # episodes beyond the commit
+    return out, done, cut
+
+
+def _resume_trainer(out: Path, log):
+    """A MetaTrainer resumed as `qan train --out OUT --resume` does it (the run's config.json)."""
+    from qan_ray.meta import MetaConfig, MetaTrainer
+
+    saved = json.loads((out / "config.json").read_text())
+    meta = MetaConfig(**{**saved["meta"], "hidden": tuple(saved["meta"]["hidden"])})
+    return MetaTrainer(from_dict(saved["qan"]), meta, out, resume=True, log=log)
+
+
+@pytest.fixture(scope="module")
+def crash_then_resume(ray_session, killed_run, tmp_path_factory):
+    """The killed run resumed in process, crashed again inside the checkpoint swap of its first
+    commit, resumed once more and trained past every lost episode. Yields the live trainer."""
     from qan_ray import records
-    from qan_ray.actors import episode_seed
-    from qan_ray.meta import MetaTrainer
     from qan_ray.records import FaultInjected
 
-    monkeypatch.setattr(records, "_fault_passes", {})  # count the passes of this test only
-    out = tmp_path / "run"
-    crashed = None
-    for fault in ("after-parquet:2:raise", "swap-dir:1:raise"):
-        mt = MetaTrainer(QAN, _meta(episodes=4), out, resume=crashed is not None,
-                         log=lambda *_: None)
-        if crashed is not None:  # the commit the crash cut is not there (counted in memory only)
-            assert 1 <= mt.progress["episodes"] < crashed
-        monkeypatch.setenv("QAN_FAULT", fault)
+    out, done, cut = _copy_of_killed_run(killed_run, tmp_path_factory.mktemp("crash") / "run")
+    info: dict = {"out": out, "done": done, "cut": cut, "lines": [[], []]}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(records, "_fault_passes", {})  # count the passes of this sequence only
+        mt = _resume_trainer(out, info["lines"][0].append)
+        info["first_resume"] = mt.progress["episodes"]
+        mp.setenv("QAN_FAULT", "swap-dir:1:raise")
         try:
-            with pytest.raises(FaultInjected, match=fault.split(":")[0]):
+            with pytest.raises(FaultInjected, match="swap-dir"):
                 mt.train()
         finally:
             mt.stop()
-            monkeypatch.delenv("QAN_FAULT")
-        crashed = mt.progress["episodes"]
-    resumed = MetaTrainer(QAN, _meta(episodes=4), out, resume=True, log=lambda *_: None)
+            mp.delenv("QAN_FAULT")
+    info["crashed"] = mt.progress["episodes"]  # in memory: the commit the crash cut
+    info["half_swapped"] = sorted(p.name for p in out.iterdir() if p.name.startswith("checkp"))
+    resumed = _resume_trainer(out, info["lines"][1].append)
     try:
-        assert 1 <= resumed.progress["episodes"] < crashed
-        resumed.train()
+        info["second_resume"] = resumed.progress["episodes"]
+        resumed.train(until=info["crashed"] + 1)
+        info["table"] = read_parts(out / "steps")
+        info["n"] = json.loads((out / "progress.json").read_text())["episodes"]
+        yield resumed, info
     finally:
         resumed.stop()
-    rows = read_parts(out / "steps").to_pylist()
-    assert read_parts(out / "steps").schema == STEP_SCHEMA
-    n = json.loads((out / "progress.json").read_text())["episodes"]
-    assert n >= 4
+
+
+@pytest.mark.e2e
+def test_crashes_between_commit_steps_then_resume_have_the_seeds_of_an_uninterrupted_run(
+        crash_then_resume):
+    """Two crashes in a row, at two steps of a commit: a killed process after its Parquet part
+    (the resume drops the uncommitted part), then inside the checkpoint swap of the resumed run's
+    first commit (the next resume puts the old checkpoint back)."""
+    from qan_ray.actors import episode_seed
+
+    resumed, info = crash_then_resume
+    done, lines = info["done"], info["lines"]
+    # 1st resume: the committed state of the killed process, its uncommitted part dropped
+    assert info["first_resume"] == done
+    assert any("dropped part-c000001.parquet (not committed" in line for line in lines[0])
+    # the 2nd crash cut the swap: checkpoint/ moved aside, the new one not yet in place
+    assert info["crashed"] > done
+    assert info["half_swapped"] == ["checkpoint.old", "checkpoint.tmp"]
+    # 2nd resume: the old checkpoint put back, the part of the cut commit dropped again
+    assert info["second_resume"] == done
+    assert any("dropped part-c000001.parquet (not committed" in line for line in lines[1])
+    table, n = info["table"], info["n"]
+    assert table.schema == STEP_SCHEMA
+    rows = table.to_pylist()
+    assert n > info["crashed"]
     episodes = sorted({(r["episode"], r["global_episode"], r["seed"]) for r in rows})
     # an uninterrupted 1-actor run trains global episodes 0, 1, 2, ... with their seeds
     assert episodes == [(i, i, episode_seed(0, i)) for i in range(n)]
+    # ...and the episodes the kill lost ran again with the same index and seed
+    assert {(r["episode"], r["global_episode"], r["seed"]) for r in info["cut"]} <= set(episodes)
+    assert resumed.steps_per_episode == 1  # --control-interval 35: one control step
     assert len(rows) == n * (resumed.steps_per_episode + 1)  # no duplicate steps
 
 
-def test_a_run_whose_folder_disappears_stops_with_an_error(ray_session, tmp_path):
-    import shutil
-
-    from qan_ray.meta import MetaTrainer
-
-    out = tmp_path / "run"
-    mt = MetaTrainer(QAN, _meta(episodes=2), out, log=lambda *_: None)
-    try:
-        mt.train(until=1)
-        shutil.rmtree(out)
-        with pytest.raises(FileNotFoundError, match=r"disappeared during the run; it must stay "
-                                                    r"in place"):
-            mt.train(until=2)
-        assert not out.exists()  # never silently recreated
-    finally:
-        mt.stop()
+@pytest.mark.e2e
+def test_a_run_whose_folder_disappears_stops_with_an_error(crash_then_resume):
+    resumed, info = crash_then_resume
+    out = info["out"]
+    shutil.rmtree(out)
+    with pytest.raises(FileNotFoundError, match=r"disappeared during the run; it must stay "
+                                                r"in place"):
+        resumed.train(until=info["n"] + 1)
+    assert not out.exists()  # never silently recreated
 
 
 def test_a_killed_trainer_actor_is_replaced_in_seconds_and_its_episode_flagged(ray_session):
+    import numpy as np
     import ray
 
     from qan_ray.actors import ActorEnv, start_episode_counter
@@ -282,22 +330,22 @@ def test_a_killed_trainer_actor_is_replaced_in_seconds_and_its_episode_flagged(r
     obs, reward, terminated, truncated, info = env.step(2)
     seconds = time.perf_counter() - t0
     print(f"\ntrainer actor replaced in {seconds:.2f}s (start {env.replace_seconds[0]:.2f}s)")
-    assert truncated and info["actor_replaced"] and info["replacement"] == "trainer-kill-0-0-r1"
+    assert truncated and not terminated and reward == 0.0
+    assert info["actor_replaced"] and info["replacement"] == "trainer-kill-0-0-r1"
+    assert env.replacements == 1
     assert seconds < 10.0
+    assert len(env.finished) == 1 and len(env.finished[0]) == 2  # reset row + the one step
     cut = env.finished[0]
     assert all(r["truncated"] and r["global_episode"] == 0 for r in cut)
     env.reset()  # the next episode: a new index, never the cut one again
     assert (env.index, env.seed) == (1, 10_000_001)
+    obs, reward, terminated, truncated, info = env.step(2)  # served by the replacement
+    assert not truncated and info["step"] == 1 and np.isfinite(obs).all()
     env.close()
     ray.kill(counter)
 
 
-# --- the CLI in a subprocess ---------------------------------------------------------------------
-TRAIN = ("train", "--task", "digits-mlp", "--epochs-per-episode", "1", "--control-interval", "35",
-         "--num-actors", "1", "--cpus-per-actor", "0.5", "--learning-starts", "4",
-         "--q-hidden", "8")
-
-
+# --- the CLI in a subprocess (signals, a fresh process) and in process (refusals, resumes) -------
 def _wait_for(proc: subprocess.Popen, path: Path, what, timeout: float = 240) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
@@ -308,18 +356,14 @@ def _wait_for(proc: subprocess.Popen, path: Path, what, timeout: float = 240) ->
 
 
 @pytest.mark.e2e
-def test_a_sigkill_resume_is_exact_and_sigint_on_train_exports_the_controller(tmp_path):
-    """Two `qan train` runs on one folder: the first is killed (os._exit: no cleanup) right after
-    its second Parquet part; its --resume continues exactly and is stopped with SIGINT."""
+def test_a_sigkill_resume_is_exact_and_sigint_on_train_exports_the_controller(killed_run,
+                                                                              tmp_path):
+    """The killed `qan train` (os._exit: no cleanup) right after its second Parquet part: its
+    --resume continues exactly and is stopped with SIGINT after its first new commit."""
     from policies.qnet import load_controller
     from qan_ray.actors import episode_seed
 
-    out = tmp_path / "run"
-    killed = qan(*TRAIN, "--episodes", "20", "--out", str(out),
-                 env={"QAN_FAULT": "after-parquet:2"})
-    assert killed.returncode == 86, killed.stderr[-2000:]
-    done = json.loads((out / "progress.json").read_text())["episodes"]
-    assert done >= 1 and len(list((out / "steps").glob("*.parquet"))) == 2  # one uncommitted
+    out, done, _ = _copy_of_killed_run(killed_run, tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *TRAIN, "--episodes", "20",
                              "--out", str(out), "--resume"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
@@ -328,6 +372,8 @@ def test_a_sigkill_resume_is_exact_and_sigint_on_train_exports_the_controller(tm
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
+    assert "resume: dropped part-c000001.parquet (not committed" in stdout
+    assert f"resumed from {out / 'checkpoint'} at episode {done} " in stdout
     assert f"Continue with: qan train --out {out} --resume" in stderr
     assert "Traceback" not in stderr
     # what the next --resume continues from: the committed episodes (the interrupt may cut a
@@ -342,64 +388,59 @@ def test_a_sigkill_resume_is_exact_and_sigint_on_train_exports_the_controller(tm
     assert len(rows) == n * 2  # reset row + 1 control step (35 batches) each, no duplicates
 
 
-@pytest.mark.e2e
-def test_outputs_and_controllers_are_checked_before_ray_starts(tmp_path):
+def test_outputs_and_controllers_are_checked_before_ray_starts(tmp_path, capsys, recwarn,
+                                                               ray_must_not_start):
+    from qan_ray.cli import main
+
+    def qan_in_process(*args: str) -> tuple[int, str, str]:
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
     ctrl = fixed_action_controller(action=2).save(tmp_path / "ctrl")
     (tmp_path / "file").write_text("x")
-    out = qan("evaluate", "--controller", str(ctrl), "--out", str(tmp_path / "file"))
-    assert out.returncode == 2 and "is a file; it must be a folder" in out.stderr
-    assert "evaluating" not in out.stdout  # refused before any episode
-    out = qan("tune", "--policy", str(ctrl), "--out", str(tmp_path / "t"), "--storage-path",
-              str(tmp_path / "file" / "ray"))
-    assert out.returncode == 2 and "--storage-path is" in out.stderr
-    out = qan("tune", "--policy", str(ctrl), "--action-mode", "minibatch", "--out",
-              str(tmp_path / "t"))
-    assert out.returncode == 2 and "trained with action_mode 'lr'" in out.stderr
+    rc, out, err = qan_in_process("evaluate", "--controller", str(ctrl), "--out",
+                                  str(tmp_path / "file"))
+    assert rc == 2 and "is a file; it must be a folder" in err
+    assert "evaluating" not in out  # refused before any episode
+    rc, _, err = qan_in_process("tune", "--policy", str(ctrl), "--out", str(tmp_path / "t"),
+                                "--storage-path", str(tmp_path / "file" / "ray"))
+    assert rc == 2 and "--storage-path is" in err
+    rc, _, err = qan_in_process("tune", "--policy", str(ctrl), "--action-mode", "minibatch",
+                                "--out", str(tmp_path / "t"))
+    assert rc == 2 and "trained with action_mode 'lr'" in err
     (ctrl / "qnet.pt").write_bytes((ctrl / "qnet.pt").read_bytes()[:50])  # truncated
-    out = qan("compare", "--policy", str(ctrl), "--out", str(tmp_path / "c"))
-    assert out.returncode == 2 and "qnet.pt is not a readable controller" in out.stderr
-    assert "weights_only=False" not in out.stderr and "Traceback" not in out.stderr
+    rc, _, err = qan_in_process("compare", "--policy", str(ctrl), "--out", str(tmp_path / "c"))
+    assert rc == 2 and "qnet.pt is not a readable controller" in err
+    assert "weights_only=False" not in err
+    assert not [w for w in recwarn if "weights_only" in str(w.message)]
     assert not (tmp_path / "c" / "ray").exists()  # no Ray experiment was started
 
 
-def _interrupt_when(proc: subprocess.Popen, rows: Path) -> tuple[str, str]:
-    _wait_for(proc, rows, lambda p: len(p.read_text().splitlines()) >= 1)
-    proc.send_signal(signal.SIGINT)
-    return proc.communicate(timeout=180)
-
-
 @pytest.mark.e2e
-def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(tmp_path):
+def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(ray_session, tmp_path,
+                                                                        capsys):
+    from qan_ray.cli import main
+    from qan_ray.protocol import read_rows
+    from qan_ray.summaries import trial_table
+
     out = tmp_path / "tune"
-    # long enough (2 x 15 epochs) that the interrupt lands inside the experiment
-    args = ["tune", "--scheduler", "fifo", "--samples", "2", "--epochs", "15",
+    args = ["tune", "--scheduler", "fifo", "--samples", "2", "--epochs", "2",
             "--max-concurrent", "1", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    stdout, stderr = _interrupt_when(proc, out / "experiments" / "fifo-s0" / "rows.jsonl")
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr and "--resume" in stderr and "best val acc" not in stdout
-    resumed = qan(*args, "--resume", timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    # the full budget (2 trials x 15 epochs); an epoch cut by the interrupt is redone and counted
-    total = re.search(r"(\d+) epochs in total", resumed.stdout)
-    assert total is not None and int(total.group(1)) in (30, 31), resumed.stdout[-2000:]
+    # a real SIGINT, sent by the process to itself at the experiment's first result
+    stopped = qan(*args, env={"QAN_FAULT": "tune-result:1:sigint"})
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "interrupted" in stopped.stderr and "--resume" in stopped.stderr
+    assert "best val acc" not in stopped.stdout
+    rows = out / "experiments" / "fifo-s0" / "rows.jsonl"
+    assert 1 <= len(read_rows(rows)) < 4  # stopped inside the experiment
+    assert main([*args, "--resume"]) == 0  # in process, on the session's Ray
+    printed = capsys.readouterr().out
+    # the full budget (2 trials x 2 epochs); an epoch cut by the interrupt is redone and counted
+    total = re.search(r"(\d+) epochs in total", printed)
+    assert total is not None and int(total.group(1)) in (4, 5), printed[-2000:]
+    assert len(trial_table(read_rows(rows))) == 2
 
 
-@pytest.mark.e2e
-def test_interrupted_compare_writes_no_mixed_table_and_reuses_finished_runs(tmp_path):
-    out = tmp_path / "cmp"
-    # fifo's trials run long enough (2 x 20 epochs) that the interrupt lands inside them
-    args = ["compare", "--schedulers", "asha,fifo", "--samples", "2", "--epochs", "20",
-            "--max-concurrent", "1", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    stdout, stderr = _interrupt_when(proc, out / "experiments" / "fifo-s0" / "rows.jsonl")
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "Finished: ['asha seed 0']" in stderr and "No table was written" in stderr
-    assert not (out / "compare.md").exists()
-    again = qan(*args, timeout=400)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "asha           seed 0: finished before, reused" in again.stdout
-    rows = pq.read_table(out / "compare.parquet").to_pylist()
-    assert [r["scheduler"] for r in rows] == ["asha", "fifo"]
+# The interrupted `qan compare` (no mixed table, finished runs reused) is
+# tests/test_compare_cli.py::test_interrupted_compare_writes_no_table_then_reuses_and_writes_it.
