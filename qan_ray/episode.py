@@ -93,6 +93,17 @@ def dying(train_loss: Any, val_loss: Any, val_accuracy: Any, initial_train: Any,
     return nonfinite | rose | lost
 
 
+def rescue_lr(rule: ActionSpec, factor: float, *, lr: float, correction: float, start: float,
+              progress: float) -> tuple[float, float]:
+    """(LR after a rescue, correction): x factor, or with a cosine schedule its correction x
+    factor (within CORRECTION_RANGE), clamped to [lr_min, lr_max]."""
+    if rule.mode == "lr" and rule.schedule == "cosine":
+        low, high = CORRECTION_RANGE
+        c = min(max(correction * factor, low), high)
+        return rule.scheduled_lr(start, c, progress), c
+    return rule.clamp(lr * factor), float(correction)
+
+
 class Outcome(NamedTuple):
     """What one step did to each of K members ((K,) arrays; members that did not step: 0)."""
 
@@ -221,15 +232,11 @@ class Episodes:
         correction x rescue_factor), clamped; the others keep theirs."""
         out = np.array(lrs, dtype=np.float64).reshape(self.k)
         progress = np.asarray(progress, dtype=np.float64).reshape(-1)
-        factor = self.cfg.rescue_factor
         for i in np.asarray(members, dtype=np.int64).reshape(-1):
-            if self.rule.mode == "lr" and self.rule.schedule == "cosine":
-                low, high = CORRECTION_RANGE
-                self.correction[i] = min(max(self.correction[i] * factor, low), high)
-                out[i] = self.rule.scheduled_lr(self.start_lrs[i], self.correction[i],
-                                                float(progress[i]))
-            else:
-                out[i] = self.rule.clamp(out[i] * factor)
+            out[i], self.correction[i] = rescue_lr(
+                self.rule, self.cfg.rescue_factor, lr=float(out[i]),
+                correction=self.correction[i], start=self.start_lrs[i],
+                progress=float(progress[i]))
         return out
 
     def guard_trainer(self, population: Any, outcome: Outcome, members: Any) -> None:

@@ -32,7 +32,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from qan_ray import scheduler_core as core
 from qan_ray.contract import OBS_VERSION, ObservationSpec, clean, greedy_action
-from qan_ray.episode import next_lr
+from qan_ray.episode import next_lr, rescue_lr
 from qan_ray.scheduler_core import TrialState
 
 logger = logging.getLogger(__name__)
@@ -87,13 +87,19 @@ class QANScheduler(FIFOScheduler):
         or a trial that cannot build it) leaves the affected trials at their config's LR with one
         warning each, and the experiment goes on; "error" refuses such a controller at once.
     obs_key: the result key of an inline observation.
+    guard: the rescue guard (default on): a trial whose iteration left it dying (a loss above
+        its value at init, NaN/inf, or accuracy back at chance after it had learned;
+        qan_ray.episode.dying) is rolled back by its QANReporter to its last good state (the
+        reporter needs the model and optimizer) and QAN cuts its LR by `rescue_factor`, at most
+        `max_rescues` times per trial. guard=False is the ablation.
     """
 
     def __init__(self, policy: Any = "builtin", action_mode: str | None = None,
                  control_every: int = 1, lr_key: str = "lr",
                  stopper: TrialScheduler | None = None, metric: str | None = None,
                  mode: str | None = None, on_missing: str = "error", on_mismatch: str = "warn",
-                 obs_key: str = core.OBS_KEY):
+                 obs_key: str = core.OBS_KEY, guard: bool = True, rescue_factor: float = 0.1,
+                 max_rescues: int = 4):
         super().__init__()
         if not isinstance(control_every, int) or control_every < 1:
             raise ValueError(f"`control_every` is {control_every!r}; it must be an integer >= 1 "
@@ -111,6 +117,13 @@ class QANScheduler(FIFOScheduler):
             raise ValueError("`stopper` is a QANScheduler; it must be a stopping scheduler such "
                              "as ASHAScheduler, HyperBandScheduler or MedianStoppingRule.")
         _check_pbt_mutations(stopper, lr_key)
+        if not 0 < rescue_factor < 1:
+            raise ValueError(f"`rescue_factor` is {rescue_factor!r}; it must lie in (0, 1). Try "
+                             "rescue_factor=0.1.")
+        if not isinstance(max_rescues, int) or max_rescues < 0:
+            raise ValueError(f"`max_rescues` is {max_rescues!r}; it must be an integer >= 0. "
+                             "Try max_rescues=4.")
+        self.guard, self.rescue_factor = bool(guard), float(rescue_factor)
         self.controller = load_policy(policy)
         spec = self.controller.spec
         spec_mode = spec.action.mode
@@ -123,7 +136,8 @@ class QANScheduler(FIFOScheduler):
         self.rule = spec.action
         self.observe = {"with_weights": spec.observation.with_weights,
                         "monitored_layers": list(spec.observation.monitored_layers),
-                        "num_classes": spec.observation.num_classes}
+                        "num_classes": spec.observation.num_classes,
+                        "guard": {"on": self.guard, "max_rescues": max_rescues}}
         self.fallback = spec.fallback_action()
         self.on_mismatch = on_mismatch
         why = spec.observation.mismatch(produced_observation(spec))
@@ -215,6 +229,17 @@ class QANScheduler(FIFOScheduler):
                                      state.acted_iteration)
         if fresh or iteration not in state.trained:  # a stale repeat keeps its record
             state.trained[iteration] = state.lr
+        if result.get(core.RESCUED_KEY) and self.guard and fresh:
+            # the reporter rolled the trial back to its last good state; QAN cuts the LR
+            state.via_channel = core.VERSION_KEY in result
+            progress = result.get(core.PROGRESS_KEY)
+            self._rescue(trial, state, iteration,
+                         float(progress) if core.is_finite(progress) else 0.0)
+            self._persist(force=False)
+            final = core.merge_decision(decision, state.via_channel, True)
+            if final == TrialScheduler.PAUSE and decision != TrialScheduler.PAUSE:
+                self._paused_by_qan.add(tid)
+            return final
         real_metric = self._metric if self._metric not in (None, "_metric") else None
         missing = core.missing_keys(result, real_metric, self.obs_key)
         if missing:
@@ -376,6 +401,8 @@ class QANScheduler(FIFOScheduler):
 
     # --- internals -------------------------------------------------------------------------------
     def _label(self, action: int) -> str:
+        if action == core.RESCUE_ACTION:
+            return "rescue"
         if action < 0:
             return "set by stopper"
         labels = self.rule.labels
@@ -404,6 +431,19 @@ class QANScheduler(FIFOScheduler):
         if state.via_channel:
             self._publish(trial.trial_id, state)
         return True
+
+    def _rescue(self, trial: Trial, state: TrialState, iteration: int, progress: float) -> None:
+        """The guard's LR cut after a rollback (the episode's rule, `episode.rescue_lr`)."""
+        new_lr, state.correction = rescue_lr(self.rule, self.rescue_factor, lr=state.lr,
+                                             correction=state.correction,
+                                             start=state.initial_lr, progress=progress)
+        state.rescues += 1
+        state.record_action(iteration, core.RESCUE_ACTION, new_lr)
+        self._set_config_lr(trial, state)
+        if state.via_channel:
+            self._publish(trial.trial_id, state)
+        logger.info("QANScheduler: trial %s rescued after iteration %d (rolled back, LR -> "
+                    "%.4g; rescue %d)", trial.trial_id, iteration, new_lr, state.rescues)
 
     def _set_config_lr(self, trial: Trial, state: TrialState) -> None:
         if trial.config.get(self.lr_key) != state.lr:

@@ -31,6 +31,12 @@ PROGRESS_KEY = "qan_progress"
 """Result key: fraction of the trial's budget done (QAN does not act on a finished trial)."""
 VERSION_KEY = "qan_version"
 """Result key: version of the control-channel hyperparameters the trainable trained with."""
+RESCUED_KEY = "qan_rescued"
+"""Result key: the rescue guard rolled this iteration back (QANScheduler cuts the LR)."""
+RESCUES_KEY = "qan_rescues"
+"""Result key: the trial's rescues so far."""
+RESCUE_ACTION = -2
+"""The action recorded in a trial's history for a rescue (-1: a stopper set the LR)."""
 
 CONTINUE, PAUSE, STOP, NOOP = "CONTINUE", "PAUSE", "STOP", "NOOP"  # TrialScheduler's constants
 
@@ -143,13 +149,16 @@ class TrialState:
     """Why QAN does not drive this trial (its observation does not fit); None = it does."""
     correction: float = 1.0
     """lr_schedule cosine: the controller's factor on the cosine decay from initial_lr."""
+    rescues: int = 0
+    """Rescues of the guard so far (each cut the LR)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "initial_lr": self.initial_lr, "version": self.version,
                 "last_iteration": self.last_iteration, "acted_iteration": self.acted_iteration,
                 "via_channel": self.via_channel, "history": [list(h) for h in self.history],
                 "trained": {str(k): v for k, v in self.trained.items()},
-                "skipped": self.skipped, "correction": self.correction}
+                "skipped": self.skipped, "correction": self.correction,
+                "rescues": self.rescues}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialState:
@@ -160,7 +169,8 @@ class TrialState:
                    via_channel=bool(d.get("via_channel", False)),
                    history=[list(h) for h in d.get("history", [])],
                    trained={int(k): float(v) for k, v in d.get("trained", {}).items()},
-                   skipped=d.get("skipped"), correction=float(d.get("correction", 1.0)))
+                   skipped=d.get("skipped"), correction=float(d.get("correction", 1.0)),
+                   rescues=int(d.get("rescues", 0)))
 
     def record_action(self, iteration: int, action: int, lr: float) -> None:
         self.history.append([int(iteration), int(action), float(lr)])

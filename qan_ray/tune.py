@@ -32,12 +32,15 @@ from typing import Any
 from qan_ray.config import QANConfig
 from qan_ray.constants import NUM_CLASSES
 from qan_ray.contract import OBS_VERSION, ObservationSpec, Observer
+from qan_ray.episode import dying
 from qan_ray.rewards import diverged
 from qan_ray.scheduler_core import (
     OBS_ERROR_KEY,
     OBS_KEY,
     OBS_REF_KEY,
     PROGRESS_KEY,
+    RESCUED_KEY,
+    RESCUES_KEY,
     VERSION_KEY,
 )
 
@@ -112,12 +115,17 @@ class QANReporter:
     features: "auto" (only when a channel exists, i.e. QANScheduler drives the run), or True
         (always; without a channel the observation is returned under `qan_obs`).
     num_classes: classes of the task (the chance level of the loss and accuracy signals).
+    model, optimizer: the trial's network and optimizer (anything with state_dict() and
+        load_state_dict()), given once, for the rescue guard: while QANScheduler's guard is on,
+        the reporter keeps the last good state of both in memory (on their device) and, when an
+        iteration leaves the run dying (`qan_ray.episode.dying`), loads it back and reports
+        `qan_rescued`; QANScheduler then cuts the LR. Without them there is no rollback.
     """
 
     def __init__(self, config: dict[str, Any], lr_key: str = "lr",
                  monitored_layers: tuple[str, ...] = (), channel: Any = "auto",
                  features: bool | str = "auto", timeout_s: float = 30.0,
-                 num_classes: int = NUM_CLASSES):
+                 num_classes: int = NUM_CLASSES, model: Any = None, optimizer: Any = None):
         self.config = dict(config)
         self.lr_key = lr_key
         self.timeout_s = timeout_s
@@ -138,6 +146,24 @@ class QANReporter:
             self._channel = channel
             self._trial_id = _tune_trial_id()
         self._features = features
+        self.model, self.optimizer = model, optimizer
+        self.guard = {"on": False, "max_rescues": 0}  # QANScheduler's, from the channel
+        self.rescues = 0
+        self.best_accuracy: float | None = None
+        self.initial_val_loss: float | None = None
+        self._good: tuple[dict, dict] | None = None
+        self._keep_good()  # the state at init: the fallback of a rescue before a good one
+
+    def _keep_good(self) -> None:
+        """Copy the model's and optimizer's state (on their device) as the last good one."""
+        if self.model is not None and self.optimizer is not None:
+            self._good = (_copy_state(self.model.state_dict()),
+                          _copy_state(self.optimizer.state_dict()))
+
+    def _rescue(self) -> None:
+        model, opt = self._good
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(_copy_state(opt))
 
     def _connect(self) -> None:
         ctx = _tune_context()
@@ -186,6 +212,8 @@ class QANReporter:
             if initial is not None:
                 self.observer.initial_lr = float(initial)
             observe = entry.get("observe") or {}
+            if "guard" in observe:
+                self.guard = dict(observe["guard"])
             if observe:
                 mine = self.observer.spec
                 layers = tuple(observe.get("monitored_layers") or mine.monitored_layers)
@@ -209,6 +237,9 @@ class QANReporter:
         the initial state too). No weight statistics are computed here."""
         self.observer.signals(lr=self.lr if lr is None else float(lr), train_loss=train_loss,
                               val_loss=val_loss, val_accuracy=val_accuracy, progress=0.0)
+        self.initial_loss = float(train_loss)
+        self.initial_val_loss = float(val_loss)
+        self.best_accuracy = float(val_accuracy)
 
     def diverged(self, train_loss: float, factor: float | None = None) -> bool:
         """The environment's divergence rule (`rewards.diverged`): NaN/inf, or above `factor` x
@@ -224,13 +255,38 @@ class QANReporter:
                 lr: float | None = None) -> dict[str, Any]:
         """Result keys for QANScheduler (a few scalars; the observation goes through the
         channel). `initial_loss` (the loss at initialisation) is the reference of
-        `diverged()`; `lr` is the LR this iteration trained with (default: the applied one)."""
+        `diverged()` and of the guard; `lr` is the LR this iteration trained with (default:
+        the applied one). With the guard on and a model and optimizer given, a dying iteration
+        is rolled back here (`qan_rescued`: True; no observation is sent for it)."""
         lr = self.lr if lr is None else float(lr)
         if initial_loss is not None:
             self.initial_loss = float(initial_loss)
         elif self.initial_loss is None:
             self.initial_loss = float(train_loss)
+        if self.initial_val_loss is None:  # start() was not called: the first result's
+            self.initial_val_loss = float(val_loss)
+        if self.best_accuracy is None:
+            self.best_accuracy = float(val_accuracy)
         out: dict[str, Any] = {}
+        if self.active and self._polled:
+            out[RESCUES_KEY] = self.rescues
+        if self._guarding():
+            lost = dying([train_loss], [val_loss], [val_accuracy], self.initial_loss,
+                         self.initial_val_loss, self.best_accuracy,
+                         self.observer.spec.num_classes)[0]
+            if lost and self.rescues < int(self.guard.get("max_rescues", 0)):
+                self._rescue()
+                self.rescues += 1
+                out.update({RESCUED_KEY: True, RESCUES_KEY: self.rescues,
+                            PROGRESS_KEY: float(progress), VERSION_KEY: self.version})
+                logger.info("QAN guard: trial %s rolled back to its last good state after "
+                            "iteration loss %.4g / val acc %.4f (rescue %d)", self._trial_id,
+                            train_loss, val_accuracy, self.rescues)
+                return out
+            if not lost:
+                self._keep_good()
+        if math.isfinite(val_accuracy):
+            self.best_accuracy = max(self.best_accuracy, float(val_accuracy))
         if self._features is True or (self._features == "auto" and self.active):
             try:
                 obs = self.observer.observe(model, lr=lr, train_loss=train_loss,
@@ -251,10 +307,16 @@ class QANReporter:
             out[VERSION_KEY] = self.version
         return out
 
+    def _guarding(self) -> bool:
+        return (bool(self.guard.get("on")) and self.active and self.model is not None
+                and self.optimizer is not None)
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint should keep (the signals' references and history)."""
+        """What a checkpoint should keep (the signals' references and history, the guard's
+        references and count)."""
         return {"observer": self.observer.state_dict(), "initial_loss": self.initial_loss,
-                "seq": self._seq}
+                "seq": self._seq, "rescues": self.rescues, "best_accuracy": self.best_accuracy,
+                "initial_val_loss": self.initial_val_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("observer"):  # the channel's entry, if any, wins at poll()
@@ -264,6 +326,24 @@ class QANReporter:
         if state.get("initial_loss") is not None:
             self.initial_loss = float(state["initial_loss"])
         self._seq = int(state.get("seq", self._seq))
+        self.rescues = int(state.get("rescues", self.rescues))
+        for key in ("best_accuracy", "initial_val_loss"):
+            if state.get(key) is not None:
+                setattr(self, key, float(state[key]))
+        self._keep_good()  # call after loading the model and optimizer: a rescue returns here
+
+
+def _copy_state(state: Any) -> Any:
+    """A deep copy of a state_dict: tensors cloned on their device, containers rebuilt."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _copy_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy_state(v) for v in state)
+    return state
 
 
 def _tune_context():

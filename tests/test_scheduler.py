@@ -372,3 +372,27 @@ def test_cosine_controller_keeps_trials_on_the_cosine_schedule():
         cosine = 0.2 * 0.5 * (1 + math.cos(math.pi * progress))
         assert trial.config["lr"] == pytest.approx(cosine)
     assert s.trial_state("t0").correction == 1.0
+
+
+def test_a_rescued_result_cuts_the_lr_instead_of_asking_the_controller():
+    s = _scheduler("max", rescue_factor=0.1)
+    trial = StandInTrial("t0", 0.5)
+    tc = StandInController([trial])
+    s.on_trial_add(tc, trial)
+    rescued = {"training_iteration": 1, "m": 0.1, "qan_rescued": True, "qan_rescues": 1,
+               "qan_progress": 0.25}  # no observation: the reporter rolled the trial back
+    assert s.on_trial_result(tc, trial, rescued) == PAUSE  # restart fallback applies the cut
+    assert trial.config["lr"] == pytest.approx(0.05)
+    state = s.trial_state("t0")
+    assert state.rescues == 1 and [h[1] for h in state.history] == [-2]
+    assert [r["action_label"] for r in s.schedule_rows("t0")] == ["rescue"]
+    assert s.on_trial_result(tc, trial, _result(2, 0.6)) == PAUSE  # then the controller again
+    assert trial.config["lr"] == pytest.approx(0.025)  # its x0.5
+    off = _scheduler("max", guard=False)
+    other = StandInTrial("t1", 0.5)
+    off.on_trial_add(StandInController([other]), other)
+    off.on_trial_result(StandInController([other]), other,
+                        _result(1, 0.1, qan_rescued=True))  # guard off: an ordinary result
+    assert off.trial_state("t1").rescues == 0 and other.config["lr"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"`rescue_factor` is 1.5; it must lie in \(0, 1\)"):
+        _scheduler("max", rescue_factor=1.5)

@@ -132,3 +132,46 @@ def test_env_lr_init_range_starts_each_episode_at_a_seeded_log_uniform_lr():
     assert plain.reset(seed=0)[1]["lr"] == 0.05  # unset: the config's lr, as before
     with pytest.raises(ValueError, match="`lr_init_range` is"):
         from_dict(lr_init_range=(0.5, 0.1))
+
+
+def test_reporter_guard_rolls_the_model_and_optimizer_back_and_reports_the_rescue(ray_session):
+    """The Tune side of the guard with a real control channel actor: a good iteration is kept
+    (model + optimizer state), a dying one is loaded back from it and reported as rescued."""
+    from qan_ray.tune import open_channel
+
+    channel = open_channel("test-reporter-guard", create=True)
+    assert channel is not None
+    try:
+        import ray
+
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ray.get(channel.publish.remote(None, {"lr": 0.1}, 1, {"lr": 0.1},
+                                       {"guard": {"on": True, "max_rescues": 1}}))
+        reporter = QANReporter({"lr": 0.1}, channel=channel, model=model, optimizer=opt,
+                               features=False)
+        reporter.poll()
+        reporter.start(train_loss=2.3, val_loss=2.3, val_accuracy=0.1)
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()  # some training: a momentum buffer now exists
+        out = reporter.metrics(model, train_loss=1.0, val_loss=1.1, val_accuracy=0.6,
+                               progress=0.25)
+        assert out["qan_rescues"] == 0 and "qan_rescued" not in out
+        good_w = model.weight.detach().clone()
+        good_buf = opt.state_dict()["state"][0]["momentum_buffer"].clone()
+        with torch.no_grad():
+            model.weight.fill_(float("nan"))
+        opt.state[model.weight]["momentum_buffer"].fill_(7.0)
+        out = reporter.metrics(model, train_loss=float("nan"), val_loss=float("nan"),
+                               val_accuracy=0.1, progress=0.5)
+        assert out["qan_rescued"] is True and out["qan_rescues"] == 1
+        assert torch.equal(model.weight, good_w)
+        assert torch.equal(opt.state[model.weight]["momentum_buffer"], good_buf)
+        with torch.no_grad():
+            model.weight.fill_(float("nan"))
+        out = reporter.metrics(model, train_loss=float("nan"), val_loss=float("nan"),
+                               val_accuracy=0.1, progress=0.75)  # max_rescues spent
+        assert "qan_rescued" not in out and torch.isnan(model.weight).all()
+        assert reporter.state_dict()["rescues"] == 1
+    finally:
+        ray.kill(channel)

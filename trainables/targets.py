@@ -117,7 +117,8 @@ def target_trainable(config: dict[str, Any]) -> None:
     checkpoint_every = int(extra.get("checkpoint_every", 1))
     schedule = check_trial_schedule(extra.get("trial_schedule"))
     trainer = TargetTrainer(cfg)
-    reporter = QANReporter(config, lr_key="lr", monitored_layers=cfg.monitored_layers)
+    reporter = QANReporter(config, lr_key="lr", monitored_layers=cfg.monitored_layers,
+                           model=trainer.model, optimizer=trainer.population.optimizer)
     if schedule is not None and reporter.active:
         raise ValueError(f"`trial_schedule` {schedule!r} and QANScheduler would both set the LR "
                          "of this trial; drop `trial_schedule` from the config under QAN.")
