@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,6 +33,15 @@ def run(ray_session, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("meta") / "run"
     mt = MetaTrainer(QAN, _meta(), out, log=lambda *_: None)
+    mt.selections = []  # (episode, score) of every selection the loop makes
+    select = mt.select
+
+    def recorded_select() -> float:
+        score = select()
+        mt.selections.append((mt.progress["episodes"], score))
+        return score
+
+    mt.select = recorded_select
     yield mt
     mt.stop()
 
@@ -101,6 +113,15 @@ def test_exported_controller_matches_rllib_q_values(run):
     assert (run.out / "learning_curve.png").stat().st_size > 0
 
 
+class _Selector:
+    """Stands in for the selection actor: its greedy runs score `accs`."""
+
+    def __init__(self, accs: list[float]):
+        import ray
+
+        self.greedy_final_accuracy = SimpleNamespace(remote=lambda *_: ray.put(accs))
+
+
 def test_model_selection_keeps_the_best_greedy_controller(run):
     import ray
 
@@ -109,12 +130,34 @@ def test_model_selection_keeps_the_best_greedy_controller(run):
 
     best = run.progress["best"]
     assert 2 <= best["episode"] <= run.progress["episodes"] and 0.0 <= best["score"] <= 1.0
+    # the best of the selections the loop made (the first one on a tie)
+    assert run.selections
+    top = max(score for _, score in run.selections)
+    assert best == {"score": top, "episode": min(e for e, s in run.selections if s == top)}
     chosen = load_controller(run.out)  # controller/ = the selected one
     assert chosen.spec.provenance["selection"] == best
     # Re-running the chosen controller on the selection seed reproduces its recorded score.
     accs = ray.get(run._selector.greedy_final_accuracy.remote(
         chosen.net.state_dict(), chosen.spec.to_dict(), [SELECTION_SEED_BASE]))
     assert accs == [best["score"]]
+    # The decision itself, on scores we choose: a worse controller is not kept, a better one is.
+    selector, saved = run._selector, run.out / "controller.saved"
+    shutil.copytree(run.out / "controller", saved)
+    try:
+        worse, better = best["score"] / 2, best["score"] + 0.25
+        run._selector = _Selector([worse])
+        assert run.select() == worse
+        assert run.progress["best"] == best
+        assert load_controller(run.out).spec.provenance["selection"] == best
+        run._selector = _Selector([better])
+        assert run.select() == better
+        now = {"score": better, "episode": run.progress["episodes"]}
+        assert run.progress["best"] == now
+        assert load_controller(run.out).spec.provenance["selection"] == now
+    finally:  # the fixture's run goes on with its real selection
+        run._selector, run.progress["best"] = selector, best
+        shutil.rmtree(run.out / "controller")
+        os.replace(saved, run.out / "controller")
 
 
 def test_killed_actor_is_replaced_and_finished_episodes_survive(run):
@@ -143,31 +186,6 @@ def test_killed_actor_is_replaced_and_finished_episodes_survive(run):
     assert len(indices) == len(set(indices))  # the replacement never repeats an episode
 
 
-def test_resume_continues_the_episode_count(run):
-    from qan_ray.meta import MetaTrainer
-
-    run.save()
-    done = run.progress["episodes"]
-    rows_before = read_parts(run.out / "steps").num_rows
-    run.stop()
-    resumed = MetaTrainer(QAN, _meta(episodes=done + 2), run.out, resume=True,
-                          log=lambda *_: None)
-    try:
-        assert resumed.progress["episodes"] == done
-        # the horizon of the original run (4 episodes), not of the new loop bound
-        assert resumed.meta.explore_episodes == 4
-        assert resumed.algo.config.epsilon == [(0, 1.0), (2 * run.steps_per_episode, 0.05)]
-        result = resumed.train()
-        assert resumed.progress["episodes"] >= done + 2
-        assert result["env_runners"]["num_episodes_lifetime"] >= done + 2  # RLlib's own count
-        rows = read_parts(run.out / "steps").to_pylist()
-        assert len(rows) > rows_before
-        assert max(r["episode"] for r in rows if r["episode"] is not None) == (
-            resumed.progress["episodes"] - 1)
-    finally:
-        run.algo = resumed.algo  # the fixture's teardown stops the live algorithm
-
-
 def _train_args(*argv: str) -> argparse.Namespace:
     from qan_ray.meta import configure_train
 
@@ -176,25 +194,51 @@ def _train_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_run_train_resume_with_more_episodes_keeps_the_epsilon_schedule(run, capsys):
-    from qan_ray.meta import run_train
+def test_resume_continues_the_count_and_keeps_the_epsilon_schedule(run, capsys, monkeypatch):
+    """`qan train --resume --episodes N` on the run: it continues the episode count (its own and
+    RLlib's) and keeps the exploration schedule of the original run; N moves the loop bound."""
+    from qan_ray.meta import MetaTrainer, run_train
 
     run.save()
     done = run.progress["episodes"]
+    rows_before = read_parts(run.out / "steps").num_rows
     run.stop()
     bound = json.loads((run.out / "config.json").read_text())["meta"]["episodes"]
+    seen = {}
+    train = MetaTrainer.train
+
+    def spy(self, until=None):  # the resumed trainer, as restored and after its loop
+        seen.update(trainer=self, start=self.progress["episodes"], meta=self.meta,
+                    epsilon=self.algo.config.epsilon)
+        seen["result"] = train(self, until)
+        return seen["result"]
+
+    monkeypatch.setattr(MetaTrainer, "train", spy)
     assert run_train(_train_args("--out", str(run.out), "--resume",
-                                 "--episodes", str(done + 1))) == 0
+                                 "--episodes", str(done + 2))) == 0
     printed = capsys.readouterr().out
-    assert (f"resume: --episodes {done + 1} (was {bound}) changes only the loop bound; the "
+    assert f"resumed from {run.out / 'checkpoint'} at episode {done} " in printed
+    assert seen["start"] == done
+    assert (f"resume: --episodes {done + 2} (was {bound}) changes only the loop bound; the "
             "exploration schedule stays that of the original run.") in printed
-    # printed from the restored algorithm's own config: the original 4-episode horizon
+    # the horizon of the original run (4 episodes), not of the new loop bound, in the restored
+    # algorithm's own config (printed from it too)
+    assert seen["meta"].explore_episodes == 4
+    assert seen["epsilon"] == [(0, 1.0), (2 * run.steps_per_episode, 0.05)]
     steps = int(0.5 * 4 * run.steps_per_episode)
     assert (f"exploration: epsilon 1 -> 0.05 over the first {steps} control steps "
             "(explore_episodes 4, fixed when the run started)") in printed
+    resumed = seen["trainer"]
+    assert resumed.progress["episodes"] >= done + 2
+    assert seen["result"]["env_runners"]["num_episodes_lifetime"] >= done + 2  # RLlib's count
+    rows = read_parts(run.out / "steps").to_pylist()
+    assert len(rows) > rows_before
+    assert max(r["episode"] for r in rows if r["episode"] is not None) == (
+        resumed.progress["episodes"] - 1)
     saved = json.loads((run.out / "config.json").read_text())["meta"]
-    assert (saved["episodes"], saved["explore_episodes"]) == (done + 1, 4)
-    assert json.loads((run.out / "progress.json").read_text())["episodes"] >= done + 1
+    assert (saved["episodes"], saved["explore_episodes"]) == (done + 2, 4)
+    assert json.loads((run.out / "progress.json").read_text())["episodes"] == (
+        resumed.progress["episodes"])
 
 
 def test_fresh_run_refuses_to_overwrite_an_existing_log(run):
@@ -202,25 +246,6 @@ def test_fresh_run_refuses_to_overwrite_an_existing_log(run):
 
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         MetaTrainer(QAN, _meta(), run.out, log=lambda *_: None)
-
-
-def test_actor_env_replaces_an_actor_killed_mid_episode(ray_session):
-    import ray
-
-    from qan_ray.actors import ActorEnv
-
-    env = ActorEnv({"qan": QAN.to_dict(), "resources": {"cpus_per_actor": 0.5}, "run": "kill"})
-    env.reset(seed=1)
-    env.step(2)
-    ray.kill(env._actor, no_restart=True)
-    obs, reward, terminated, truncated, info = env.step(2)
-    assert truncated and not terminated and info["actor_replaced"] and reward == 0.0
-    assert env.replacements == 1
-    assert len(env.finished) == 1 and len(env.finished[0]) == 2  # reset row + the one step
-    obs, info = env.reset(seed=1)  # the new actor serves the next episode
-    obs, reward, terminated, truncated, info = env.step(2)
-    assert not truncated and info["step"] == 1 and np.isfinite(obs).all()
-    env.close()
 
 
 def test_meta_config_rejects_bad_values():
