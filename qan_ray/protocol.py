@@ -345,7 +345,8 @@ def make_scheduler(name: str, proto: Protocol):
 
         return QANScheduler(policy=policy or proto.policy, control_every=proto.control_every,
                             action_mode=proto.task_config.get("action_mode"),
-                            stopper=stopping(stopper, qan=True) if stopper else None)
+                            stopper=stopping(stopper, qan=True) if stopper else None,
+                            guard=bool(proto.task_config.get("guard", True)))
     return stopping(base)
 
 

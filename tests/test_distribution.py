@@ -100,7 +100,8 @@ def test_a_preset_in_the_mix_keeps_its_fields_and_gets_a_drawn_lr_and_epoch_cade
         assert (t.task, t.dataset, t.model, t.batch_size, t.epochs_per_episode) == (
             "mnist1d-cnn", "mnist1d", "cnn1d", 100, 40.0)
         assert t.control_interval == 32  # 3,200 training signals / 100 per batch
-        assert 3e-4 <= t.lr <= 3e-1  # the momentum family's range (preset momentum 0.9)
+        assert 1e-4 <= t.lr <= 1.0  # the momentum family's range (preset momentum 0.9)
+    assert min(t.lr for t in tasks) < 3e-4 and max(t.lr for t in tasks) > 0.3  # all of it
     assert len({t.lr for t in tasks}) == 30
     narrow = from_dict(tasks=("mnist1d-cnn",), lr_init_range=(0.01, 0.02))
     assert all(0.01 <= sample_task(narrow, s).lr <= 0.02 for s in range(10))
@@ -165,7 +166,7 @@ def test_env_switches_task_across_resets_with_the_same_observation_length():
     ({"holdout": ("cnn",)}, "`holdout` is ('cnn',), but `tasks` is empty"),
     ({"tasks": ("generalist",), "mm_coef": 0.005}, "Pass --mm-coef 0, or drop --tasks"),
     ({"tasks": ("generalist",), "lr_min": 0.5, "lr": 0.5},
-     "with `tasks` the initial LR of a momentum task is drawn from (0.0003, 0.3)"),
+     "with `tasks` the initial LR of a adam task is drawn from (1e-05, 0.3)"),
     ({"tasks": ("mnist-lenet",)}, "`tasks` entry 'mnist-lenet' does not make a valid task with "
                                   "this config: `data_root` is None"),
 ])
