@@ -23,6 +23,9 @@ NUM_CLASSES = 10
 CHANCE_MARGIN = 0.02
 """A run whose val accuracy is within this of chance (1 / classes) is at chance."""
 
+DEAD_MARGIN = 0.05
+"""A run whose final val accuracy is within this of chance is a dead run (trial)."""
+
 EVAL_SEED_BASE = 1_000_000
 SELECTION_SEED_BASE = 2_000_000
 EPISODE_SEED_BASE = 10_000_000
@@ -40,6 +43,11 @@ def at_chance(val_accuracy: float, num_classes: int = NUM_CLASSES,
               margin: float = CHANCE_MARGIN) -> bool:
     """True when `val_accuracy` is within `margin` of chance (or not a number)."""
     return not math.isfinite(val_accuracy) or val_accuracy <= chance_accuracy(num_classes) + margin
+
+
+def is_dead(final_val_accuracy: float, num_classes: int = NUM_CLASSES) -> bool:
+    """A dead run: it ended within DEAD_MARGIN of chance (or without a number)."""
+    return at_chance(final_val_accuracy, num_classes, DEAD_MARGIN)
 
 
 def run_seed(base: int, index: int) -> int:

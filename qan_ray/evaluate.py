@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qan_ray.config import QANConfig
-from qan_ray.constants import EVAL_SEED_BASE, eval_seed  # noqa: F401 - EVAL_SEED_BASE re-exported
+from qan_ray.constants import EVAL_SEED_BASE, eval_seed, is_dead  # noqa: F401 - re-exported
 from qan_ray.control import make_baseline
 from qan_ray.distribution import TASK_FIELDS, batches_per_epoch, load_config
 from qan_ray.env import TargetTrainingEnv, rollout
@@ -88,7 +88,8 @@ class Runs:
             self.curves.append({"method": method, "seed": seed, "batches": r["batches"],
                                 "val_accuracy": r["val_accuracy"], "val_loss": r["val_loss"],
                                 "train_loss": r["train_loss"], "lr": r["lr"],
-                                "action": r["action"], "composition": r.get("composition")})
+                                "action": r["action"], "rescued": bool(r.get("rescued")),
+                                "composition": r.get("composition")})
 
     def add_records(self, method: str, seed: int, recs: list[dict], test_accuracy: float,
                     seconds: float) -> None:
@@ -254,6 +255,8 @@ def summarise(runs: Runs, target_accuracy: float | None = None) -> dict[str, Any
             "wall_s_mean": statistics.mean(r["wall_s"] for r in rs),
             "final_lr_mean": statistics.mean(r["recs"][-1]["lr"] for r in rs),
             "diverged": sum(r["diverged"] for r in rs),
+            "dead": sum(is_dead(r["final_val_accuracy"]) for r in rs),
+            "rescues": sum(int(r["recs"][-1].get("rescues", 0)) for r in rs),
             "best_fixed": method == best_fixed, "best_baseline": method == best_baseline,
         })
     return {"summary": summary, "curves": runs.curves, "target": target,
@@ -287,8 +290,8 @@ def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:
         f"target val accuracy {result['target']:.4f} (best baseline: {result['best_baseline']})",
         "",
         "| method | val acc (mean +- std) | test acc (mean +- std) | batches to target "
-        "(reached) | final LR | wall s |",
-        "|---|---|---|---|---|---|",
+        "(reached) | dead runs | rescues | final LR | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(result["summary"], key=lambda r: (not r["method"].startswith("qan"),
                                                        -r["val_acc_mean"])):
@@ -297,8 +300,8 @@ def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:
         mark = " (best)" if r["best_baseline"] else ""
         lines.append(f"| {r['method']}{mark} | {r['val_acc_mean']:.4f} +- {r['val_acc_std']:.4f}"
                      f" | {r['test_acc_mean']:.4f} +- {r['test_acc_std']:.4f} | {btt} "
-                     f"({r['reached_target']}/{r['runs']}) | {r['final_lr_mean']:.3g} | "
-                     f"{r['wall_s_mean']:.2f} |")
+                     f"({r['reached_target']}/{r['runs']}) | {r['dead']}/{r['runs']} | "
+                     f"{r['rescues']} | {r['final_lr_mean']:.3g} | {r['wall_s_mean']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -83,8 +83,13 @@ def plot_accuracy_curves(curves: list[dict], path, target: float | None = None,
 
 
 def plot_lr(curves: list[dict], path, methods_prefix: str = "qan") -> Path:
-    """Learning rate over time: every seed of the controller, the mean of each baseline."""
+    """Learning rate over time: every seed of the controller, the mean of each baseline; the
+    rescue guard's rollbacks are marked with a red x (at the LR the dying interval had)."""
     fig, ax = plt.subplots(figsize=(8, 4))
+    rescued = [(r["batches"], r["lr"]) for r in curves if r.get("rescued")]
+    if rescued:
+        ax.scatter(*zip(*rescued), marker="x", color="red", s=40, zorder=5,
+                   label=f"rescue ({len(rescued)})")
     for r_method in sorted({r["method"] for r in curves}):
         runs = defaultdict(list)
         for r in curves:

@@ -204,3 +204,27 @@ def test_env_and_vector_env_follow_the_same_episode_rules():
         assert vr[0] == pytest.approx(r, rel=1e-3, abs=1e-4) and vterm[0] == term
     assert term and abs(r) > 0.05  # the last step paid final_val
     assert env.episodes.correction[0] == venv.episodes.correction[0] == 2.0
+
+
+def test_evaluate_counts_dead_runs_and_rescues_per_method():
+    from qan_ray.evaluate import Runs, markdown_table, summarise
+
+    def recs(final_acc, rescues):
+        return [{"batches": 0, "val_accuracy": 0.1, "val_loss": 2.3, "train_loss": 2.3,
+                 "lr": 0.1, "action": -1},
+                {"batches": 10, "val_accuracy": final_acc, "val_loss": 1.0, "train_loss": 1.0,
+                 "lr": 0.01, "action": 2, "rescued": rescues > 0, "rescues": rescues}]
+
+    runs = Runs()
+    for seed, (acc, resc) in enumerate([(0.9, 2), (0.149, 0), (0.95, 1)]):
+        runs.add_records("qan", seed, recs(acc, resc), acc, 1.0)
+    for seed, acc in enumerate([0.12, 0.151, 0.8]):
+        runs.add_records("fixed@0.1", seed, recs(acc, 0), acc, 1.0)
+    result = summarise(runs)
+    rows = {r["method"]: r for r in result["summary"]}
+    assert (rows["qan"]["dead"], rows["qan"]["rescues"]) == (1, 3)
+    assert (rows["fixed@0.1"]["dead"], rows["fixed@0.1"]["rescues"]) == (1, 0)  # 0.151 lives
+    result.update(seeds=[0, 1, 2], total_batches=10)
+    table = markdown_table(result, CFG)
+    assert "| dead runs | rescues |" in table and "| 1/3 | 3 |" in table
+    assert sum(c["rescued"] for c in result["curves"]) == 2
