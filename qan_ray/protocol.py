@@ -214,6 +214,7 @@ def epoch_counter(log_path: str | Path | None = None):
                 "val_loss": _num(result.get("val_loss")), "lr": _num(result.get("lr")),
                 "test_accuracy": _num(result.get("test_accuracy")),
                 "diverged": bool(result.get("diverged", False)),
+                "rescues": int(_num(result.get("qan_rescues")) or 0),
                 "seconds": time.perf_counter() - self.start,
             }
             self.rows.append(row)

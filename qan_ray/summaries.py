@@ -7,6 +7,11 @@ name does not start with "qan"), total epochs, wall time, and the test accuracy 
 that finished its budget. `table_rows` and `markdown` turn them into mean ± sd per scheduler.
 Diverged trials never count as a best: their results (every result of a trial that reported
 diverged=True) are left out of the best accuracies and the epochs to target.
+
+Per trial (what one user's trial gets, not only the best one): the mean over all trials of their
+final validation accuracy (the last one each reported, NaN counting as chance), the dead trials
+(final validation accuracy within 5 points of chance, `constants.is_dead`) and the rescue
+guard's rollbacks.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import math
 import statistics
 from typing import Any
+
+from qan_ray.constants import chance_accuracy, is_dead
 
 
 def diverged_trials(rows: list[dict[str, Any]]) -> set[str]:
@@ -57,6 +64,24 @@ def best_finished_test(rows: list[dict[str, Any]]) -> float | None:
     return float(max(finished, key=lambda r: r["val_accuracy"])["test_accuracy"])
 
 
+def final_accuracies(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per trial: the validation accuracy of its last result (NaN or missing -> chance)."""
+    out: dict[str, float] = {}
+    for r in rows:
+        acc = r.get("val_accuracy")
+        out[r["trial"]] = (float(acc) if acc is not None and math.isfinite(acc)
+                           else chance_accuracy())
+    return out
+
+
+def trial_rescues(rows: list[dict[str, Any]]) -> int:
+    """Rescues over all trials (each trial's count is cumulative: its largest)."""
+    per: dict[str, int] = {}
+    for r in rows:
+        per[r["trial"]] = max(per.get(r["trial"], 0), int(r.get("rescues") or 0))
+    return sum(per.values())
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation of the finite values (nan, nan if there are none)."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
@@ -73,11 +98,16 @@ def run_summary(name: str, seed: int, rows: list[dict[str, Any]], trials: int, w
                 budget: float) -> dict[str, Any]:
     """The summary row of one experiment from its arrival-ordered result rows."""
     total = float(rows[-1]["epochs"]) if rows else 0.0
+    finals = final_accuracies(rows)
     return {
         "scheduler": name, "seed": seed, "trials": trials,
         "best_val_accuracy": max((r["val_accuracy"] for r in _usable(rows)),
                                  default=math.nan),
         "diverged_trials": len(diverged_trials(rows)),
+        "trial_mean_final_val_accuracy": (statistics.mean(finals.values()) if finals
+                                          else math.nan),
+        "dead_trials": sum(is_dead(a) for a in finals.values()),
+        "rescues": trial_rescues(rows),
         "total_epochs": total, "wall_s": wall_s, "hit_budget": total >= budget,
         "test_accuracy_best_finished": best_finished_test(rows),
     }
@@ -123,10 +153,13 @@ def table_rows(summaries: list[dict[str, Any]], names: list[str]) -> list[dict[s
     for name in names:
         mine = [s for s in summaries if s["scheduler"] == name]
         reached = [s["epochs_to_target"] for s in mine if s["epochs_to_target"] is not None]
-        row = {"scheduler": name, "seeds": len(mine), "reached_target": len(reached)}
+        row = {"scheduler": name, "seeds": len(mine), "reached_target": len(reached),
+               "dead_trials": sum(int(s.get("dead_trials", 0)) for s in mine),
+               "trials": sum(int(s.get("trials", 0)) for s in mine),
+               "rescues": sum(int(s.get("rescues", 0)) for s in mine)}
         for key in ("best_val_accuracy", "epochs_to_target", "total_epochs", "wall_s",
-                    "test_accuracy_best_finished"):
-            m, sd = mean_sd([s[key] for s in mine if s[key] is not None])
+                    "test_accuracy_best_finished", "trial_mean_final_val_accuracy"):
+            m, sd = mean_sd([s[key] for s in mine if s.get(key) is not None])
             row[f"{key}_mean"], row[f"{key}_sd"] = m, sd
         rows.append(row)
     return rows
@@ -140,11 +173,14 @@ def markdown(rows: list[dict[str, Any]], target_note: str) -> str:
 
     lines = [f"Target accuracy: {target_note}", "",
              "| scheduler | best val acc | epochs to target (reached) | total epochs | wall s "
-             "| test acc (best finished trial) |",
-             "|---|---|---|---|---|---|"]
+             "| test acc (best finished trial) | mean final val acc (all trials) | dead trials "
+             "| rescues |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['scheduler']} | {ms(r, 'best_val_accuracy', '.4f')} | "
                      f"{ms(r, 'epochs_to_target', '.1f')} ({r['reached_target']}/{r['seeds']}) | "
                      f"{ms(r, 'total_epochs', '.1f')} | {ms(r, 'wall_s', '.1f')} | "
-                     f"{ms(r, 'test_accuracy_best_finished', '.4f')} |")
+                     f"{ms(r, 'test_accuracy_best_finished', '.4f')} | "
+                     f"{ms(r, 'trial_mean_final_val_accuracy', '.4f')} | "
+                     f"{r['dead_trials']}/{r['trials']} | {r['rescues']} |")
     return "\n".join(lines)

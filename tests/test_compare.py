@@ -165,3 +165,20 @@ def test_duplicate_seeds_are_refused_naming_them_and_a_fix():
         _seeds("0,0,1")
     with pytest.raises(ValueError, match="comma-separated integers"):
         _seeds("0,x")
+
+
+def test_per_trial_summary_counts_dead_trials_rescues_and_the_mean_final_accuracy():
+    rows = [  # arrival order; a trial's last result is its final one
+        {"epochs": 1, "trial": "a", "iteration": 1, "val_accuracy": 0.5, "rescues": 0},
+        {"epochs": 2, "trial": "b", "iteration": 1, "val_accuracy": 0.3, "rescues": 1},
+        {"epochs": 3, "trial": "a", "iteration": 2, "val_accuracy": 0.9, "rescues": 0},
+        {"epochs": 4, "trial": "b", "iteration": 2, "val_accuracy": 0.12, "rescues": 2},
+        {"epochs": 5, "trial": "c", "iteration": 1, "val_accuracy": float("nan"),
+         "diverged": True},
+    ]
+    s = summaries.run_summary("qan", 0, rows, trials=3, wall_s=1.0, budget=10)
+    assert s["dead_trials"] == 2 and s["rescues"] == 2  # b at 0.12, c at NaN (chance)
+    assert s["trial_mean_final_val_accuracy"] == pytest.approx((0.9 + 0.12 + 0.1) / 3)
+    table = summaries.table_rows([dict(s, epochs_to_target=None)], ["qan"])
+    assert (table[0]["dead_trials"], table[0]["trials"], table[0]["rescues"]) == (2, 3, 2)
+    assert "| 2/3 | 2 |" in summaries.markdown(table, "x")
