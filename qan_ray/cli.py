@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
         print(f"qan {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM where the command has no handler of its own
+        print(f"qan {args.command}: interrupted; nothing more was written. Run the same command "
+              "again.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from qan_ray.constants import EVAL_SEED_BASE, eval_seed, is_dead  # noqa: F401 -
 from qan_ray.control import make_baseline
 from qan_ray.distribution import TASK_FIELDS, batches_per_epoch, load_config
 from qan_ray.env import TargetTrainingEnv, rollout
-from qan_ray.records import write_table
+from qan_ray.records import fault_point, write_table
+from qan_ray.signals import sigterm_as_sigint
 from qan_ray.summaries import mean_sd
 
 DEFAULT_GRID_FACTORS = (0.2, 0.5, 1.0, 2.0, 4.0)
@@ -232,6 +234,7 @@ def run_controller_seeds(controller, cfg: QANConfig, seeds: int = 3, method: str
     for seed in eval_seeds(seeds):
         recs, sec = _timed(run_controller, env, controller, seed)
         runs.add(method, seed, recs, env, sec)
+        fault_point("evaluate-episode")
     return runs
 
 
@@ -355,12 +358,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     created = not out.exists()
     writable_dir(out, "--out")  # before any compute: never lose the results at the end
+    sigterm_as_sigint()
     try:
         return _evaluate_into(args, out)
-    except BaseException:
+    except KeyboardInterrupt:
+        kept = "" if created else f" (what {out} held before is untouched)"
+        print(f"qan evaluate: interrupted before the results were written; nothing was saved"
+              f"{kept}. Run the same command again.", file=sys.stderr)
+        return 130
+    finally:
         if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed evaluation leaves no empty folder behind
-        raise
+            out.rmdir()  # a failed or interrupted evaluation leaves no empty folder behind
 
 
 def _evaluate_into(args: argparse.Namespace, out: Path) -> int:

@@ -64,6 +64,7 @@ from qan_ray.records import (
     swap_dir,
     write_json,
 )
+from qan_ray.signals import sigterm_as_sigint
 
 PROGRESS_IN_CHECKPOINT = "qan_progress.json"
 """The committed progress, inside checkpoint/ so that it and the RLlib state swap as one."""
@@ -641,9 +642,11 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = None
     INTERRUPTED.clear()
     try:
+        if ours:  # before the handlers: ray.init replaces SIGTERM's (it would abort the driver)
+            ray.init(namespace="qan", log_to_driver=False)  # RAY_ADDRESS joins a cluster
         if threading_main():
-            for sig in previous:
-                signal.signal(sig, _terminate)
+            signal.signal(signal.SIGINT, _terminate)
+            sigterm_as_sigint()
         trainer = MetaTrainer(qan, meta, out, resume=args.resume)
         try:
             trainer.train()
@@ -654,8 +657,11 @@ def run_train(args: argparse.Namespace) -> int:
               f"{out / 'learning_curve.png'}")
         return 0
     except KeyboardInterrupt:
-        print(f"qan train: interrupted before the first episode; nothing to export. Run the "
-              f"same command again{' with --resume' if args.resume else ''}.", file=sys.stderr)
+        if trainer is not None:  # a second Ctrl-C while the first one was being handled
+            return _interrupted(trainer, out, again=True)
+        print(f"qan train: interrupted while starting (Ray and the trainer actors); nothing "
+              f"was trained. Run the same command again{' with --resume' if args.resume else ''}"
+              ".", file=sys.stderr)
         return 130
     finally:
         if threading_main():
@@ -680,15 +686,25 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _interrupted(trainer: MetaTrainer, out: Path) -> int:
-    """Ctrl-C / SIGTERM during `qan train`: export the learner's current controller, say what
-    is committed and how to resume; exit status 130."""
+def _interrupted(trainer: MetaTrainer, out: Path, again: bool = False) -> int:
+    """Ctrl-C / SIGTERM during `qan train`: export the learner's current controller (further
+    interrupts are ignored meanwhile), say what is committed and the command that continues;
+    exit status 130."""
     p = trainer.progress
-    try:
-        folder = trainer.export_controller()
-        exported = f"the current controller is in {folder}"
-    except Exception as err:  # noqa: BLE001 - report, never hide the interrupt
-        exported = f"the controller could not be exported ({type(err).__name__}: {err})"
+    if threading_main():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the export
+    exported = "not exported (a second interrupt)" if again else None
+    if exported is None:
+        try:
+            folder = trainer.export_controller()
+            exported = f"the current controller is in {folder}"
+        except Exception as err:  # noqa: BLE001 - report, never hide the interrupt
+            exported = f"the controller could not be exported ({type(err).__name__}: {err})"
+    if not p.get("commits", 0):
+        print(f"qan train: interrupted before the first commit ({p['episodes']} episodes "
+              f"finished, none committed); {exported}. Start again with the same command "
+              "(the run folder holds no committed episodes).", file=sys.stderr)
+        return 130
     print(f"qan train: interrupted after {p['episodes']} committed episodes (commit "
           f"{p.get('commits', 0)}); {exported}. Episodes that were running are not logged and "
           f"run again on resume. Continue with: qan train --out {out} --resume",

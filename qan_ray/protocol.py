@@ -45,6 +45,7 @@ from typing import Any
 from qan_ray.config import add_dataclass_arguments, documented
 from qan_ray.distribution import config_from_args
 from qan_ray.records import fault_point
+from qan_ray.signals import sigterm_as_sigint
 from qan_ray.summaries import run_summary
 
 METRIC, MODE = "val_score", "max"
@@ -433,6 +434,7 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
         path = saved["path"]
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
+    sigterm_as_sigint()  # after ray.init: SIGTERM stops the experiment as Ctrl-C does
     quiet_tune()
     if resume:
         if not tune.Tuner.can_restore(path):

@@ -54,9 +54,9 @@ _fault_passes: dict[str, int] = {}
 def fault_point(name: str) -> None:
     """A named step of a commit sequence. With QAN_FAULT=name (or name:count) the process ends at
     once (`os._exit(86)`, no cleanup: what a SIGKILL or power cut leaves) on the count-th pass
-    (default 1st); name:count:raise raises FaultInjected instead, and name:count:sigint sends the
-    process a SIGINT (a Ctrl-C at a known point). Tests use it to check that a restart finds the
-    old state or the new one."""
+    (default 1st); name:count:raise raises FaultInjected instead, and name:count:sigint (sigterm)
+    sends the process a SIGINT, a Ctrl-C (a SIGTERM, `ray job stop`) at a known point. Tests use
+    it to check that a restart finds the old state or the new one."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -68,10 +68,10 @@ def fault_point(name: str) -> None:
     if _fault_passes[name] == int(count or 1):
         if action == "raise":  # in-process tests: the same on-disk state, the process lives
             raise FaultInjected(name)
-        if action == "sigint":  # a real Ctrl-C, delivered at this point rather than by a timer
+        if action in ("sigint", "sigterm"):  # a real Ctrl-C / kill, at this point, not a timer
             import signal
 
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
             return
         os._exit(FAULT_EXIT)
 

@@ -356,10 +356,11 @@ def _wait_for(proc: subprocess.Popen, path: Path, what, timeout: float = 240) ->
 
 
 @pytest.mark.e2e
-def test_a_sigkill_resume_is_exact_and_sigint_on_train_exports_the_controller(killed_run,
-                                                                              tmp_path):
+def test_a_sigkill_resume_is_exact_and_sigterm_on_train_exports_the_controller(killed_run,
+                                                                               tmp_path):
     """The killed `qan train` (os._exit: no cleanup) right after its second Parquet part: its
-    --resume continues exactly and is stopped with SIGINT after its first new commit."""
+    --resume continues exactly and is stopped with SIGTERM (what `ray job stop` and Kubernetes
+    send; Ray's driver handler would abort) after its first new commit: handled as Ctrl-C."""
     from policies.qnet import load_controller
     from qan_ray.actors import episode_seed
 
@@ -369,7 +370,7 @@ def test_a_sigkill_resume_is_exact_and_sigint_on_train_exports_the_controller(ki
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     _wait_for(proc, out / "progress.json",
               lambda p: json.loads(p.read_text())["episodes"] >= done + 1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "resume: dropped part-c000001.parquet (not committed" in stdout
@@ -427,8 +428,9 @@ def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(ray_sess
     out = tmp_path / "tune"
     args = ["tune", "--scheduler", "fifo", "--samples", "2", "--epochs", "2",
             "--max-concurrent", "1", "--out", str(out)]
-    # a real SIGINT, sent by the process to itself at the experiment's first result
-    stopped = qan(*args, env={"QAN_FAULT": "tune-result:1:sigint"})
+    # a real SIGTERM (as `ray job stop` sends), sent by the process to itself at the
+    # experiment's first result: handled as Ctrl-C (Tune's graceful stop), not an abort
+    stopped = qan(*args, env={"QAN_FAULT": "tune-result:1:sigterm"})
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     assert "interrupted" in stopped.stderr and "--resume" in stopped.stderr
     assert "best val acc" not in stopped.stdout
@@ -444,3 +446,22 @@ def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(ray_sess
 
 # The interrupted `qan compare` (no mixed table, finished runs reused) is
 # tests/test_compare_cli.py::test_interrupted_compare_writes_no_table_then_reuses_and_writes_it.
+
+
+def test_sigterm_during_evaluate_exits_130_and_leaves_no_output_folder(tmp_path, capsys,
+                                                                       monkeypatch):
+    """SIGTERM at a known point of `qan evaluate` (after its first controller episode), in this
+    process: the same message and exit status as Ctrl-C, and the new --out folder is gone."""
+    from qan_ray.cli import main
+
+    ctrl = fixed_action_controller(action=2).save(tmp_path / "ctrl")
+    monkeypatch.setenv("QAN_FAULT", "evaluate-episode:1:sigterm")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = main(["evaluate", "--controller", str(ctrl), "--seeds", "2", "--epochs-per-episode",
+                   "0.5", "--out", str(tmp_path / "e")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert rc == 130 and "qan evaluate: interrupted before the results were written" in err
+    assert "Run the same command again." in err and not (tmp_path / "e").exists()

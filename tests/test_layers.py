@@ -10,7 +10,7 @@ import pytest
 
 LAYERS = {
     0: {"constants", "config", "schedules", "rewards", "records", "formats", "quiet",
-        "scheduler_core"},
+        "scheduler_core", "signals"},
     1: {"features", "popoptim", "tasks", "data", "models", "distribution", "population",
         "trainer", "contract"},
     2: {"episode"},

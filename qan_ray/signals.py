@@ -1,0 +1,27 @@
+"""SIGTERM handled like Ctrl-C (SIGINT) by every long-running command.
+
+`ray job stop`, a Kubernetes pod's termination and most process managers send SIGTERM. Python
+ends a process on SIGTERM without running any cleanup, and `ray.init()` in a driver replaces the
+SIGTERM handler with its own, which aborts the process (exit 134): a command that started Ray
+must install its handler after `ray.init`. `sigterm_as_sigint()` makes SIGTERM raise SIGINT, so
+whatever handles Ctrl-C at that moment (Python's KeyboardInterrupt, Tune's graceful stop,
+`qan train`'s export) handles both; the commands then exit with status 130 (the README's fault
+table)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+def sigterm_as_sigint() -> bool:
+    """From now on SIGTERM acts as SIGINT in this process. Main thread only (where signal
+    handlers live); returns whether it was installed. Call it after `ray.init`."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGTERM, _forward)
+    return True
+
+
+def _forward(signum, frame) -> None:
+    signal.raise_signal(signal.SIGINT)
