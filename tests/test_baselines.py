@@ -16,7 +16,6 @@ from qan_ray.control import (
     PlateauBaseline,
     hypergradient_step,
     make_baseline,
-    warmup_cosine,
 )
 from qan_ray.env import TargetTrainingEnv
 from qan_ray.evaluate import (
@@ -27,6 +26,7 @@ from qan_ray.evaluate import (
     run_schedule,
     summarise,
 )
+from qan_ray.schedules import warmup_cosine
 from qan_ray.trainer import TargetTrainer
 
 SEED = 1_000_000

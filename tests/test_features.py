@@ -118,7 +118,7 @@ def test_subsampled_large_layer_is_still_permutation_invariant():
     chosen by row/column norm ranks, so permuting the hidden units selects the same weights."""
     torch.manual_seed(1)
     mlp = MLP(300, (512,))
-    assert layer_view(mlp.net[1].weight).shape == (32, 32, 1)
+    assert layer_view(mlp.net[1].weight[None]).shape == (1, 32, 32, 1)
     before = weight_features(mlp)
     _permute_hidden(mlp, torch.randperm(512))
     assert torch.allclose(weight_features(mlp), before, atol=1e-5)
@@ -170,7 +170,7 @@ def test_mean_pool_averages_the_layers_and_first_last_are_the_ends():
     mlp = MLP(64, (32, 16))
     layers = [mlp.net[1], mlp.net[3], mlp.net[5]]
     feats = weight_features(mlp)
-    per = [symlog(layer_features(m.weight)) for m in layers]
+    per = [symlog(layer_features(m.weight[None])[0]) for m in layers]
     assert torch.allclose(feats[:PER_LAYER], per[0])
     assert torch.allclose(feats[PER_LAYER:2 * PER_LAYER], per[2])
     assert torch.allclose(feats[2 * PER_LAYER:], torch.stack(per).mean(0), atol=1e-6)

@@ -259,12 +259,35 @@ def test_vector_env_k1_matches_the_single_env(extra):
         assert abs(r_e) > 0.05
 
 
+def test_vector_env_guard_rolls_a_diverging_member_back_and_cuts_its_lr():
+    import numpy as np
+
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    venv = PopulationVectorEnv({"task": "digits-mlp", "lr_max": 1e4, "num_envs": 3,
+                                "rescue_penalty": 2.0})
+    venv.reset(seed=100)
+    venv.step([2, 2, 2])  # a good first interval: the state the guard keeps
+    tr = venv.trainer
+    good = tr.theta[1].clone()
+    good_buf = tr.optimizer.bufs[0][1].clone()
+    tr.set_lr([0.05, 1e4, 0.05])
+    obs, rewards, term, _, info = venv.step([2, 2, 2])
+    assert info["rescued"].tolist() == [False, True, False] and not term.any()
+    assert rewards[1] == -2.0 and info["rescues"].tolist() == [0, 1, 0]
+    assert torch.equal(tr.theta[1], good) and torch.equal(tr.optimizer.bufs[0][1], good_buf)
+    assert info["lr"][1] == pytest.approx(1e3)  # x rescue_factor 0.1
+    assert info["val_accuracy"][1] > 0.3 and np.isfinite(obs).all()
+    assert not torch.equal(tr.theta[0], good)  # the others trained on
+
+
 def test_vector_env_resets_a_diverged_member_alone():
     import numpy as np
 
     from qan_ray.vector_env import PopulationVectorEnv
 
-    venv = PopulationVectorEnv({"task": "digits-mlp", "lr_max": 1e4, "num_envs": 3})
+    venv = PopulationVectorEnv({"task": "digits-mlp", "lr_max": 1e4, "num_envs": 3,
+                                "guard": False})
     venv.reset(seed=100)
     venv.trainer.set_lr([0.05, 1e4, 0.05])
     obs, rewards, term, trunc, info = venv.step([2, 2, 2])

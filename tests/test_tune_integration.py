@@ -355,8 +355,9 @@ def _longest_numeric_run(obj, seen: dict | None = None, depth: int = 0) -> int:
         return max((_longest_numeric_run(v, seen, depth + 1) for v in obj.values()), default=0)
     if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
         items = list(obj)
-        run = len(items) if items and all(
-            isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in items) else 0
+        numeric = items and all(isinstance(x, (int, float, np.number))
+                                and not isinstance(x, bool) for x in items)
+        run = len(items) if numeric else 0
         return max([run, *(_longest_numeric_run(x, seen, depth + 1) for x in items)])
     attrs = getattr(obj, "__dict__", None)
     return _longest_numeric_run(attrs, seen, depth + 1) if isinstance(attrs, dict) else 0
