@@ -81,6 +81,11 @@ def compare(names: list[str], proto: Protocol, seeds: list[int], out: Path,
                             for r in runs]
                 why = err if isinstance(err, ExperimentInterrupted) else (
                     f"Ctrl-C during {name} seed {seed}")
+                # the next run starts the interrupted experiment over: its partial Tune folder
+                # is of no use (a cloud storage path is left to its owner)
+                partial = Path(err.path) if isinstance(err, ExperimentInterrupted) else None
+                if partial is not None and partial.is_dir():
+                    shutil.rmtree(partial, ignore_errors=True)
                 raise CompareInterrupted(why, finished, out) from None
     summaries = add_targets(runs, target_fraction)
     rows = table_rows(summaries, names)
@@ -232,9 +237,10 @@ def run_compare(args: argparse.Namespace) -> int:
                          storage=args.storage_path)
     except CompareInterrupted as err:
         print(f"qan compare: interrupted: {err.err}. Finished: {err.finished or 'none'} (kept "
-              f"under {out / 'experiments'}). No table was written: it would mix an interrupted "
-              "run with complete ones. Run the same command again to reuse the finished "
-              "experiments and run the rest.", file=sys.stderr)
+              f"under {out / 'experiments'}; the interrupted experiment's partial Tune folder was "
+              "removed). No table was written: it would mix an interrupted run with complete "
+              "ones. Run the same command again to reuse the finished experiments and run the "
+              "rest.", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # after the experiments, while the table or figure was written
         print(f"qan compare: interrupted while writing the table under {out}; every experiment "

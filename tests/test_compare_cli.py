@@ -65,6 +65,9 @@ def test_interrupted_compare_writes_no_table_then_reuses_and_writes_it(ray_sessi
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Finished: ['qan seed 0']" in stopped.stderr
     assert "No table was written" in stopped.stderr
+    assert "partial Tune folder was removed" in stopped.stderr
+    assert [p.name.split("-s0-")[0] for p in (out_dir / "ray").iterdir() if p.is_dir()] == [
+        "digits-mlp-qan"]  # the interrupted fifo experiment's Tune folder is gone
     assert not (out_dir / "compare.md").exists() and not (out_dir / "compare.parquet").exists()
 
     assert main(args) == 0  # the same command again, in process on the session's Ray
