@@ -235,11 +235,7 @@ class QANScheduler(FIFOScheduler):
             progress = result.get(core.PROGRESS_KEY)
             self._rescue(trial, state, iteration,
                          float(progress) if core.is_finite(progress) else 0.0)
-            self._persist(force=False)
-            final = core.merge_decision(decision, state.via_channel, True)
-            if final == TrialScheduler.PAUSE and decision != TrialScheduler.PAUSE:
-                self._paused_by_qan.add(tid)
-            return final
+            return self._decided(tid, state, decision, changed=True)
         real_metric = self._metric if self._metric not in (None, "_metric") else None
         missing = core.missing_keys(result, real_metric, self.obs_key)
         if missing:
@@ -268,6 +264,11 @@ class QANScheduler(FIFOScheduler):
         progress = result.get(core.PROGRESS_KEY)
         changed = self._act(trial, state, iteration, action,
                             float(progress) if core.is_finite(progress) else 0.0)
+        return self._decided(tid, state, decision, changed)
+
+    def _decided(self, tid: str, state: TrialState, decision: str, changed: bool) -> str:
+        """Persist QAN's change and merge it with the stopper's decision (a change a trial
+        that does not read the channel can only get by a restart pauses it)."""
         self._persist(force=False)
         final = core.merge_decision(decision, state.via_channel, changed)
         if final == TrialScheduler.PAUSE and decision != TrialScheduler.PAUSE:
