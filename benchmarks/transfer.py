@@ -10,16 +10,32 @@ sets it).
 (a) `qan evaluate`-style, through the same `TargetTrainingEnv` for every method (library pieces:
 qan_ray.evaluate.run_controller / run_schedule / Runs / summarise, qan_ray.control baselines):
 the greedy controller vs fixed, cosine, plateau (ReduceLROnPlateau) and hypergradient, each from
-the same start LRs one decade apart inside the task's optimizer family range
-(qan_ray.distribution.LR_RANGES); a fixed-LR grid at half-decade spacing over that whole range
-gives the best fixed LR in hindsight (the regret reference). Evaluation seeds 1,000,000 + i (never
-used in meta-training). With --signals-controller, a signals-only controller (`--no-weight-
+the same start LRs: three one decade apart inside the task's optimizer family range
+(qan_ray.distribution.LR_RANGES) plus a dying start at half the range's top (0.5 for the SGD
+families: most runs from there die without help); a fixed-LR grid at half-decade spacing over that
+whole range gives the best fixed LR in hindsight (the regret reference). Evaluation seeds
+1,000,000 + i (never used in meta-training). The controller runs with its rescue guard (`qan`,
+cfg.guard from its spec, on by default) and without it (`qan (no guard)`: the same controller,
+cfg.guard=False); baselines run unguarded (qan_ray.evaluate.baseline_config). Per cell: final
+accuracy, dead runs (final val accuracy within 5 points of chance, constants.is_dead) and rescues.
+With --old-controller, another controller (e.g. the previous built-in with actions x0.5..x2) runs
+guarded as `qan-old`; with --signals-controller, a signals-only controller (`--no-weight-
 features`) runs too, for the weight-statistics ablation.
 
 (b) `qan compare`-style (qan_ray.compare.compare, protocol qan_ray/protocol.py): qan@CONTROLLER,
 qan+asha@CONTROLLER vs asha, pbt, fifo (and asha+cosine when the scheduler factory accepts it),
 8 trials x the preset's epochs (--tune-epochs TASK=N to cut a long preset for compute), LR
-log-uniform over the optimizer family range, >= 5 seeds.
+log-uniform over 1e-3..1 (TUNE_LR_RANGE, clipped to the optimizer family range: the range a Tune
+user searches, where some trials die), >= 5 seeds; `qan (no guard)` is the qan scheduler with
+task_config {"guard": False} (`qan compare --no-guard`), recorded under tune_TASK_noguard. Per
+experiment also the per-trial measures of qan_ray.summaries.run_summary: mean final val accuracy
+over all trials, dead trials, rescues.
+
+The result file ends with the goal numbers of "No dead trials": `dead_trials_qan` (dead trials of
+the guarded QAN scheduler over all held-out Tune experiments), `trial_mean_vs_pbt` (the smaller
+over the held-out tasks of QAN's per-trial mean final val accuracy minus PBT's) and `cells_won`
+(held-out (task, start) cells of (a) where the guarded controller's mean final val accuracy is >=
+the best baseline's from the same start).
 
 Writes benchmarks/results/transfer.md, transfer_eval.parquet (one row per method, start, seed),
 transfer_curves.parquet (every control step), transfer_tune.parquet (one row per scheduler,
@@ -29,7 +45,7 @@ interrupted run continues where it stopped.
 Usage:
   python benchmarks/transfer.py --quick --controller builtin            (a smoke run, minutes)
   python benchmarks/transfer.py --controller runs/generalist/run/controller \\
-      --tune-epochs mnist1d-mlp=20 [--in-distribution] \\
+      --tune-epochs mnist1d-mlp=20 [--in-distribution] [--old-controller policies/builtin] \\
       [--signals-controller runs/generalist_signals/run/controller]
   --part eval | tune | report runs one part (e.g. eval and tune in separate processes, one
   Tune process per task with --tasks), then `--part report` with the same flags writes the
@@ -39,6 +55,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -57,6 +74,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 from qan_ray.config import TASK_PRESETS, QANConfig, from_dict  # noqa: E402
+from qan_ray.constants import is_dead  # noqa: E402
 from qan_ray.distribution import (  # noqa: E402
     LR_RANGES,
     TASK_FIELDS,
@@ -70,11 +88,21 @@ IN_DISTRIBUTION = "digits-mlp"  # seen in training (the generalist's digits/MLP 
 BASELINES = ("fixed", "cosine", "plateau", "hypergradient")
 TUNE_SCHEDULERS = ("qan", "qan+asha", "asha", "pbt", "fifo")
 OPTIONAL_SCHEDULERS = ("asha+cosine",)
+NOGUARD = "qan (no guard)"  # the controller with cfg.guard=False (a and b)
+NOGUARD_TUNE = "qan-noguard"  # its --schedulers name: qan@CONTROLLER, task_config guard False
+OLD = "qan-old"  # --old-controller, guarded
+SIGNALS = "qan-signals"  # --signals-controller
+TUNE_LR_RANGE = (1e-3, 1.0)  # part (b): what a Tune user searches (some trials die)
+DYING_START = 0.5  # part (a): the extra start, x the family range's top
+_KEEP = ("step", "batches", "lr", "val_accuracy", "val_loss", "train_loss", "action", "rescued",
+         "rescues")  # what the cache keeps of each control step
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 # --- configs -------------------------------------------------------------------------------------
+@functools.cache
 def load(path: str):
+    """The controller at `path` (loaded once: `qan` and `qan (no guard)` share it)."""
     from policies.qnet import load_controller
 
     return load_controller(path)
@@ -104,14 +132,22 @@ def task_config(controller, task: str, lr: float, epochs: str | None = None) -> 
     return cfg.replace(control_interval=batches_per_epoch(cfg))
 
 
+def method_config(args, name: str, ctrl, task: str, lr: float) -> QANConfig:
+    """The env config of controller `name` (task_config), with its rescue guard on, or off for
+    the ablation NOGUARD (args.guards)."""
+    return task_config(ctrl, task, lr, args.epochs).replace(guard=args.guards.get(name, True))
+
+
 def start_lrs(task: str) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """(3 start LRs one decade apart inside the family range, the fixed-LR grid at half-decade
-    spacing over the whole range, the family)."""
+    """(the start LRs: 3 one decade apart inside the family range plus the dying start
+    DYING_START x the range's top (0.001, 0.01, 0.1, 0.5 for the SGD families), the fixed-LR grid
+    at half-decade spacing over the whole range, the family)."""
     family = optimizer_family(from_dict(task=task))
     low, high = LR_RANGES[family]
     decades = math.log10(high / low)
     mid = math.sqrt(low * high)
-    starts = tuple(_round(mid * 10.0 ** k) for k in (-1, 0, 1))
+    starts = tuple(sorted({*(_round(mid * 10.0 ** k) for k in (-1, 0, 1)),
+                           float(f"{DYING_START * high:.1g}")}))
     grid = tuple(_round(low * 10.0 ** (i / 2)) for i in range(int(round(2 * decades)) + 1))
     return starts, grid, family
 
@@ -170,12 +206,13 @@ def episode(cache: Cache, env_cfg: QANConfig, method: str, lr: float, seed: int,
     row = {"method": method, "lr0": lr, "seed": seed,
            "final_val_accuracy": r["final_val_accuracy"],
            "test_accuracy": r["test_accuracy"], "wall_s": r["wall_s"], "diverged": r["diverged"],
-           "recs": [{k: v for k, v in x.items() if k in ("step", "batches", "lr", "val_accuracy",
-                                                         "val_loss", "train_loss", "action")}
-                    for x in recs]}
+           "rescues": int(recs[-1].get("rescues", 0)),
+           "recs": [{k: v for k, v in x.items() if k in _KEEP} for x in recs]}
     cache.put(key, row)
+    rescues = f" rescues {row['rescues']}" if row["rescues"] else ""
     log(f"    {method:<16} lr0 {lr:<7g} seed {seed}: val {row['final_val_accuracy']:.4f} "
-        f"test {row['test_accuracy']:.4f}{' DIVERGED' if row['diverged'] else ''} "
+        f"test {row['test_accuracy']:.4f}{' DIVERGED' if row['diverged'] else ''}"
+        f"{' DEAD' if is_dead(row['final_val_accuracy']) else ''}{rescues} "
         f"({row['wall_s']:.1f}s)")
     return row
 
@@ -207,7 +244,7 @@ def run_eval(args, controllers: dict[str, Any], tasks: list[str], log) -> list[d
             f"{task_config(ref, task, starts[0], args.epochs).epochs_per_episode:g} epochs")
         for name, ctrl in controllers.items():
             for lr in starts:
-                cfg = task_config(ctrl, task, lr, args.epochs)
+                cfg = method_config(args, name, ctrl, task, lr)
                 ctrl.spec.check_fits(_observation(cfg), f"task {task!r}")
                 for seed in seeds:
                     row = episode(cache, cfg, name, lr, seed, args.ids[name],
@@ -229,7 +266,6 @@ def run_eval(args, controllers: dict[str, Any], tasks: list[str], log) -> list[d
 
 
 POPULATION_BASELINES = ("fixed", "cosine")  # schedules: qan_ray.control.run_schedules
-_KEEP = ("step", "batches", "lr", "val_accuracy", "val_loss", "train_loss", "action")
 
 
 def baseline_key(cache: Cache, cfg: QANConfig, base: str, seed: int, population: bool) -> str:
@@ -253,7 +289,7 @@ def population_episodes(cache: Cache, bcfg_of: dict, base: str, lrs, seeds, task
             row = {"method": base, "lr0": lr, "seed": seed,
                    "final_val_accuracy": recs[-1]["val_accuracy"], "test_accuracy": float(acc),
                    "wall_s": sec, "diverged": any(r.get("diverged") for r in recs),
-                   "population": True,
+                   "rescues": 0, "population": True,
                    "recs": [{k: v for k, v in x.items() if k in _KEEP} for x in recs]}
             cache.put(baseline_key(cache, bcfg_of[lr], base, seed, True), row)
         log(f"    {base}: {len(todo)} members as one population, {sec:.2f}s per member")
@@ -269,10 +305,11 @@ def _observation(cfg: QANConfig):
 
 # --- (b) Tune comparison -------------------------------------------------------------------------
 def tune_names(controller: str, proto, only: str | None = None) -> list[str]:
-    """The schedulers of part (b) (`only`: a comma-separated subset of their base names)."""
+    """The schedulers of part (b) (`only`: a comma-separated subset of their base names;
+    NOGUARD_TUNE stands for the qan scheduler without the guard, see tune_groups)."""
     from qan_ray.protocol import make_scheduler
 
-    names = list(TUNE_SCHEDULERS)
+    names = [*TUNE_SCHEDULERS, NOGUARD_TUNE]
     for extra in OPTIONAL_SCHEDULERS:
         try:
             make_scheduler(extra, proto)
@@ -288,14 +325,34 @@ def tune_names(controller: str, proto, only: str | None = None) -> list[str]:
     return [f"{n}@{controller}" if n.startswith("qan") else n for n in names]
 
 
-def tune_protocol(task: str, args):
+def tune_protocol(task: str, args, guard: bool = True):
+    """The Tune protocol of `task`: LR log-uniform over TUNE_LR_RANGE (inside the family's
+    range); guard=False puts {"guard": False} into the task config (`qan compare --no-guard`:
+    the QAN scheduler's guard off; the baselines have none either way)."""
     from qan_ray.protocol import Protocol
 
-    _, grid, _ = start_lrs(task)
+    _, _, family = start_lrs(task)
+    low, high = LR_RANGES[family]
     epochs = tune_epochs(args.tune_epochs, task)
-    return Protocol(task_config={"task": task, "device": "cpu"}, samples=args.tune_samples,
-                    epochs=epochs, lr_low=grid[0], lr_high=grid[-1], max_concurrent=2,
+    config = {"task": task, "device": "cpu", **({} if guard else {"guard": False})}
+    return Protocol(task_config=config, samples=args.tune_samples,
+                    epochs=epochs, lr_low=max(TUNE_LR_RANGE[0], low),
+                    lr_high=min(TUNE_LR_RANGE[1], high), max_concurrent=2,
                     cpus_per_trial=1.0, policy=args.controller)
+
+
+def tune_groups(args, task: str) -> list[tuple[list[str], Any, Path, str | None]]:
+    """The `qan compare` runs of part (b) on `task`: (scheduler names, protocol, folder, label):
+    every scheduler under tune_TASK, and NOGUARD's (the qan scheduler under a protocol with the
+    guard off) under tune_TASK_noguard, labelled NOGUARD in the report."""
+    proto = tune_protocol(task, args)
+    names = tune_names(args.controller, proto, args.schedulers)
+    main = [n for n in names if not n.startswith(NOGUARD_TUNE)]
+    groups = [(main, proto, Path(args.work) / f"tune_{task}", None)] if main else []
+    if len(main) < len(names):
+        groups.append(([f"qan@{args.controller}"], tune_protocol(task, args, guard=False),
+                       Path(args.work) / f"tune_{task}_noguard", NOGUARD))
+    return groups
 
 
 def tune_epochs(text: str | None, task: str) -> int:
@@ -315,39 +372,39 @@ def run_tune(args, tasks: list[str], log) -> None:
 
     try:
         for task in tasks:
-            proto = tune_protocol(task, args)
-            names = tune_names(args.controller, proto, args.schedulers)
-            out = Path(args.work) / f"tune_{task}"
-            log(f"(b) {task}: {names}, seeds {args.tune_seeds}, {proto.samples} trials x "
-                f"{proto.epochs} epochs (budget {proto.budget}), LR in "
-                f"[{proto.lr_low:g}, {proto.lr_high:g}] -> {out}")
-            seeds = ([int(x) for x in args.run_tune_seeds.split(",")] if args.run_tune_seeds
-                     else list(range(args.tune_seeds)))
-            compare(names, proto, seeds, out, log=log)
+            for names, proto, out, label in tune_groups(args, task):
+                log(f"(b) {task}{f' [{label}]' if label else ''}: {names}, seeds "
+                    f"{args.tune_seeds}, {proto.samples} trials x {proto.epochs} epochs (budget "
+                    f"{proto.budget}), LR in [{proto.lr_low:g}, {proto.lr_high:g}], guard "
+                    f"{'off' if proto.task_config.get('guard') is False else 'on'} -> {out}")
+                seeds = ([int(x) for x in args.run_tune_seeds.split(",")]
+                         if args.run_tune_seeds else list(range(args.tune_seeds)))
+                compare(names, proto, seeds, out, log=log)
     finally:
         if ray.is_initialized():
             ray.shutdown()
 
 
 def collect_tune(args, task: str) -> list[dict]:
-    """Part (b)'s summaries of `task` from the experiments recorded under --work: every seed
-    whose experiments all finished (targets per seed, as `qan compare` sets them)."""
+    """Part (b)'s summaries of `task` from the experiments recorded under --work: per group,
+    every seed whose experiments all finished (targets per seed from the baselines, as `qan
+    compare` sets them; NOGUARD's runs are measured against the same targets)."""
     from qan_ray.compare import finished_run
     from qan_ray.protocol import align_action_mode
     from qan_ray.summaries import add_targets
 
-    proto = tune_protocol(task, args)
-    names = tune_names(args.controller, proto, args.schedulers)
-    align_action_mode(names, proto)  # what compare() does to the protocol before it runs
-    out = Path(args.work) / f"tune_{task}"
-    runs = []
-    for seed in range(args.tune_seeds):
-        done = [finished_run(out, name, proto, seed) for name in names]
-        if all(d is not None for d in done):
-            runs += done
-    return [{**s, "task": task, "budget": proto.budget, "scheduler": _short(s["scheduler"])}
+    runs, budget = [], None
+    for names, proto, out, label in tune_groups(args, task):
+        align_action_mode(names, proto)  # what compare() does to the protocol before it runs
+        budget = proto.budget if budget is None else budget
+        for seed in range(args.tune_seeds):
+            done = [finished_run(out, name, proto, seed) for name in names]
+            if all(d is not None for d in done):
+                runs += [d if label is None else {**d, "summary": {**d["summary"],
+                                                                   "scheduler": label}}
+                         for d in done]
+    return [{**s, "task": task, "budget": budget, "scheduler": _short(s["scheduler"])}
             for s in add_targets(runs, 1.0)]
-
 
 def _short(name: str) -> str:
     return name.partition("@")[0]
@@ -361,7 +418,8 @@ def _ms(values, fmt=".4f", scale=1.0) -> str:
 
 def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> tuple[str, dict]:
     """Markdown for part (a) and the goal numbers."""
-    lines, goal = [], {"met_val": True, "met_test": True, "regret": [], "delta": {}, "per": []}
+    lines, goal = [], {"met_val": True, "met_test": True, "regret": [], "delta": {}, "per": [],
+                       "cells": []}
     for task in tasks:
         starts, grid, family = start_lrs(task)
         mine = [r for r in rows if r["task"] == task]
@@ -378,12 +436,14 @@ def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> t
         n = len(fixed[best_lr])
         lines += [f"### {task} (held out)" if task in HELD_OUT else
                   f"### {task} (SEEN in training: in-distribution reference)", "",
-                  f"Starts {', '.join(f'{s:g}' for s in starts)} (one decade apart inside the "
-                  f"{family} range {LR_RANGES[family]}); {n} seeds; best fixed LR in hindsight "
+                  f"Starts {', '.join(f'{s:g}' for s in starts)} (three one decade apart inside "
+                  f"the {family} range {LR_RANGES[family]}, plus the dying start "
+                  f"{DYING_START:g} x its top); {n} seeds; best fixed LR in hindsight "
                   f"(grid {', '.join(f'{g:g}' for g in grid)}): **{best_lr:g}**, final val "
                   f"{best_val:.4f}, test {best_test:.4f}.", "",
-                  "| start LR | method | final val acc | test acc | diverged | val regret vs "
-                  "best fixed (pts) |", "|---|---|---|---|---|---|"]
+                  "| start LR | method | final val acc | test acc | diverged | dead runs | "
+                  "rescues | val regret vs best fixed (pts) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for lr in starts:
             methods = [*controllers, *BASELINES]
             present = [m for m in methods if (m, lr) in by]
@@ -400,7 +460,8 @@ def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> t
                 mark = " (best baseline)" if m == best_b else ""
                 lines.append(f"| {lr:g} | {m}{mark} | {_ms(val)} | "
                              f"{_ms([r['test_accuracy'] for r in rs])} | "
-                             f"{sum(r['diverged'] for r in rs)}/{len(rs)} | {regret:+.2f} |")
+                             f"{sum(r['diverged'] for r in rs)}/{len(rs)} | "
+                             f"{_dead(rs)}/{len(rs)} | {_rescues(rs)} | {regret:+.2f} |")
             for c in controllers:
                 if (c, lr) not in by:
                     continue
@@ -408,6 +469,8 @@ def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> t
                 ct = mean_sd([r["test_accuracy"] for r in by[(c, lr)]])[0]
                 paired = _paired(by[(c, lr)], by[(best_b, lr)], "final_val_accuracy")
                 per = {"task": task, "controller": c, "lr0": lr, "qan_val": cv, "qan_test": ct,
+                       "dead": _dead(by[(c, lr)]), "rescues": _rescues(by[(c, lr)]),
+                       "runs": len(by[(c, lr)]),
                        "best_baseline": best_b, "best_baseline_val": base_val[best_b],
                        "best_baseline_test_method": best_bt,
                        "best_baseline_test": base_test[best_bt],
@@ -419,21 +482,53 @@ def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> t
                     goal["met_val"] &= per["met_val"]
                     goal["met_test"] &= per["met_test"]
                     goal["regret"].append(per["regret_val_pts"])
+                    goal["cells"].append(per["met_val"])
         lines.append("")
     lines += ["Goal (a), per start: controller's mean final accuracy >= the best baseline's "
               "(fixed, cosine, plateau, hypergradient) from the same start LR. Paired difference "
               "over the same seeds (controller - best baseline, val, points):", "",
               "| task | controller | start LR | best baseline (val) | controller - best (val pts, "
-              "paired mean ± sd) | val met | test met | regret vs best fixed (val / test pts) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "paired mean ± sd) | val met | test met | dead runs | rescues | regret vs best "
+              "fixed (val / test pts) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in goal["per"]:
         m, s = p["paired_val_pts"]
         lines.append(f"| {p['task']}{'' if p['task'] in HELD_OUT else ' (seen)'} | "
                      f"{p['controller']} | {p['lr0']:g} | {p['best_baseline']} "
                      f"{p['best_baseline_val']:.4f} | {m:+.2f} ± {s:.2f} | "
                      f"{'yes' if p['met_val'] else 'no'} | {'yes' if p['met_test'] else 'no'} | "
+                     f"{p['dead']}/{p['runs']} | {p['rescues']} | "
                      f"{p['regret_val_pts']:+.2f} / {p['regret_test_pts']:+.2f} |")
+    lines += ["", dead_table(rows, tasks, controllers)]
     return "\n".join(lines) + "\n", goal
+
+
+def _dead(rs: list[dict]) -> int:
+    return sum(is_dead(r["final_val_accuracy"]) for r in rs)
+
+
+def _rescues(rs: list[dict]) -> int:
+    return sum(int(r.get("rescues", 0)) for r in rs)
+
+
+def dead_table(rows: list[dict], tasks: list[str], controllers: list[str]) -> str:
+    """Dead runs and rescues per method and start over the held-out tasks (part (a))."""
+    held = [t for t in tasks if t in HELD_OUT]
+    starts = sorted({lr for t in held for lr in start_lrs(t)[0]})
+    mine = [r for r in rows if r["task"] in held and r["lr0"] in starts]
+    methods = [m for m in (*controllers, *BASELINES) if any(r["method"] == m for r in mine)]
+    if not methods:
+        return ""
+    lines = [f"Dead runs (final val accuracy within 5 points of chance) / runs over the held-out "
+             f"tasks ({', '.join(held)}), per start LR; rescues in all of them:", "",
+             "| method | " + " | ".join(f"start {lr:g}" for lr in starts) + " | all | rescues |",
+             "|---|" + "---|" * (len(starts) + 2)]
+    for m in methods:
+        rs = [r for r in mine if r["method"] == m]
+        cells = [[r for r in rs if r["lr0"] == lr] for lr in starts]
+        lines.append(f"| {m} | " + " | ".join(f"{_dead(c)}/{len(c)}" for c in cells)
+                     + f" | {_dead(rs)}/{len(rs)} | {_rescues(rs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _paired(a: list[dict], b: list[dict], key: str) -> tuple[float, float]:
@@ -441,12 +536,17 @@ def _paired(a: list[dict], b: list[dict], key: str) -> tuple[float, float]:
     return mean_sd([(r[key] - bs[r["seed"]]) * 100 for r in a if r["seed"] in bs])
 
 
-def ablation_table(goal: dict, controllers: list[str]) -> str:
-    if len(controllers) < 2:
-        return ("No signals-only controller was given (--signals-controller), so the "
-                "weight-statistics ablation is not in this run.\n")
-    a, b = controllers[:2]
-    lines = [f"| task | start LR | {a} val | {b} val | {a} - {b} (pts) |", "|---|---|---|---|---|"]
+def ablation_table(goal: dict, controllers: list[str], b: str = SIGNALS, a: str = "qan",
+                   verdict: bool = True) -> str:
+    """Controller `a` vs `b` per (task, start): val accuracy, dead runs, rescues; with `verdict`,
+    the weight-statistics reading (a: weights + signals, b: signals only)."""
+    if b not in controllers or a not in controllers:
+        return {SIGNALS: "No signals-only controller was given (--signals-controller), so the "
+                         "weight-statistics ablation is not in this run.\n",
+                OLD: "No --old-controller was given, so the old action set is not compared in "
+                     "this run.\n"}.get(b, f"{b} did not run.\n")
+    lines = [f"| task | start LR | {a} val | {b} val | {a} - {b} (pts) | dead {a} / {b} | "
+             f"rescues {a} / {b} |", "|---|---|---|---|---|---|---|"]
     diffs = []
     for p in goal["per"]:
         if p["controller"] != a:
@@ -459,10 +559,16 @@ def ablation_table(goal: dict, controllers: list[str]) -> str:
         if p["task"] in HELD_OUT:
             diffs.append(d)
         lines.append(f"| {p['task']} | {p['lr0']:g} | {p['qan_val']:.4f} | {q['qan_val']:.4f} | "
-                     f"{d:+.2f} |")
+                     f"{d:+.2f} | {p['dead']}/{p['runs']} / {q['dead']}/{q['runs']} | "
+                     f"{p['rescues']} / {q['rescues']} |")
     mean = statistics.fmean(diffs) if diffs else math.nan
     median = statistics.median(diffs) if diffs else math.nan
     wins = sum(d > 0 for d in diffs)
+    if not verdict:
+        lines += ["", f"Held-out tasks and starts: {a} - {b} = {mean:+.2f} val points on average, "
+                  f"median {median:+.2f}; {a} is ahead in {wins} of {len(diffs)} (task, start) "
+                  "cells."]
+        return "\n".join(lines) + "\n"
     lines += ["", f"Held-out tasks and starts: weights - signals-only = {mean:+.2f} val points on "
               f"average, median {median:+.2f}; the weight statistics are ahead in {wins} of "
               f"{len(diffs)} (task, start) cells. "
@@ -474,8 +580,15 @@ def ablation_table(goal: dict, controllers: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _trial_mean(r: dict) -> float:
+    v = r.get("trial_mean_final_val_accuracy")
+    return math.nan if v is None else float(v)
+
+
 def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
     lines, ratios, deltas, flags = [], {"asha": [], "pbt": []}, [], []
+    dead_by: dict[str, int] = {}  # scheduler -> dead trials over the tasks
+    trials_by: dict[str, int] = {}
     both = {"asha": [], "pbt": []}  # seeds where QAN and the baseline both reached the target
     per_task = {}
     for task in tasks:
@@ -490,17 +603,24 @@ def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
                   f"{budget // max(trials, 1)} epochs, budget {budget} epochs per experiment; "
                   f"target = the best baseline's best val accuracy per seed; an experiment that "
                   f"never reaches it counts as the full budget ({budget}) and is flagged.", "",
-                  "| scheduler | best val acc | final test acc (best finished trial) | epochs to "
-                  "target (reached) | total epochs | wall s |", "|---|---|---|---|---|---|"]
+                  "| scheduler | best val acc | final test acc (best finished trial) | mean final "
+                  "val acc (all trials) | dead trials | rescues | epochs to target (reached) | "
+                  "total epochs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
         for n in names:
             rs = [r for r in mine if r["scheduler"] == n]
             ett = [_ett(r) for r in rs]
             reached = sum(r["epochs_to_target"] is not None for r in rs)
+            dead = sum(int(r.get("dead_trials", 0)) for r in rs)
             lines.append(f"| {n} | {_ms([r['best_val_accuracy'] for r in rs])} | "
                          f"{_ms([r['test_accuracy_best_finished'] for r in rs])} | "
+                         f"{_ms([_trial_mean(r) for r in rs])} | "
+                         f"{dead}/{sum(int(r['trials']) for r in rs)} | "
+                         f"{sum(int(r.get('rescues', 0)) for r in rs)} | "
                          f"{_ms(ett, '.1f')} ({reached}/{len(rs)}) | "
                          f"{_ms([r['total_epochs'] for r in rs], '.1f')} | "
                          f"{_ms([r['wall_s'] for r in rs], '.1f')} |")
+            dead_by[n] = dead_by.get(n, 0) + dead
+            trials_by[n] = trials_by.get(n, 0) + sum(int(r["trials"]) for r in rs)
             for r in rs:
                 if r["epochs_to_target"] is None:
                     flags.append(f"{task} {n} seed {r['seed']}")
@@ -516,9 +636,16 @@ def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
         bases = {n: v for n, v in final.items() if not n.startswith("qan")}
         best = max(bases, key=bases.get)
         deltas.append((final["qan"] - bases[best]) * 100)
+        trial_mean = {n: mean_sd([_trial_mean(r) for r in mine if r["scheduler"] == n])[0]
+                      for n in names}
         per_task[task] = {"best_baseline": best, "delta_pts": deltas[-1],
                           "qan_plus_asha_delta_pts": (final.get("qan+asha", math.nan)
-                                                      - bases[best]) * 100}
+                                                      - bases[best]) * 100,
+                          "trial_mean": trial_mean,
+                          "trial_mean_vs_pbt": (trial_mean.get("qan", math.nan)
+                                                - trial_mean.get("pbt", math.nan)),
+                          "trial_mean_vs_fifo": (trial_mean.get("qan", math.nan)
+                                                 - trial_mean.get("fifo", math.nan))}
         lines.append("")
     if flags:
         lines += ["Never reached the target (counted as the full budget): " + ", ".join(flags),
@@ -531,9 +658,18 @@ def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
                      f"{statistics.fmean(b) if b else math.nan:.3f} over the {len(b)} pairs "
                      "where both reached the target.")
     lines.append("")
+    if dead_by:
+        lines += ["Dead trials (final val accuracy within 5 points of chance) over all these "
+                  "held-out experiments: " + ", ".join(f"{n} {dead_by[n]}/{trials_by[n]}"
+                                                        for n in dead_by) + ".", ""]
+    vs = {t: v for t, v in per_task.items() if math.isfinite(v["trial_mean_vs_pbt"])}
     goal = {"epochs_vs_asha": statistics.fmean(ratios["asha"]) if ratios["asha"] else math.nan,
             "epochs_vs_pbt": statistics.fmean(ratios["pbt"]) if ratios["pbt"] else math.nan,
-            "delta": statistics.fmean(deltas) if deltas else math.nan, "per_task": per_task}
+            "delta": statistics.fmean(deltas) if deltas else math.nan, "per_task": per_task,
+            "dead_by": dead_by, "trials_by": trials_by,
+            "dead_trials_qan": dead_by.get("qan", 0) if "qan" in dead_by else None,
+            "trial_mean_vs_pbt": (min(v["trial_mean_vs_pbt"] for v in vs.values()) if vs
+                                  else math.nan)}
     return "\n".join(lines) + "\n", goal
 
 
@@ -562,6 +698,10 @@ def plot_lr_paths(rows: list[dict], tasks: list[str], controllers: list[str], pa
                         ep = [x["step"] for x in r["recs"]][1:]
                         ax.plot(ep, [x["lr"] for x in r["recs"]][1:], color=color, lw=0.9,
                                 alpha=0.7)
+                        saved = [x for x in r["recs"][1:] if x.get("rescued")]
+                        if saved:  # the guard's rescues: rollback and LR cut at this step
+                            ax.scatter([x["step"] for x in saved], [x["lr"] for x in saved],
+                                       color=color, marker="x", s=25, zorder=3)
                 cos = next((r for r in rows if r["task"] == task and r["lr0"] == lr
                             and r["method"] == "cosine"), None)
                 if cos is not None:
@@ -569,6 +709,7 @@ def plot_lr_paths(rows: list[dict], tasks: list[str], controllers: list[str], pa
                             [x["lr"] for x in cos["recs"]][1:], color=color, ls="--", lw=1.2)
                 ax.plot([], [], color=color, label=f"start {lr:g}")
             ax.plot([], [], color="grey", ls="--", label="cosine (same start)")
+            ax.scatter([], [], color="grey", marker="x", label="rescue")
             ax.set_yscale("log")
             ax.set_xlabel("epoch (control step)")
             ax.set_ylabel("LR")
@@ -602,10 +743,12 @@ def report(args, tasks: list[str], controllers: list[str], log) -> Path:
     text_b, goal_b = tune_tables(tune_rows, [t for t in tasks if t in HELD_OUT])
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
-    write_table(Path(f"{stem}_eval.parquet"), [{k: v for k, v in r.items() if k != "recs"}
-                                               for r in rows])
+    write_table(Path(f"{stem}_eval.parquet"), [
+        {**{k: v for k, v in r.items() if k != "recs"}, "rescues": int(r.get("rescues", 0)),
+         "dead": is_dead(r["final_val_accuracy"])} for r in rows])
     write_table(Path(f"{stem}_curves.parquet"), [
-        {"task": r["task"], "method": r["method"], "lr0": r["lr0"], "seed": r["seed"], **x}
+        {"task": r["task"], "method": r["method"], "lr0": r["lr0"], "seed": r["seed"], **x,
+         "rescued": bool(x.get("rescued")), "rescues": int(x.get("rescues") or 0)}
         for r in rows for x in r["recs"]])
     if tune_rows:
         write_table(Path(f"{stem}_tune.parquet"), tune_rows)
@@ -629,7 +772,7 @@ def collect_eval(args, tasks: list[str], controllers: list[str]) -> list[dict]:
         for seed in eval_seeds(args.seeds):
             for c, ctrl in ctrls.items():
                 for lr in starts:
-                    cfg = task_config(ctrl, task, lr, args.epochs)
+                    cfg = method_config(args, c, ctrl, task, lr)
                     hit = cache.get(cache.key(cfg.to_dict(), c, args.ids[c], seed))
                     if hit is not None:
                         rows.append({**hit, "task": task})
@@ -658,7 +801,9 @@ def render(args, tasks, controllers, text_a, goal_a, text_b, goal_b, fig) -> str
         f"{', QUICK smoke settings: not a result' if args.quick else ''}).",
         "",
         "Controllers:",
-        *[f"- {c}: {provenance(p)}" for c, p in zip(controllers, args.paths)],
+        *[f"- {c}: " + ("the same controller as qan with its rescue guard off (cfg.guard=False)"
+                       if c == NOGUARD else f"{provenance(p)}, rescue guard on")
+          for c, p in zip(controllers, args.paths)],
         "",
         f"Held-out tasks: {', '.join(held)} (their presets: model, data, optimizer, batch size, "
         "epochs; families `cnn2d` and `mnist1d-mlp` were held out of meta-training). Nothing was "
@@ -670,7 +815,10 @@ def render(args, tasks, controllers, text_a, goal_a, text_b, goal_b, fig) -> str
         "Every method runs through the same `TargetTrainingEnv` (same trainer, seeds "
         "1,000,000+i, same init and batch order per seed); the controller is greedy. Baselines: "
         "fixed, cosine (to 0 over the run), plateau (ReduceLROnPlateau on val loss, factor 0.5, "
-        "patience 2 epochs), hypergradient (SGD-HD once per epoch), each from the same start.",
+        "patience 2 epochs), hypergradient (SGD-HD once per epoch), each from the same start, "
+        f"all unguarded. `qan` runs with the rescue guard, `{NOGUARD}` is the same controller "
+        "without it. A dead run ends within 5 points of chance (`constants.is_dead`); a rescue "
+        "is a rollback to the last good state with the LR x rescue_factor.",
         "",
         text_a,
         f"**Goal (a)** (final accuracy >= best baseline from the same start, every start, "
@@ -680,18 +828,30 @@ def render(args, tasks, controllers, text_a, goal_a, text_b, goal_b, fig) -> str
         f"hindsight: {statistics.fmean(goal_a['regret']) if goal_a['regret'] else math.nan:+.2f}"
         " val points.",
         "",
+        "### Rescue guard on vs off (the same controller)",
+        "",
+        ablation_table(goal_a, controllers, NOGUARD, verdict=False),
+        "",
+        "### New vs old controller (action sets), both guarded",
+        "",
+        ablation_table(goal_a, controllers, OLD, verdict=False),
+        "",
         "### Weight statistics vs signals only",
         "",
         ablation_table(goal_a, controllers),
         "",
-        f"LR paths: ![LR paths]({Path(fig).name}) (solid: the controller, one line per seed; "
-        "dashed: cosine from the same start).",
+        f"LR paths: ![LR paths]({Path(fig).name}) (solid: the controller, one line per seed, x: "
+        "a rescue; dashed: cosine from the same start).",
         "",
         "## (b) Tune comparison (`qan compare`-style)",
         "",
         text_b or "(not run)\n",
-        "QAN below is `qan@controller` (the controller sets every trial's LR, FIFO otherwise); "
-        "ratios are per (task, seed), QAN's epochs to target over the baseline's, then the "
+        f"QAN below is `qan@controller` with the rescue guard (the controller sets every "
+        f"trial's LR, FIFO otherwise); `{NOGUARD}` is the same scheduler with task_config "
+        "{\"guard\": false}. Mean final val acc (all trials) = each trial's last reported val "
+        "accuracy (NaN as chance), mean over the trials, then over seeds; dead trials end within "
+        "5 points of chance. Epoch ratios "
+        "are per (task, seed), QAN's epochs to target over the baseline's, then the "
         "mean. Final accuracy = test accuracy of the best finished trial, mean over seeds; "
         "best baseline per task by that measure.",
         "",
@@ -704,6 +864,7 @@ def render(args, tasks, controllers, text_a, goal_a, text_b, goal_b, fig) -> str
         f"(epochs: {'met' if epochs_ok else 'not met'}, {asha:.3f}x ASHA and {pbt:.3f}x PBT; "
         f"final accuracy equal or better on every task: {'yes' if per_task_ok else 'no'}).",
         "",
+        *goal_lines(goal_a, goal_b),
         "## Shortfalls and next ideas",
         "",
         args.analysis or "(see the report of the run)",
@@ -711,8 +872,45 @@ def render(args, tasks, controllers, text_a, goal_a, text_b, goal_b, fig) -> str
         f"epochs_vs_asha: {asha:.3f}",
         f"epochs_vs_pbt: {pbt:.3f}",
         f"final_acc_delta_vs_best_baseline: {delta:+.2f}",
+        *last_lines(goal_a, goal_b),
     ]
     return "\n".join(lines) + "\n"
+
+
+def goal_lines(goal_a: dict, goal_b: dict) -> list[str]:
+    """The section on the goals of "No dead trials" (targets, not gates)."""
+    dead_by, trials_by = goal_b.get("dead_by", {}), goal_b.get("trials_by", {})
+    won, cells = sum(goal_a["cells"]), len(goal_a["cells"])
+    lines = ["## Goals: no dead trials (QAN recognises a dying run and rescues it)", "",
+             "Targets, not gates; the numbers as measured.", ""]
+    if "qan" in dead_by:
+        lines.append(f"- Dead QAN trials (guard on) over all held-out Tune experiments: "
+                     f"**{dead_by['qan']}/{trials_by['qan']}** (target 0); others: "
+                     + ", ".join(f"{n} {dead_by[n]}/{trials_by[n]}" for n in dead_by
+                                 if n != "qan") + ".")
+    else:
+        lines.append("- Dead QAN trials: part (b) has no finished QAN experiments in this run.")
+    for t, v in goal_b.get("per_task", {}).items():
+        tm = v["trial_mean"]
+        lines.append(f"- {t}: QAN's per-trial mean final val accuracy "
+                     f"{tm.get('qan', math.nan):.4f}; QAN - PBT = "
+                     f"**{v['trial_mean_vs_pbt']:+.4f}**, QAN - FIFO = "
+                     f"**{v['trial_mean_vs_fifo']:+.4f}** (target >= 0 for both)"
+                     + (f"; {NOGUARD} {tm[NOGUARD]:.4f}" if NOGUARD in tm else "") + ".")
+    lines += [f"- Part (a) cells won (held-out task x start LR where the guarded controller's "
+              f"mean final val accuracy >= the best baseline's from the same start): "
+              f"**{won}/{cells}** (target: all); dead runs per cell in the tables above.",
+              ""]
+    return lines
+
+
+def last_lines(goal_a: dict, goal_b: dict) -> list[str]:
+    """The three lines the result file ends with."""
+    dead = goal_b.get("dead_trials_qan")
+    vs_pbt = goal_b.get("trial_mean_vs_pbt", math.nan)
+    return [f"dead_trials_qan: {'n/a' if dead is None else dead}",
+            f"trial_mean_vs_pbt: {vs_pbt:+.3f}",
+            f"cells_won: {sum(goal_a['cells'])}/{len(goal_a['cells'])}"]
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -721,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controller", required=True, help="controller folder, or builtin")
     p.add_argument("--signals-controller", default=None,
                    help="a signals-only controller (--no-weight-features) for the ablation")
+    p.add_argument("--old-controller", default=None,
+                   help=f"another controller (e.g. policies/builtin at its old version, actions "
+                        f"x0.5..x2) to run guarded in part (a) as {OLD!r}")
     p.add_argument("--tasks", default=",".join(HELD_OUT))
     p.add_argument("--in-distribution", action="store_true",
                    help=f"also evaluate {IN_DISTRIBUTION} (seen in training), part (a) only")
@@ -732,8 +933,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-samples", type=int, default=8)
     p.add_argument("--schedulers", default=None,
                    help="part (b): a comma-separated subset of " + ",".join(
-                       TUNE_SCHEDULERS + OPTIONAL_SCHEDULERS) + " (default: all that the "
-                   "scheduler factory accepts); the report uses the seeds on which all of them "
+                       (*TUNE_SCHEDULERS, NOGUARD_TUNE, *OPTIONAL_SCHEDULERS)) + " (default: "
+                   f"all that the scheduler factory accepts; {NOGUARD_TUNE}: qan with the guard "
+                   "off, recorded apart); the report uses the seeds on which all of them "
                    "finished")
     p.add_argument("--tune-epochs", default=None,
                    help="epochs per trial: N, or TASK=N,... (default: the preset's epochs)")
@@ -766,9 +968,13 @@ def main(argv: list[str] | None = None) -> int:
                      else "")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     eval_tasks = tasks + ([IN_DISTRIBUTION] if args.in_distribution else [])
-    names = ["qan"] + (["qan-signals"] if args.signals_controller else [])
-    args.paths = [args.controller] + ([args.signals_controller] if args.signals_controller
-                                      else [])
+    methods = {"qan": args.controller, NOGUARD: args.controller}
+    if args.old_controller:
+        methods[OLD] = args.old_controller
+    if args.signals_controller:
+        methods[SIGNALS] = args.signals_controller
+    names, args.paths = list(methods), list(methods.values())
+    args.guards = {n: n != NOGUARD for n in names}  # baselines: unguarded (baseline_config)
     args.ids = {n: controller_id(pth) for n, pth in zip(names, args.paths)}
     Path(args.work).mkdir(parents=True, exist_ok=True)
 
