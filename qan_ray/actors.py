@@ -230,7 +230,7 @@ class _TrainerActor:
 TrainerActor = ray.remote(_TrainerActor)
 
 _INFO_KEYS = ("step", "lr", "train_loss", "val_loss", "val_accuracy", "batches", "diverged",
-              "wall_time", "task")
+              "rescued", "wall_time", "task")
 
 
 def _row(info: dict[str, Any], action: int, reward: float, obs, actor: str

@@ -76,7 +76,8 @@ def test_default_scheduler_drives_an_embedded_task_it_never_trained_on(ray_sessi
                                   failure_config=tune.FailureConfig(max_failures=0))).fit()
     assert not grid.errors and len(grid) == 2
     rule = load_controller("builtin").spec.action
-    assert rule.lr_factors == (0.5, 0.9, 1.0, 1.1, 2.0) and (rule.lr_min, rule.lr_max) == (1e-5, 1)
+    assert rule.lr_factors == (0.1, 0.5, 0.9, 1.0, 1.1, 2.0)
+    assert (rule.lr_min, rule.lr_max) == (1e-5, 1)
     # every decision is the shipped network's greedy action on the observation the trial sent:
     # the Q-values are the file's network's, and the best action leads by far more than float
     # rounding, so the expected action is exact
@@ -91,9 +92,6 @@ def test_default_scheduler_drives_an_embedded_task_it_never_trained_on(ray_sessi
         expected_actions.append(int(np.argmax(ref)))
     histories = [sched.trial_state(r.metrics["trial_id"]).history for r in grid]
     assert sorted(a for h in histories for _, a, _ in h) == sorted(expected_actions)
-    # the shipped generalist's decision here: x2 at both points of both trials (x86: it leads
-    # the runner-up by 0.27 to 0.62 in Q), so each trial trains at lr0, 1.5 lr0, lr0
-    assert expected_actions == [rule.labels.index("x2")] * 4
     for result in grid:
         state = sched.trial_state(result.metrics["trial_id"])
         assert state.skipped is None and len(state.history) == 2  # acted after epochs 1 and 2

@@ -37,10 +37,10 @@ def test_builtin_controller_loads_and_acts_on_its_task():
     ctrl = load_controller("builtin", expect=ObservationSpec())
     env = TargetTrainingEnv({"task": ctrl.spec.task["task"]})
     assert ctrl.obs_size == env.observation_space.shape[0] == ObservationSpec().size
-    assert ctrl.spec.action.labels == ["x0.5", "x0.9", "keep", "x1.1", "x2"]
+    assert ctrl.spec.action.labels == ["x0.1", "x0.5", "x0.9", "keep", "x1.1", "x2"]
     obs, _ = env.reset(seed=0)
     q = ctrl.q_values(obs)
-    assert q.shape == (5,) and np.isfinite(q).all()
+    assert q.shape == (6,) and np.isfinite(q).all()
     # the shipped weights, not a fresh network: the Q-values of the file's own network
     ref = _reference_q(BUILTIN, obs)
     assert q == pytest.approx(ref, rel=1e-5, abs=1e-5)
