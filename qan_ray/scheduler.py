@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "qan-scheduler-state.json"
 PERSIST_EVERY_S = 1.0
 SCHEDULE_DIR = "qan-schedules"
+PUBLISH_TIMEOUT_S = 10.0
 ON_MISSING = ("error", "warn")
 
 
@@ -225,10 +226,14 @@ class QANScheduler(FIFOScheduler):
             state = self._trials[tid] = TrialState(lr=lr, initial_lr=lr)
         iteration = int(result.get("training_iteration", state.last_iteration + 1))
         state.last_iteration = iteration
+        if result.get(core.OWN_SCHEDULE_KEY):
+            state.own_schedule = True
         fresh = core.result_is_fresh(result.get(core.VERSION_KEY), state.version, iteration,
                                      state.acted_iteration)
-        if fresh or iteration not in state.trained:  # a stale repeat keeps its record
-            state.trained[iteration] = state.lr
+        # what the iteration trained with, as the trainable acknowledges it (never an LR only
+        # published meanwhile); a stale repeat without its LR keeps its record
+        if fresh or iteration not in state.trained or core.is_finite(result.get(core.LR_KEY)):
+            state.trained[iteration] = state.trained_lr(result, fresh)
         if result.get(core.RESCUED_KEY) and self.guard and fresh:
             # the reporter rolled the trial back to its last good state; QAN cuts the LR
             state.via_channel = core.VERSION_KEY in result
@@ -416,12 +421,14 @@ class QANScheduler(FIFOScheduler):
         if self.action_mode == "minibatch":
             state.record_action(iteration, action, state.lr)
             trial.set_config({**trial.config, "focus_class": int(action)})
-            self._publish(trial.trial_id, state, {"focus_class": int(action)})
+            self._publish(trial.trial_id, state, {"focus_class": int(action)}, wait=True)
             return True
         # the episode's rule: x factor, or a correction of the cosine from the trial's start LR
+        # (a trainable with its own schedule: the correction alone, its schedule is the cosine's)
         new_lr, state.correction = next_lr(self.rule, action, lr=state.lr,
                                            correction=state.correction,
-                                           start=state.initial_lr, progress=progress)
+                                           start=state.initial_lr,
+                                           progress=0.0 if state.own_schedule else progress)
         changed = not math.isclose(new_lr, state.lr, rel_tol=1e-12)
         if not changed:
             state.history.append([iteration, action, state.lr])
@@ -430,19 +437,20 @@ class QANScheduler(FIFOScheduler):
         state.record_action(iteration, action, new_lr)
         self._set_config_lr(trial, state)
         if state.via_channel:
-            self._publish(trial.trial_id, state)
+            self._publish(trial.trial_id, state, wait=True)
         return True
 
     def _rescue(self, trial: Trial, state: TrialState, iteration: int, progress: float) -> None:
         """The guard's LR cut after a rollback (the episode's rule, `episode.rescue_lr`)."""
         new_lr, state.correction = rescue_lr(self.rule, self.rescue_factor, lr=state.lr,
                                              correction=state.correction,
-                                             start=state.initial_lr, progress=progress)
+                                             start=state.initial_lr,
+                                             progress=0.0 if state.own_schedule else progress)
         state.rescues += 1
         state.record_action(iteration, core.RESCUE_ACTION, new_lr)
         self._set_config_lr(trial, state)
         if state.via_channel:
-            self._publish(trial.trial_id, state)
+            self._publish(trial.trial_id, state, wait=True)
         logger.info("QANScheduler: trial %s rescued after iteration %d (rolled back, LR -> "
                     "%.4g; rescue %d)", trial.trial_id, iteration, new_lr, state.rescues)
 
@@ -461,19 +469,32 @@ class QANScheduler(FIFOScheduler):
             if state is None or not core.is_finite(lr) or float(lr) == state.lr:
                 continue
             state.history.append([state.last_iteration, -1, float(lr)])  # -1: set by the stopper
-            state.lr = float(lr)
-            state.version += 1
-            self._publish(trial.trial_id, state)
+            state.set_lr(float(lr))
+            self._publish(trial.trial_id, state, wait=True)
             self._persist()
 
     def _publish(self, trial_id: str, state: TrialState,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, wait: bool = False) -> None:
+        """Write the trial's hyperparameters to the channel. `wait`: return only once the
+        channel holds them (a decision: Tune resumes the trainable when on_trial_result returns,
+        and its next `apply` must find it); the trial's first publication does not wait for the
+        channel's process to start."""
         channel = self._open_channel()
         if channel is None:
             return
         hyper = {self.lr_key: state.lr, **(extra or {})}
-        channel.publish.remote(trial_id, hyper, state.version, {self.lr_key: state.initial_lr},
-                               self.observe)
+        ref = channel.publish.remote(trial_id, hyper, state.version,
+                                     {self.lr_key: state.initial_lr}, self.observe)
+        if wait:
+            import ray
+
+            try:
+                ray.get(ref, timeout=PUBLISH_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 - the trainable reports what it trained with
+                logger.warning("QANScheduler: publishing trial %s's LR %.4g (version %d) took "
+                               "more than %gs or failed (%s); the trial acknowledges the version "
+                               "it trains with, so the records stay true", trial_id, state.lr,
+                               state.version, PUBLISH_TIMEOUT_S, err)
 
     def _open_channel(self, verify: bool = False):
         """The experiment's channel actor, created on first use. A fresh experiment does not wait

@@ -30,7 +30,12 @@ OBS_ERROR_KEY = "qan_obs_error"
 PROGRESS_KEY = "qan_progress"
 """Result key: fraction of the trial's budget done (QAN does not act on a finished trial)."""
 VERSION_KEY = "qan_version"
-"""Result key: version of the control-channel hyperparameters the trainable trained with."""
+"""Result key: version of the control-channel hyperparameters the trainable trained with (its
+acknowledgment: a decision published later is not in this result)."""
+LR_KEY = "qan_lr"
+"""Result key: the LR the iteration trained with (first param group; what QAN records)."""
+OWN_SCHEDULE_KEY = "qan_own_schedule"
+"""Result key: the trainable schedules its own LR; QAN's decision is a factor on it."""
 RESCUED_KEY = "qan_rescued"
 """Result key: the rescue guard rolled this iteration back (QANScheduler cuts the LR)."""
 RESCUES_KEY = "qan_rescues"
@@ -151,6 +156,12 @@ class TrialState:
     """lr_schedule cosine: the controller's factor on the cosine decay from initial_lr."""
     rescues: int = 0
     """Rescues of the guard so far (each cut the LR)."""
+    own_schedule: bool = False
+    """The trainable schedules its own LR (QANReporter(own_schedule=True)): QAN's LR is a
+    factor on it, so a cosine controller's correction applies without the controller's cosine."""
+    published: dict[int, float] = field(default_factory=dict)
+    """version -> the LR published with it (what a result acknowledging that version trained
+    with, when the result does not say)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "initial_lr": self.initial_lr, "version": self.version,
@@ -158,7 +169,8 @@ class TrialState:
                 "via_channel": self.via_channel, "history": [list(h) for h in self.history],
                 "trained": {str(k): v for k, v in self.trained.items()},
                 "skipped": self.skipped, "correction": self.correction,
-                "rescues": self.rescues}
+                "rescues": self.rescues, "own_schedule": self.own_schedule,
+                "published": {str(k): v for k, v in self.published.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialState:
@@ -170,13 +182,38 @@ class TrialState:
                    history=[list(h) for h in d.get("history", [])],
                    trained={int(k): float(v) for k, v in d.get("trained", {}).items()},
                    skipped=d.get("skipped"), correction=float(d.get("correction", 1.0)),
-                   rescues=int(d.get("rescues", 0)))
+                   rescues=int(d.get("rescues", 0)),
+                   own_schedule=bool(d.get("own_schedule", False)),
+                   published={int(k): float(v) for k, v in d.get("published", {}).items()})
 
     def record_action(self, iteration: int, action: int, lr: float) -> None:
         self.history.append([int(iteration), int(action), float(lr)])
+        self.set_lr(lr)
+        self.acted_iteration = int(iteration)
+
+    def set_lr(self, lr: float) -> None:
+        """A new LR to publish: the next version."""
         self.lr = float(lr)
         self.version += 1
-        self.acted_iteration = int(iteration)
+        self.published[self.version] = self.lr
+
+    def trained_lr(self, result: dict[str, Any], fresh: bool) -> float:
+        """The LR the iteration of `result` trained with, from the trainable's acknowledgment:
+        the LR it reports (LR_KEY), else the LR of the version it reports, else (restart
+        fallback) the current LR for a fresh result. Never an LR only published after it."""
+        return trained_lr(result, fresh, self.lr, self.published, self.initial_lr)
+
+
+def trained_lr(result: dict[str, Any], fresh: bool, current: float,
+               published: dict[int, float], initial: float) -> float:
+    """See `TrialState.trained_lr`."""
+    if is_finite(result.get(LR_KEY)):
+        return float(result[LR_KEY])
+    version = result.get(VERSION_KEY)
+    if version is not None and not fresh:
+        version = int(version)
+        return published.get(version, initial if version == 0 else current)
+    return current
 
 
 def initial_lr_of(config: dict[str, Any], lr_key: str, trial_id: str) -> float:

@@ -372,6 +372,35 @@ def test_cosine_controller_keeps_trials_on_the_cosine_schedule():
         cosine = 0.2 * 0.5 * (1 + math.cos(math.pi * progress))
         assert trial.config["lr"] == pytest.approx(cosine)
     assert s.trial_state("t0").correction == 1.0
+    # a trainable with its own schedule (QANReporter(own_schedule=True)): "keep" is its schedule,
+    # so QAN's LR (start LR x its factor) stays the start LR; a x0.5 halves the factor
+    own = StandInTrial("own", 0.2)
+    s.on_trial_add(tc, own)
+    for it, progress in ((1, 0.25), (2, 0.5)):
+        s.on_trial_result(tc, own, _result(it, 0.5, qan_progress=progress, qan_own_schedule=True))
+        assert own.config["lr"] == 0.2
+    assert s.trial_state("own").own_schedule
+    halving = QANScheduler(policy=fixed_action_controller(action=0, lr_schedule="cosine"),
+                           metric="m", mode="max")
+    halving.on_trial_add(tc, own)
+    halving.on_trial_result(tc, own, _result(1, 0.5, qan_progress=0.5, qan_own_schedule=True))
+    assert own.config["lr"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("result, fresh, trained", [
+    ({"qan_lr": 0.07, "qan_version": 0}, False, 0.07),  # the trainable says what it trained with
+    ({"qan_lr": 0.07, "qan_version": 2}, True, 0.07),
+    ({"qan_version": 1}, False, 0.05),  # else the LR of the version it acknowledges
+    ({"qan_version": 0}, False, 0.1),  # version 0: the start LR
+    ({"qan_version": 2}, True, 0.025),
+    ({}, True, 0.025),  # restart fallback: a fresh result trained with the current LR
+])
+def test_the_trained_lr_is_what_the_result_acknowledges(result, fresh, trained):
+    state = TrialState(lr=0.1, initial_lr=0.1)
+    state.set_lr(0.05)
+    state.set_lr(0.025)
+    assert state.published == {1: 0.05, 2: 0.025}
+    assert state.trained_lr(result, fresh) == trained
 
 
 def test_a_rescued_result_cuts_the_lr_instead_of_asking_the_controller():

@@ -61,8 +61,9 @@ def test_reporter_outside_tune_uses_the_config_and_skips_features():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     reporter = QANReporter({"lr": 0.1})
-    assert not reporter.active and reporter.apply(opt) == 0.1
-    assert opt.param_groups[0]["lr"] == 0.1
+    # without QANScheduler apply() changes nothing: the optimizer keeps the user's LR
+    assert not reporter.active and reporter.apply(opt) == 1.0
+    assert opt.param_groups[0]["lr"] == 1.0
     out = reporter.metrics(model, train_loss=1.0, val_loss=1.0, val_accuracy=0.5, progress=0.1)
     assert out == {}  # no channel, no QANScheduler: no feature cost, nothing added
     forced = QANReporter({"lr": 0.1}, features=True).metrics(

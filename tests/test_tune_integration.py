@@ -288,8 +288,11 @@ def _lenet_tuner(tmp_path, scheduler, name, samples=2):
 
 def test_builtin_controller_drives_a_lenet_trial(ray_session, tmp_path):
     """The shipped controller (trained on the digits MLP) drives a user's CNN: the observation
-    fits whatever the architecture, QAN acts, and Tune's results, config and the schedule file
-    agree on the LR each iteration trained with."""
+    fits whatever the architecture, QAN acts, and Tune's results and the schedule file agree on
+    the LR each iteration trained with. Where each LR is, as docs/scheduler.md ("The LR in
+    results") says: `qan_lr` in every result is the LR the iteration trained with;
+    Result.config["lr"] is the config the trainable was started with (the start LR: no restart);
+    get_dataframe()["config/lr"] is QAN's current LR, the last trained one here."""
     import pyarrow.parquet as pq
 
     from qan_ray.scheduler import SCHEDULE_DIR, QANScheduler
@@ -303,11 +306,15 @@ def test_builtin_controller_drives_a_lenet_trial(ray_session, tmp_path):
         assert state.skipped is None and len(state.history) == 2  # acted after epochs 1, 2
         df = result.metrics_dataframe
         schedule = pq.read_table(tmp_path / "lenet" / SCHEDULE_DIR / f"{tid}.parquet")
-        assert schedule.column("lr").to_pylist() == pytest.approx(df["trained_lr"].tolist())
-        assert result.config["lr"] == pytest.approx(df["trained_lr"].iloc[-1])
+        assert df["qan_lr"].tolist() == df["trained_lr"].tolist()  # every result, exactly
+        assert schedule.column("lr").to_pylist() == df["qan_lr"].tolist()
+        assert result.config["lr"] == df["trained_lr"].iloc[0] in (0.05, 0.2)  # the start LR
         assert "qan_obs" not in result.metrics  # the observation never enters Tune's results
+    # QAN moved the LR, so the start LR and the last trained one differ (the check means something)
+    assert any(r.config["lr"] != r.metrics["qan_lr"] for r in grid)
     last = grid.get_dataframe()  # one row per trial: its last result and config
-    assert last["config/lr"].tolist() == pytest.approx(last["trained_lr"].tolist())
+    assert last["config/lr"].tolist() == pytest.approx(last["qan_lr"].tolist())
+    assert last["qan_lr"].tolist() == last["trained_lr"].tolist()
     assert "Last decisions" in sched.debug_string()
 
 
