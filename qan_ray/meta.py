@@ -167,6 +167,52 @@ def steps_per_episode(qan: QANConfig, probe_steps: int) -> int:
     return max(1, round(mean_episode_steps(qan))) if qan.tasks else int(probe_steps)
 
 
+def learning_starts_problem(meta: MetaConfig, steps_per_episode: int) -> str | None:
+    """Why a run of `meta.episodes` episodes cannot reach `learning_starts` (the DQN would never
+    update and the exported controller would be its random initialisation), with both numbers
+    and the fix; None when it can."""
+    sampled = meta.episodes * steps_per_episode
+    if sampled >= meta.learning_starts:
+        return None
+    episodes = -(-2 * meta.learning_starts // steps_per_episode)  # half the run then learns
+    return (f"--episodes {meta.episodes} x {steps_per_episode} control steps per episode = "
+            f"{sampled} sampled steps, fewer than --learning-starts {meta.learning_starts} (the "
+            "steps the DQN samples before its first update): the DQN will NEVER UPDATE and the "
+            "exported controller will be its untrained, random initialisation. Fix: "
+            f"--episodes {episodes} or more, or --learning-starts {max(1, sampled // 4)} (a "
+            "quarter of this run's steps).")
+
+
+def dqn_progress(algo, learning_starts: int) -> dict[str, Any]:
+    """What the DQN learner did so far (RLlib's lifetime counters, kept in its checkpoint):
+    control steps sampled, transitions trained on, and whether the Q-network was ever updated."""
+    from ray.rllib.core import ALL_MODULES
+    from ray.rllib.utils.metrics import (
+        ENV_RUNNER_RESULTS,
+        LEARNER_RESULTS,
+        NUM_ENV_STEPS_SAMPLED_LIFETIME,
+        NUM_MODULE_STEPS_TRAINED_LIFETIME,
+    )
+
+    def peek(key) -> int:
+        try:
+            return int(algo.metrics.peek(key, default=0) or 0)
+        except Exception:  # noqa: BLE001 - a counter RLlib did not create yet
+            return 0
+
+    sampled = peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME))
+    trained = peek((LEARNER_RESULTS, ALL_MODULES, NUM_MODULE_STEPS_TRAINED_LIFETIME))
+    return {"sampled_steps": sampled, "learning_starts": int(learning_starts),
+            "trained_transitions": trained, "updated": trained > 0}
+
+
+def never_updated_message(dqn: dict[str, Any]) -> str:
+    return (f"NEVER UPDATED: the DQN sampled {dqn['sampled_steps']} control steps, fewer than "
+            f"learning_starts {dqn['learning_starts']}, and trained on none; this controller is "
+            "the untrained, random initialisation of the Q-network. Meta-train with more "
+            "--episodes or a lower --learning-starts.")
+
+
 def epsilon_schedule(meta: MetaConfig, steps_per_episode: int) -> list[tuple[int, float]]:
     """RLlib's epsilon schedule, in control steps sampled over all actors: linear from 1.0 to
     epsilon_final over explore_fraction x explore_episodes (default episodes) x
@@ -339,6 +385,9 @@ class MetaTrainer:
         # The schedule the algorithm really runs (a resumed one keeps its checkpoint's).
         log(f"exploration: {describe_schedule(self.algo.config.epsilon)} "
             f"(explore_episodes {self.meta.explore_episodes}, fixed when the run started)")
+        problem = learning_starts_problem(self.meta, self.steps_per_episode)
+        if problem is not None:
+            log(f"{'!' * 80}\nWARNING: {problem}\n{'!' * 80}")
         self._selector = None
         write_json(self.out / "config.json",
                    {"qan": qan.to_dict(), "meta": dataclasses.asdict(self.meta)})
@@ -537,8 +586,10 @@ class MetaTrainer:
         state = self.algo.get_module(DEFAULT_MODULE_ID).get_state()
         net = plain_qnet(self.obs_size, tuple(self.meta.hidden), self.qan.num_actions)
         net.load_state_dict(export_qnet(state))
+        dqn = dqn_progress(self.algo, self.meta.learning_starts)
         spec = spec_for(self.qan, self.meta.hidden, {
             "meta": dataclasses.asdict(self.meta), "episodes": self.progress["episodes"],
+            "dqn": dqn, **({} if dqn["updated"] else {"warning": never_updated_message(dqn)}),
             "commit": _git_commit(),
             "command": " ".join(["qan", *sys.argv[1:]]) if sys.argv else "",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -555,6 +606,10 @@ class MetaTrainer:
                                        "controller_last" if selecting else "controller")
         if selecting:
             folder = self.out / "controller"
+        self.updated = bool(spec.provenance["dqn"]["updated"])
+        if not self.updated:
+            self.log(f"{'!' * 80}\nWARNING: {folder}: {spec.provenance['warning']} (recorded in "
+                     f"its spec.json provenance)\n{'!' * 80}")
         try:
             from qan_ray.plots import plot_learning_curve
 
@@ -652,8 +707,10 @@ def run_train(args: argparse.Namespace) -> int:
             trainer.train()
         except KeyboardInterrupt:
             return _interrupted(trainer, out)
-        print(f"done in {time.time() - start:.0f}s: controller {out / 'controller'}, log "
-              f"{out / 'steps'}, checkpoint {out / 'checkpoint'}, figure "
+        untrained = ("" if getattr(trainer, "updated", True) else
+                     " (NEVER UPDATED: an untrained network, see the warning above)")
+        print(f"done in {time.time() - start:.0f}s: controller {out / 'controller'}{untrained}, "
+              f"log {out / 'steps'}, checkpoint {out / 'checkpoint'}, figure "
               f"{out / 'learning_curve.png'}")
         return 0
     except KeyboardInterrupt:

@@ -46,6 +46,28 @@ def run(ray_session, tmp_path_factory):
     mt.stop()
 
 
+def test_a_controller_exported_before_any_dqn_update_says_so_in_spec_and_on_screen(run):
+    """Before the DQN's first update (nothing sampled yet: fewer steps than learning_starts) the
+    exported Q-network is its random initialisation: spec.json's provenance says so (the DQN's
+    counters and a warning), and so does the screen. Runs first on the module's run."""
+    from policies.qnet import load_controller
+
+    said: list[str] = []
+    log, run.log = run.log, said.append
+    try:
+        folder = run.export_controller()
+    finally:
+        run.log = log
+    provenance = load_controller(folder).spec.provenance
+    assert provenance["dqn"] == {"sampled_steps": 0, "learning_starts": 8,
+                                 "trained_transitions": 0, "updated": False}
+    assert provenance["warning"].startswith("NEVER UPDATED: the DQN sampled 0 control steps, "
+                                            "fewer than learning_starts 8")
+    assert any("WARNING" in line and "NEVER UPDATED" in line and str(folder) in line
+               for line in said)
+    assert run.updated is False
+
+
 def _learner_state(algo):
     from ray.rllib.core import DEFAULT_MODULE_ID
 
@@ -111,6 +133,9 @@ def test_exported_controller_matches_rllib_q_values(run):
     assert np.allclose(ctrl.q_values(obs), q, atol=1e-5)
     assert [ctrl.act(o) for o in obs] == list(q.argmax(axis=1))
     assert (run.out / "learning_curve.png").stat().st_size > 0
+    dqn = ctrl.spec.provenance["dqn"]  # trained: the provenance says how much, and no warning
+    assert dqn["updated"] and dqn["trained_transitions"] > 0 and dqn["sampled_steps"] >= 8
+    assert "warning" not in ctrl.spec.provenance and run.updated
 
 
 class _Selector:
@@ -218,6 +243,7 @@ def test_resume_continues_the_count_and_keeps_the_epsilon_schedule(run, capsys, 
                                  "--episodes", str(done + 2))) == 0
     printed = capsys.readouterr().out
     assert f"resumed from {run.out / 'checkpoint'} at episode {done} " in printed
+    assert "WARNING" not in printed and "NEVER UPDATED" not in printed  # RLlib's counters resumed
     assert seen["start"] == done
     assert (f"resume: --episodes {done + 2} (was {bound}) changes only the loop bound; the "
             "exploration schedule stays that of the original run.") in printed
@@ -246,6 +272,41 @@ def test_fresh_run_refuses_to_overwrite_an_existing_log(run):
 
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         MetaTrainer(QAN, _meta(), run.out, log=lambda *_: None)
+
+
+def test_a_run_that_cannot_reach_learning_starts_is_named_with_both_numbers_and_the_fix():
+    """issue 22: 4 episodes of a 5-step task sample 20 steps, below the default learning_starts
+    100: the DQN would never update. The message names both numbers and fixes that work."""
+    import dataclasses
+
+    from qan_ray.meta import MetaConfig, learning_starts_problem
+
+    meta = MetaConfig(episodes=4)
+    assert meta.learning_starts == 100
+    text = learning_starts_problem(meta, 5)
+    assert ("--episodes 4 x 5 control steps per episode = 20 sampled steps, fewer than "
+            "--learning-starts 100") in text
+    assert "NEVER UPDATE" in text and "Fix: --episodes 40 or more, or --learning-starts 5" in text
+    for fixed in (dataclasses.replace(meta, episodes=40), dataclasses.replace(meta,
+                                                                              learning_starts=5)):
+        assert learning_starts_problem(fixed, 5) is None
+    assert learning_starts_problem(MetaConfig(episodes=20), 5) is None  # 100 steps: it updates
+    assert learning_starts_problem(MetaConfig(episodes=12), 4) is not None  # the old user-task
+    # command of docs/user_tasks.md; the one there now learns (its task: 4 steps per episode)
+    import re
+    from pathlib import Path
+
+    from qan_ray.distribution import load_config
+    from qan_ray.env import TargetTrainingEnv
+
+    doc = (Path(__file__).parent.parent / "docs" / "user_tasks.md").read_text()
+    command = re.search(r"qan train +--task digits_cnn:make_task(.*?)--out", doc, re.S).group(1)
+    flags = dict(re.findall(r"--(episodes|learning-starts) (\d+)", command))
+    steps = TargetTrainingEnv(load_config(task="user_task_example:make_task")).total_steps
+    documented = MetaConfig(episodes=int(flags.get("episodes", MetaConfig.episodes)),
+                            learning_starts=int(flags.get("learning-starts", 100)))
+    assert steps == 4 and learning_starts_problem(documented, steps) is None
+    assert documented.episodes * steps >= 2 * documented.learning_starts  # half the run learns
 
 
 def test_meta_config_rejects_bad_values():
