@@ -25,7 +25,7 @@ DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "user")
 EMBEDDED_DATASETS = ("digits", "mnist1d")  # built in-process: no data_root, no download
 MODELS = ("mlp", "lenet", "cnn1d", "cnn2d", "wrn", "user")
 USER = "user"  # dataset and model of a module:function task: the task supplies both
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 ACTION_MODES = ("lr", "minibatch")
 LR_SCHEDULES = ("constant", "cosine")
 REWARDS = ("log_loss", "val_loss", "time_to_target", "final_val", "final_acc")
@@ -147,7 +147,7 @@ class QANConfig:
         WideResNet widening factor k.""")
 
     optimizer: str = documented("sgd", """
-        sgd | adam.""")
+        sgd | adam | adamw (Adam with decoupled weight decay, torch.optim.AdamW's arithmetic).""")
     lr: float = documented(0.05, """
         Initial learning rate of every episode.""")
     lr_init_range: tuple[float, ...] | None = documented(None, """
@@ -159,7 +159,8 @@ class QANConfig:
     nesterov: bool = documented(False, """
         Nesterov momentum (SGD only; needs momentum > 0).""")
     weight_decay: float = documented(0.0, """
-        L2 weight decay.""")
+        Weight decay: an L2 term in the gradient (sgd, adam), or decoupled (adamw: the weights
+        shrink by 1 - lr x weight_decay each step).""")
     batch_size: int = documented(32, """
         Mini-batch size.""")
     epochs_per_episode: float = documented(8.0, """

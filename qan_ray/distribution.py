@@ -99,9 +99,9 @@ def model_family(model: str) -> str:
 
 
 def optimizer_family(cfg: QANConfig) -> str:
-    """sgd | momentum | nesterov | adam."""
-    if cfg.optimizer == "adam":
-        return "adam"
+    """sgd | momentum | nesterov | adam | adamw."""
+    if cfg.optimizer in ("adam", "adamw"):
+        return cfg.optimizer
     if cfg.momentum > 0:
         return "nesterov" if cfg.nesterov else "momentum"
     return "sgd"
@@ -171,6 +171,7 @@ def _member_fields(name: str) -> dict[str, Any]:
 
 
 def _lr_range(cfg: QANConfig, family: str) -> tuple[float, float]:
+    family = "adam" if family == "adamw" else family  # an AdamW task in a mix: Adam's range
     low, high = cfg.lr_init_range if cfg.lr_init_range is not None else LR_RANGES[family]
     return max(low, cfg.lr_min), min(high, cfg.lr_max)
 

@@ -9,7 +9,7 @@ broadcast as a (K, 1, ...) view; with the population's parameters in one flat (K
 (qan_ray.population) that is a handful of ops per step in total, whatever the layer count.
 
 The arithmetic is torch.optim's, op for op (tests/test_popoptim.py checks member i against a
-single-network `torch.optim.SGD` / `Adam` step with LR i):
+single-network `torch.optim.SGD` / `Adam` / `AdamW` step with LR i):
 - SGD: d = g + wd * p; buf = momentum * buf + d (a fresh buffer is 0, so the first step gives
   buf = d as torch.optim does with dampening 0); update = d + momentum * buf (Nesterov) or buf;
   p -= lr * update.
@@ -17,6 +17,9 @@ single-network `torch.optim.SGD` / `Adam` step with LR i):
   p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), with a per-member step t
   (a member reset mid-run starts at t = 0) and the bias corrections in float64 (torch.optim
   computes them as Python floats).
+- AdamW (decoupled weight decay, Loshchilov & Hutter): p *= 1 - lr * wd first, then Adam's
+  update of the plain gradient (no wd * p in it). Its state is Adam's (`kind` is "adam",
+  `decoupled` True).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-KINDS = ("sgd", "adam")
+KINDS = ("sgd", "adam", "adamw")
 
 
 def lr_views(lr: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -54,11 +57,15 @@ def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor],
 def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor],
               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
               step: torch.Tensor, lr: torch.Tensor, *, betas: tuple[float, float] = (0.9, 0.999),
-              eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+              eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False) -> None:
     """One Adam step of every member, in place. `step` (K,) float64 counts each member's steps
-    (incremented here)."""
+    (incremented here). `decoupled`: AdamW's weight decay (the parameters shrink by
+    1 - lr * weight_decay before the update) instead of Adam's L2 term in the gradient."""
     beta1, beta2 = betas
-    if weight_decay != 0:
+    if weight_decay != 0 and decoupled:
+        shrink = (1 - lr.double() * weight_decay).to(params[0].dtype)
+        torch._foreach_mul_(params, lr_views(shrink, params))
+    elif weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     step += 1
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -75,8 +82,8 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor],
 
 
 class PopulationOptimizer:
-    """SGD or Adam over stacked parameters (each tensor's dim 0 is the member) with a per-member
-    LR, per-member state, and `reset_member` to restart one member's state alone."""
+    """SGD, Adam or AdamW over stacked parameters (each tensor's dim 0 is the member) with a
+    per-member LR, per-member state, and `reset_member` to restart one member's state alone."""
 
     def __init__(self, params: Sequence[torch.Tensor], kind: str,
                  lr: torch.Tensor | Sequence[float] | float, *, momentum: float = 0.0,
@@ -95,6 +102,8 @@ class PopulationOptimizer:
         if nesterov and (momentum <= 0):
             raise ValueError("Nesterov momentum requires momentum > 0 (torch.optim's rule); set "
                              "momentum or turn nesterov off.")
+        self.name, self.decoupled = kind, kind == "adamw"  # AdamW: Adam, decoupled decay
+        kind = "adam" if kind == "adamw" else kind
         self.kind, self.momentum, self.nesterov = kind, float(momentum), bool(nesterov)
         self.weight_decay, self.betas, self.eps = float(weight_decay), tuple(betas), float(eps)
         dev, dtype = self.params[0].device, self.params[0].dtype
@@ -141,7 +150,8 @@ class PopulationOptimizer:
                      nesterov=self.nesterov, weight_decay=self.weight_decay)
         else:
             adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.lr,
-                      betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+                      betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                      decoupled=self.decoupled)
 
     def _state(self) -> list[torch.Tensor]:
         if self.kind == "adam":

@@ -15,12 +15,16 @@ CASES = {
     "sgd-nesterov-wd": dict(kind="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4),
     "adam": dict(kind="adam"),
     "adam-wd": dict(kind="adam", weight_decay=1e-2, betas=(0.8, 0.99), eps=1e-6),
+    "adamw": dict(kind="adamw", weight_decay=1e-2),
+    "adamw-strong-wd": dict(kind="adamw", weight_decay=0.5, betas=(0.8, 0.99), eps=1e-6),
 }
 
 
 def _torch_optimizer(params, lr: float, kind: str, **kw) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, **kw)
+    if kind == "adamw":  # decoupled weight decay
+        return torch.optim.AdamW(params, lr=lr, **kw)
     return torch.optim.Adam(params, lr=lr, **kw)
 
 
@@ -50,14 +54,15 @@ def test_member_i_steps_like_a_single_network_optimizer_with_lr_i(case):
     if kw.get("momentum"):
         state = refs[2].state[singles[2][0]]["momentum_buffer"]
         assert torch.allclose(pop.bufs[0][2], state, rtol=1e-5, atol=1e-6)
-    if kind == "adam":
+    if kind in ("adam", "adamw"):
         state = refs[1].state[singles[1][0]]
         assert torch.allclose(pop.exp_avgs[0][1], state["exp_avg"], rtol=1e-5, atol=1e-7)
         assert torch.allclose(pop.exp_avg_sqs[0][1], state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
         assert pop.steps.tolist() == [5.0] * K
 
 
-@pytest.mark.parametrize("kind,kw", [("sgd", {"momentum": 0.9}), ("adam", {})])
+@pytest.mark.parametrize("kind,kw", [("sgd", {"momentum": 0.9}), ("adam", {}),
+                                     ("adamw", {"weight_decay": 0.1})])
 def test_reset_member_restarts_that_members_state_alone(kind, kw):
     gen = torch.Generator().manual_seed(1)
     stacked = [torch.randn(K, *s, generator=gen) for s in SHAPES]
@@ -79,7 +84,7 @@ def test_reset_member_restarts_that_members_state_alone(kind, kw):
     # the others kept their state: their buffers moved on from `before`, not from zero
     for t, b in zip(pop._state(), before):
         assert not torch.equal(t[0], b[0]) and b[0].abs().sum() > 0
-    if kind == "adam":
+    if kind in ("adam", "adamw"):
         assert pop.steps.tolist() == [4.0, 4.0, 1.0, 4.0]
 
 

@@ -142,3 +142,20 @@ def test_train_reduces_loss_and_evaluates_both_splits():
 ])
 def test_baseline_schedules(name, at, expected):
     assert baseline_schedule(name, 0.1)(at) == pytest.approx(expected)
+
+
+def test_adamw_task_trains_with_decoupled_weight_decay():
+    """optimizer "adamw" in a task: the trainer's population optimizer is AdamW (Adam's state,
+    decoupled decay: tests/test_popoptim.py checks its arithmetic against torch.optim.AdamW),
+    it learns digits, and the task's description names it."""
+    from qan_ray.distribution import describe
+
+    cfg = from_dict(optimizer="adamw", lr=0.003, momentum=0.0, weight_decay=0.05)
+    tr = TargetTrainer(cfg)
+    opt = tr.population.optimizer
+    assert (opt.name, opt.kind, opt.decoupled, opt.weight_decay) == ("adamw", "adam", True, 0.05)
+    loss = tr.train(tr.batches_per_epoch * 2)
+    assert loss < tr.initial_loss and tr.evaluate("val")[1] > 0.8
+    assert " adamw " in describe(cfg)
+    with pytest.raises(ValueError, match=r"\('sgd', 'adam', 'adamw'\)"):
+        from_dict(optimizer="adamw2")
