@@ -24,19 +24,37 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.ray)
 
 
+def _ray_starts() -> int:
+    """Ray instances this process has started so far (each leaves a session_*_<pid> folder)."""
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform == "linux"
+                                           else None) or "/tmp"  # Ray's own rule
+    root = Path(tmp) / "ray"
+    return len(list(root.glob(f"session_*_{os.getpid()}")))
+
+
 @pytest.fixture(autouse=True)
-def _unmarked_tests_do_not_start_ray(request):
-    """A test outside the `ray` and `e2e` tiers that starts Ray fails: mark it (or use the
-    `ray_session` fixture) so the fast tier stays fast."""
-    ray = sys.modules.get("ray")
-    before = ray is not None and getattr(ray, "is_initialized", bool)()
+def _one_ray_session(request):
+    """Ray starts once per test run, in the `ray_session` fixture (each start costs seconds):
+    - a test outside the `ray` and `e2e` tiers that starts Ray fails: mark it (or use the
+      `ray_session` fixture) so the fast tier stays fast;
+    - a test that starts a Ray instance of its own in this process (even one it shuts down
+      again) fails: use `ray_session`, or run the command in a subprocess;
+    - a test that shuts the session's Ray down fails (the next one would start another)."""
+    starts = _ray_starts()
     yield
-    if request.node.get_closest_marker("ray") or request.node.get_closest_marker("e2e"):
-        return
+    node = request.node
     ray = sys.modules.get("ray")
-    if not before and ray is not None and getattr(ray, "is_initialized", bool)():
-        pytest.fail(f"{request.node.nodeid} started Ray but is not marked `ray`; use the "
+    if "ray_session" in getattr(node, "fixturenames", ()):
+        if not (ray is not None and ray.is_initialized()):
+            pytest.fail(f"{node.nodeid} shut down the session's Ray; leave it running (the "
+                        "`ray_session` fixture ends it after the last test).")
+    if _ray_starts() == starts:
+        return
+    if not (node.get_closest_marker("ray") or node.get_closest_marker("e2e")):
+        pytest.fail(f"{node.nodeid} started Ray but is not marked `ray`; use the "
                     "`ray_session` fixture (conftest.py marks its users) or @pytest.mark.ray.")
+    pytest.fail(f"{node.nodeid} started a Ray instance of its own; use the `ray_session` "
+                "fixture (one Ray per test run), or run the command in a subprocess.")
 
 
 @pytest.fixture

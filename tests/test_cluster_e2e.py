@@ -143,17 +143,21 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the node's process group, SIGKILL it if anything is left after `timeout`."""
-    pgid = proc.pid  # start_new_session: the leader's pid is the group id
-    if _group_alive(pgid):
-        os.killpg(pgid, signal.SIGTERM)
+def _stop_groups(procs: list[subprocess.Popen], timeout: float = 20) -> None:
+    """SIGTERM every node's process group at once, SIGKILL what is left after `timeout`."""
+    pgids = [proc.pid for proc in procs]  # start_new_session: the leader's pid is the group id
+    for pgid in pgids:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (proc.poll() is None or _group_alive(pgid)):
-        time.sleep(0.2)
-    if _group_alive(pgid):
-        os.killpg(pgid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    while time.monotonic() < deadline and any(
+            proc.poll() is None or _group_alive(proc.pid) for proc in procs):
+        time.sleep(0.1)
+    for pgid in pgids:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait(timeout=10)
 
 
 def _marked_pids(mark: str) -> list[int]:
@@ -208,8 +212,7 @@ def cluster() -> Iterator[Cluster]:
         assert _wait_started("worker", nodes["worker"], root) == gcs_address
         yield Cluster(root, env, mark, gcs_address, f"http://127.0.0.1:{dash}", nodes)
     finally:
-        for proc in reversed(nodes.values()):
-            _stop_group(proc)
+        _stop_groups(list(nodes.values()))
         deadline = time.monotonic() + 15  # e.g. workers noticing their raylet is gone
         while (left := _marked_pids(mark)) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -333,7 +336,7 @@ def _wait_job(client, submission_id: str, timeout: float):
     while not (status := client.get_job_status(submission_id)).is_terminal():
         if time.monotonic() > deadline:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     return status
 
 

@@ -1,7 +1,11 @@
 """Faults lose nothing and report honestly: interrupts, resume, crashes, corrupt inputs.
 
-Pure checks (no Ray) first; then real Ray (the session fixture: marked `ray`) and the CLI in a
-subprocess (marked `e2e`), on tiny budgets (digits-mlp, 1 actor, --control-interval 35)."""
+Pure checks (no Ray) first; then real Ray (the session fixture: marked `ray`) and the CLI (marked
+`e2e`), on tiny budgets (digits-mlp, 1 actor, --control-interval 35). The CLI runs in a
+subprocess where a fresh process is what is checked (a kill without cleanup, Ctrl-C), in process
+(`qan_ray.cli.main`) otherwise. One `qan train` process killed mid-commit is shared: each resume
+test works on its own copy. Interrupts land at fault points (QAN_FAULT, records.fault_point), not
+after a timer."""
 
 from __future__ import annotations
 
