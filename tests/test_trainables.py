@@ -176,3 +176,12 @@ def test_reporter_guard_rolls_the_model_and_optimizer_back_and_reports_the_rescu
         assert reporter.state_dict()["rescues"] == 1
     finally:
         ray.kill(channel)
+
+
+def test_a_pbt_perturbed_lr_past_the_bounds_is_clamped_not_a_failed_trial():
+    from trainables.targets import clamp_lr
+
+    assert clamp_lr({"lr": 1.018}) == {"lr": 1.0}  # PBT's x1.2 past a 1e-3..1 space
+    assert clamp_lr({"lr": 2.0, "lr_max": 5.0}) == {"lr": 2.0, "lr_max": 5.0}
+    assert clamp_lr({"lr": 1e-7}) == {"lr": 1e-5}
+    assert clamp_lr({"task": "digits-mlp"}) == {"task": "digits-mlp"}

@@ -98,6 +98,19 @@ def check_trial_schedule(schedule: Any) -> str | None:
     return str(schedule)
 
 
+def clamp_lr(qan_keys: dict[str, Any]) -> dict[str, Any]:
+    """The trial's LR inside [lr_min, lr_max]: PBT's perturbations (x1.2) step past a search
+    space's top, and the trainer would clamp such an LR anyway; a trial must not fail on it."""
+    from qan_ray.config import QANConfig
+
+    lr = qan_keys.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        return qan_keys
+    low = float(qan_keys.get("lr_min", QANConfig.lr_min))
+    high = float(qan_keys.get("lr_max", QANConfig.lr_max))
+    return {**qan_keys, "lr": min(max(float(lr), low), high)}
+
+
 def target_trainable(config: dict[str, Any]) -> None:
     """Train the task of `config["task"]` for `epochs` epochs under Ray Tune."""
     import torch
@@ -109,6 +122,7 @@ def target_trainable(config: dict[str, Any]) -> None:
 
     qan_keys, extra = split_config(config)
     torch.set_num_threads(int(extra.get("torch_threads", 1)))
+    qan_keys = clamp_lr(qan_keys)
     cfg = load_config(qan_keys)  # a user task's UserTask.config fills what the trial omits
     epochs = int(extra.get("epochs", math.ceil(cfg.epochs_per_episode)))
     if epochs < 1:
