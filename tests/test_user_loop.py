@@ -179,8 +179,9 @@ def test_decisions_published_while_an_iteration_trains_are_acknowledged_not_assu
             w, g = model.weight.detach().clone(), model.weight.grad.clone()
             opt.step()
             used = float(((w - model.weight.detach()) / g)[g.abs() > 1e-3].mean())
-            out = reporter.metrics(model, train_loss=float(loss), val_loss=float(loss),
-                                   val_accuracy=0.5, progress=iteration / 10)
+            loss = float(loss.detach())
+            out = reporter.metrics(model, train_loss=loss, val_loss=loss, val_accuracy=0.5,
+                                   progress=iteration / 10)
             return {"training_iteration": iteration, "m": 0.5, **out}, used
 
         assert reporter.apply(opt) == LR0
