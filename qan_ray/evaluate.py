@@ -35,7 +35,7 @@ from qan_ray.control import make_baseline
 from qan_ray.distribution import TASK_FIELDS, batches_per_epoch, load_config
 from qan_ray.env import TargetTrainingEnv, rollout
 from qan_ray.records import fault_point, write_table
-from qan_ray.signals import sigterm_as_sigint
+from qan_ray.signals import keyboard_interrupts
 from qan_ray.summaries import mean_sd
 
 DEFAULT_GRID_FACTORS = (0.2, 0.5, 1.0, 2.0, 4.0)
@@ -358,9 +358,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     created = not out.exists()
     writable_dir(out, "--out")  # before any compute: never lose the results at the end
-    sigterm_as_sigint()
     try:
-        return _evaluate_into(args, out)
+        with keyboard_interrupts():
+            return _evaluate_into(args, out)
     except KeyboardInterrupt:
         kept = "" if created else f" (what {out} held before is untouched)"
         print(f"qan evaluate: interrupted before the results were written; nothing was saved"

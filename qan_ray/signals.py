@@ -10,8 +10,10 @@ table)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 
 def sigterm_as_sigint() -> bool:
@@ -21,6 +23,24 @@ def sigterm_as_sigint() -> bool:
         return False
     signal.signal(signal.SIGTERM, _forward)
     return True
+
+
+@contextlib.contextmanager
+def keyboard_interrupts() -> Iterator[None]:
+    """Inside: SIGINT raises KeyboardInterrupt (whatever handler a library left installed, e.g.
+    Tune's graceful stop) and SIGTERM acts as SIGINT; the previous handlers come back after.
+    Main thread only (elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sigterm_as_sigint()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _forward(signum, frame) -> None:
