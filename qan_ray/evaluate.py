@@ -301,7 +301,10 @@ def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:
         btt = ("-" if r["batches_to_target_mean"] is None
                else f"{r['batches_to_target_mean']:.0f}")
         mark = " (best)" if r["best_baseline"] else ""
+        # a diverged baseline reads 0.0000 (or chance); the cell says it diverged
+        div = (f" (diverged {r['diverged']}/{r['runs']})" if r.get("diverged") else "")
         lines.append(f"| {r['method']}{mark} | {r['val_acc_mean']:.4f} +- {r['val_acc_std']:.4f}"
+                     f"{div}"
                      f" | {r['test_acc_mean']:.4f} +- {r['test_acc_std']:.4f} | {btt} "
                      f"({r['reached_target']}/{r['runs']}) | {r['dead']}/{r['runs']} | "
                      f"{r['rescues']} | {r['final_lr_mean']:.3g} | {r['wall_s_mean']:.2f} |")

@@ -228,3 +228,24 @@ def test_evaluate_counts_dead_runs_and_rescues_per_method():
     table = markdown_table(result, CFG)
     assert "| dead runs | rescues |" in table and "| 1/3 | 3 |" in table
     assert sum(c["rescued"] for c in result["curves"]) == 2
+
+
+def test_evaluate_table_says_which_runs_diverged():
+    from qan_ray.evaluate import Runs, markdown_table, summarise
+
+    def recs(acc, diverged):
+        return [{"batches": 0, "val_accuracy": 0.1, "val_loss": 2.3, "train_loss": 2.3,
+                 "lr": 1.0, "action": -1},
+                {"batches": 10, "val_accuracy": acc, "val_loss": 1.0, "train_loss": 1.0,
+                 "lr": 1.0, "action": 2, "diverged": diverged}]
+
+    runs = Runs()
+    for seed, (acc, div) in enumerate([(0.0, True), (0.0, True), (0.9, False)]):
+        runs.add_records("fixed@1", seed, recs(acc, div), acc, 1.0)
+    for seed in range(3):
+        runs.add_records("cosine@1", seed, recs(0.9, False), 0.9, 1.0)
+    result = summarise(runs)
+    result.update(seeds=[0, 1, 2], total_batches=10)
+    rows = {line.split(" |")[0]: line for line in markdown_table(result, CFG).splitlines()}
+    assert "(diverged 2/3) |" in rows["| fixed@1"] and "diverged" not in rows["| cosine@1 (best)"]
+    assert rows["| fixed@1"].count("|") == rows["| cosine@1 (best)"].count("|")  # same columns
