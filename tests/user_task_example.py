@@ -24,6 +24,8 @@ def make_task() -> UserTask:
     digits = load_digits()  # 1,797 images, shipped inside scikit-learn
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     y = torch.tensor(digits.target)  # class indices 0..9
+    i = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # the file is
+    x, y = x[i], y[i]  # ordered, not random: shuffle (seeded) before splitting
     return UserTask(model=small_cnn, train=(x[:1400], y[:1400]), test=(x[1400:], y[1400:]),
                     config={"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 32,
                             "epochs_per_episode": 4.0, "control_interval": 35})
