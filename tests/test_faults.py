@@ -243,78 +243,72 @@ def _resume_trainer(out: Path, log):
 
 
 @pytest.fixture(scope="module")
-def crash_then_resume(ray_session, killed_run, tmp_path_factory):
-    """The killed run resumed in process, crashed again inside the checkpoint swap of its first
-    commit, resumed once more and trained past every lost episode. Yields the live trainer."""
+def crashed_twice(ray_session, killed_run, tmp_path_factory):
+    """The killed run resumed in process, then crashed again inside the checkpoint swap of its
+    first commit. Yields the live trainer (its run folder in the crashed state) and what was seen;
+    info["state"] is a copy of that state for the next resume."""
     from qan_ray import records
     from qan_ray.records import FaultInjected
 
-    out, done, cut = _copy_of_killed_run(killed_run, tmp_path_factory.mktemp("crash") / "run")
-    info: dict = {"out": out, "done": done, "cut": cut, "lines": [[], []]}
+    tmp = tmp_path_factory.mktemp("crash")
+    out, done, cut = _copy_of_killed_run(killed_run, tmp / "run")
+    lines: list[str] = []
+    info: dict = {"out": out, "done": done, "cut": cut, "lines": lines}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(records, "_fault_passes", {})  # count the passes of this sequence only
-        mt = _resume_trainer(out, info["lines"][0].append)
+        mt = _resume_trainer(out, lines.append)
         info["first_resume"] = mt.progress["episodes"]
         mp.setenv("QAN_FAULT", "swap-dir:1:raise")
         try:
             with pytest.raises(FaultInjected, match="swap-dir"):
                 mt.train()
-        finally:
+        except BaseException:
             mt.stop()
-            mp.delenv("QAN_FAULT")
-    info["crashed"] = mt.progress["episodes"]  # in memory: the commit the crash cut
-    info["half_swapped"] = sorted(p.name for p in out.iterdir() if p.name.startswith("checkp"))
-    resumed = _resume_trainer(out, info["lines"][1].append)
+            raise
     try:
-        info["second_resume"] = resumed.progress["episodes"]
-        resumed.train(until=info["crashed"] + 1)
-        info["table"] = read_parts(out / "steps")
-        info["n"] = json.loads((out / "progress.json").read_text())["episodes"]
-        yield resumed, info
+        info["crashed"] = mt.progress["episodes"]  # in memory: the commit the crash cut
+        info["half_swapped"] = sorted(p.name for p in out.iterdir()
+                                      if p.name.startswith("checkpoint"))
+        info["cut_again"] = pq.read_table(out / "steps" / "part-c000001.parquet").to_pylist()
+        info["state"] = Path(shutil.copytree(out, tmp / "state"))
+        yield mt, info
     finally:
-        resumed.stop()
+        mt.stop()
 
 
 @pytest.mark.e2e
-def test_crashes_between_commit_steps_then_resume_have_the_seeds_of_an_uninterrupted_run(
-        crash_then_resume):
+def test_a_killed_run_resumes_and_a_crash_in_its_checkpoint_swap_keeps_the_old_one(
+        crashed_twice):
     """Two crashes in a row, at two steps of a commit: a killed process after its Parquet part
     (the resume drops the uncommitted part), then inside the checkpoint swap of the resumed run's
-    first commit (the next resume puts the old checkpoint back)."""
-    from qan_ray.actors import episode_seed
-
-    resumed, info = crash_then_resume
-    done, lines = info["done"], info["lines"]
-    # 1st resume: the committed state of the killed process, its uncommitted part dropped
+    first commit (checkpoint/ moved aside, the new one not yet in place). The resume after both
+    is tests ...sigterm_on_train_exports_the_controller below."""
+    mt, info = crashed_twice
+    done = info["done"]
+    # the resume: the committed state of the killed process, its uncommitted part dropped
     assert info["first_resume"] == done
-    assert any("dropped part-c000001.parquet (not committed" in line for line in lines[0])
-    # the 2nd crash cut the swap: checkpoint/ moved aside, the new one not yet in place
+    assert any("resume: dropped part-c000001.parquet (not committed" in line
+               for line in info["lines"])
+    assert mt.steps_per_episode == 1  # --control-interval 35: one control step
+    # the 2nd crash cut the swap of the commit that wrote part-c000001 again
     assert info["crashed"] > done
     assert info["half_swapped"] == ["checkpoint.old", "checkpoint.tmp"]
-    # 2nd resume: the old checkpoint put back, the part of the cut commit dropped again
-    assert info["second_resume"] == done
-    assert any("dropped part-c000001.parquet (not committed" in line for line in lines[1])
-    table, n = info["table"], info["n"]
-    assert table.schema == STEP_SCHEMA
-    rows = table.to_pylist()
-    assert n > info["crashed"]
-    episodes = sorted({(r["episode"], r["global_episode"], r["seed"]) for r in rows})
-    # an uninterrupted 1-actor run trains global episodes 0, 1, 2, ... with their seeds
-    assert episodes == [(i, i, episode_seed(0, i)) for i in range(n)]
-    # ...and the episodes the kill lost ran again with the same index and seed
-    assert {(r["episode"], r["global_episode"], r["seed"]) for r in info["cut"]} <= set(episodes)
-    assert resumed.steps_per_episode == 1  # --control-interval 35: one control step
-    assert len(rows) == n * (resumed.steps_per_episode + 1)  # no duplicate steps
+    again = info["cut_again"]
+    assert sorted({r["episode"] for r in again}) == list(range(done, info["crashed"]))
+    # the episodes the kill lost ran again first, with the same global index and seed
+    first = {(r["episode"], r["global_episode"], r["seed"]) for r in again}
+    assert {(r["episode"], r["global_episode"], r["seed"]) for r in info["cut"]
+            if r["episode"] < info["crashed"]} <= first
 
 
 @pytest.mark.e2e
-def test_a_run_whose_folder_disappears_stops_with_an_error(crash_then_resume):
-    resumed, info = crash_then_resume
+def test_a_run_whose_folder_disappears_stops_with_an_error(crashed_twice):
+    mt, info = crashed_twice
     out = info["out"]
     shutil.rmtree(out)
     with pytest.raises(FileNotFoundError, match=r"disappeared during the run; it must stay "
                                                 r"in place"):
-        resumed.train(until=info["n"] + 1)
+        mt.train(until=info["crashed"] + 1)
     assert not out.exists()  # never silently recreated
 
 
@@ -360,36 +354,47 @@ def _wait_for(proc: subprocess.Popen, path: Path, what, timeout: float = 240) ->
 
 
 @pytest.mark.e2e
-def test_a_sigkill_resume_is_exact_and_sigterm_on_train_exports_the_controller(killed_run,
-                                                                               tmp_path):
-    """The killed `qan train` (os._exit: no cleanup) right after its second Parquet part: its
-    --resume continues exactly and is stopped with SIGTERM (what `ray job stop` and Kubernetes
-    send; Ray's driver handler would abort) after its first new commit: handled as Ctrl-C."""
+def test_after_a_kill_and_a_crash_a_resume_is_exact_and_sigterm_on_train_exports_the_controller(
+        crashed_twice, tmp_path):
+    """The run killed (os._exit: no cleanup) after the Parquet part of a commit, resumed, and
+    crashed inside the checkpoint swap of its next commit: `qan train --resume` puts the old
+    checkpoint back, drops the uncommitted part, trains every lost episode again with its seed,
+    and is stopped with SIGTERM (what `ray job stop` and Kubernetes send; Ray's driver handler
+    would abort) after committing them: handled as Ctrl-C."""
     from policies.qnet import load_controller
     from qan_ray.actors import episode_seed
 
-    out, done, _ = _copy_of_killed_run(killed_run, tmp_path / "run")
+    _, info = crashed_twice
+    done, cut = info["done"], info["cut"] + info["cut_again"]
+    lost = max(r["episode"] for r in cut) + 1  # every episode a crash cut
+    out = Path(shutil.copytree(info["state"], tmp_path / "run"))
     proc = subprocess.Popen([sys.executable, "-m", "qan_ray.cli", *TRAIN, "--episodes", "20",
                              "--out", str(out), "--resume"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     _wait_for(proc, out / "progress.json",
-              lambda p: json.loads(p.read_text())["episodes"] >= done + 1)
+              lambda p: json.loads(p.read_text())["episodes"] >= lost)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "resume: dropped part-c000001.parquet (not committed" in stdout
+    # the old checkpoint put back (no checkpoint/ otherwise), the part of the cut commit dropped
     assert f"resumed from {out / 'checkpoint'} at episode {done} " in stdout
+    assert "resume: dropped part-c000001.parquet (not committed" in stdout
     assert f"Continue with: qan train --out {out} --resume" in stderr
     assert "Traceback" not in stderr
     # what the next --resume continues from: the committed episodes (the interrupt may cut a
     # commit; the recovery drops its part), exactly those of an uninterrupted run
     recovered, _ = _recover(out)
     n = len(recovered)
-    assert n >= done + 1 and recovered == list(range(n))
+    assert n >= lost and recovered == list(range(n))
     assert load_controller(out).spec.provenance["episodes"] >= n  # exported at the interrupt
-    rows = read_parts(out / "steps").to_pylist()
+    table = read_parts(out / "steps")
+    assert table.schema == STEP_SCHEMA
+    rows = table.to_pylist()
     full = sorted({(r["episode"], r["global_episode"], r["seed"]) for r in rows})
+    # an uninterrupted 1-actor run trains global episodes 0, 1, 2, ... with their seeds...
     assert full == [(i, i, episode_seed(0, i)) for i in range(n)]
+    # ...and the episodes the crashes cut ran again with the same index and seed
+    assert {(r["episode"], r["global_episode"], r["seed"]) for r in cut} <= set(full)
     assert len(rows) == n * 2  # reset row + 1 control step (35 batches) each, no duplicates
 
 
@@ -460,12 +465,15 @@ def test_sigterm_during_evaluate_exits_130_and_leaves_no_output_folder(tmp_path,
 
     ctrl = fixed_action_controller(action=2).save(tmp_path / "ctrl")
     monkeypatch.setenv("QAN_FAULT", "evaluate-episode:1:sigterm")
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, lambda *_: None)  # e.g. Tune's graceful-stop handler, left over
     try:
         rc = main(["evaluate", "--controller", str(ctrl), "--seeds", "2", "--epochs-per-episode",
                    "0.5", "--out", str(tmp_path / "e")])
+        assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]  # put back
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     err = capsys.readouterr().err
     assert rc == 130 and "qan evaluate: interrupted before the results were written" in err
     assert "Run the same command again." in err and not (tmp_path / "e").exists()
