@@ -12,6 +12,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
+import background  # noqa: E402
+
 from qan_ray.formats import write_cifar10, write_mnist  # noqa: E402
 
 
@@ -22,6 +24,28 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+
+
+def pytest_collection_finish(session) -> None:
+    """Background jobs (tests/background.py): a test module's `BACKGROUND = {fixture: Job}`;
+    the jobs whose fixture a selected test uses start now, one at a time, in test order."""
+    if session.config.option.collectonly:
+        return
+    queued: list = []
+    for item in session.items:
+        jobs = getattr(getattr(item, "module", None), "BACKGROUND", {})
+        queued += [job for name, job in jobs.items()
+                   if name in item.fixturenames and job not in queued]
+    _BACKGROUND_JOBS.extend(queued)
+    background.start(queued)
+
+
+_BACKGROUND_JOBS: list = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    while _BACKGROUND_JOBS:
+        _BACKGROUND_JOBS.pop().stop()
 
 
 def _ray_starts() -> int:

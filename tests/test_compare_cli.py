@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from background import Job
 from controllers import fixed_action_controller
 
 pytestmark = pytest.mark.e2e
@@ -17,17 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def qan(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qan_ray.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
+LAZY = ("import sys, qan_ray; assert 'ray' not in sys.modules and 'torch' not in sys.modules;"
+        " print(sorted(qan_ray.__all__)); from qan_ray import QANScheduler, QANConfig;"
+        " print(QANScheduler.__module__, 'ray' in sys.modules)")
 
 
-def test_package_import_is_lazy_and_exports_the_public_names():
-    code = ("import sys, qan_ray; assert 'ray' not in sys.modules and 'torch' not in sys.modules;"
-            " print(sorted(qan_ray.__all__)); from qan_ray import QANScheduler, QANConfig;"
-            " print(QANScheduler.__module__, 'ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env=ENV, timeout=120)
+@pytest.fixture
+def fresh_import() -> subprocess.CompletedProcess:
+    return BACKGROUND["fresh_import"].result()[1]
+
+
+def test_package_import_is_lazy_and_exports_the_public_names(fresh_import):
+    out = fresh_import  # a fresh interpreter: nothing imported before `import qan_ray`
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == [
         "['QANConfig', 'QANScheduler', 'TargetTrainer', 'TargetTrainingEnv', 'UserTask']",
@@ -48,20 +50,40 @@ def test_missing_controller_and_bad_scheduler_are_one_clear_line(tmp_path, capsy
     assert "qan tune: error: " in err and "qan+STOPPER" in err
 
 
-def test_interrupted_compare_writes_no_table_then_reuses_and_writes_it(ray_session, tmp_path,
-                                                                       capsys):
+def _compare_args(root: Path) -> list[str]:
+    return ["compare", "--schedulers", "qan,fifo", "--samples", "2", "--epochs", "2",
+            "--policy", str(root / "ctrl"), "--out", str(root / "cmp")]
+
+
+def _interrupted_compare_argv(root: Path) -> list[str]:
+    fixed_action_controller(action=2).save(root / "ctrl")  # keep
+    return [sys.executable, "-m", "qan_ray.cli", *_compare_args(root)]
+
+
+BACKGROUND = {  # run once per test run, in the background (tests/background.py)
+    "fresh_import": Job("fresh-import", lambda root: [sys.executable, "-c", LAZY], ENV, ROOT,
+                        timeout=120),
+    # a real SIGINT, sent by the process to itself at the 5th result: qan's 2 trials x 2 epochs
+    # came first, so it lands in fifo's first epoch
+    "interrupted_compare": Job("interrupted-compare", _interrupted_compare_argv,
+                               {**ENV, "QAN_FAULT": "tune-result:5:sigint"}, ROOT),
+}
+
+
+@pytest.fixture
+def interrupted_compare() -> tuple[Path, subprocess.CompletedProcess]:
+    return BACKGROUND["interrupted_compare"].result()
+
+
+def test_interrupted_compare_writes_no_table_then_reuses_and_writes_it(interrupted_compare,
+                                                                       ray_session, capsys):
     """`qan compare` stopped by Ctrl-C inside its second scheduler writes no table (it would mix
     an interrupted run with complete ones); the same command again reuses the finished run, runs
     the other, prints the table and writes compare.md/.parquet, trace.parquet and the figure."""
     from qan_ray.cli import main
 
-    policy = fixed_action_controller(action=2).save(tmp_path / "ctrl")  # keep
-    out_dir = tmp_path / "cmp"
-    args = ["compare", "--schedulers", "qan,fifo", "--samples", "2", "--epochs", "2",
-            "--policy", str(policy), "--out", str(out_dir)]
-    # a real SIGINT, sent by the process to itself at the 5th result: qan's 2 trials x 2 epochs
-    # came first, so it lands in fifo's first epoch
-    stopped = qan(*args, env={"QAN_FAULT": "tune-result:5:sigint"}, timeout=400)
+    root, stopped = interrupted_compare
+    out_dir, args = root / "cmp", _compare_args(root)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Finished: ['qan seed 0']" in stopped.stderr
     assert "No table was written" in stopped.stderr

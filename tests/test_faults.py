@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from background import Job
 from controllers import fixed_action_controller
 
 from qan_ray.config import from_dict
@@ -209,14 +210,38 @@ TRAIN = ("train", "--task", "digits-mlp", "--epochs-per-episode", "1", "--contro
          "--q-hidden", "8")
 
 
+def _killed_argv(root: Path) -> list[str]:
+    return [sys.executable, "-m", "qan_ray.cli", *TRAIN, "--episodes", "20", "--out",
+            str(root / "run")]
+
+
+TUNE = ["tune", "--scheduler", "fifo", "--samples", "2", "--epochs", "2", "--max-concurrent", "1"]
+
+BACKGROUND = {  # run once per test run, in the background (tests/background.py)
+    # `qan train` ended by os._exit (no cleanup: what a SIGKILL leaves) right after the Parquet
+    # part of its second commit, before that commit completed
+    "killed_run": Job("killed-train", _killed_argv, {**ENV, "QAN_FAULT": "after-parquet:2"},
+                      ROOT),
+    # `qan tune` sent a real SIGTERM (as `ray job stop` sends) by itself at the experiment's
+    # first result: handled as Ctrl-C (Tune's graceful stop), not an abort
+    "interrupted_tune": Job("interrupted-tune",
+                            lambda root: [sys.executable, "-m", "qan_ray.cli", *TUNE, "--out",
+                                          str(root / "tune")],
+                            {**ENV, "QAN_FAULT": "tune-result:1:sigterm"}, ROOT),
+}
+
+
 @pytest.fixture(scope="module")
-def killed_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One `qan train` process, ended by os._exit (no cleanup: what a SIGKILL leaves) right after
-    the Parquet part of its second commit, before that commit completed. Trained once; each test
-    resumes its own copy."""
-    out = tmp_path_factory.mktemp("killed") / "run"
-    proc = qan(*TRAIN, "--episodes", "20", "--out", str(out), env={"QAN_FAULT": "after-parquet:2"})
-    return out, proc
+def killed_run() -> tuple[Path, subprocess.CompletedProcess]:
+    """The killed `qan train` run (its folder, its process); each test resumes its own copy."""
+    root, proc = BACKGROUND["killed_run"].result()
+    return root / "run", proc
+
+
+@pytest.fixture(scope="module")
+def interrupted_tune() -> tuple[Path, subprocess.CompletedProcess]:
+    root, proc = BACKGROUND["interrupted_tune"].result()
+    return root / "tune", proc
 
 
 def _copy_of_killed_run(killed_run, dest: Path) -> tuple[Path, int, list[dict]]:
@@ -428,24 +453,19 @@ def test_outputs_and_controllers_are_checked_before_ray_starts(tmp_path, capsys,
 
 
 @pytest.mark.e2e
-def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(ray_session, tmp_path,
-                                                                        capsys):
+def test_interrupted_tune_exits_non_zero_and_resumes_to_the_full_budget(interrupted_tune,
+                                                                        ray_session, capsys):
     from qan_ray.cli import main
     from qan_ray.protocol import read_rows
     from qan_ray.summaries import trial_table
 
-    out = tmp_path / "tune"
-    args = ["tune", "--scheduler", "fifo", "--samples", "2", "--epochs", "2",
-            "--max-concurrent", "1", "--out", str(out)]
-    # a real SIGTERM (as `ray job stop` sends), sent by the process to itself at the
-    # experiment's first result: handled as Ctrl-C (Tune's graceful stop), not an abort
-    stopped = qan(*args, env={"QAN_FAULT": "tune-result:1:sigterm"})
+    out, stopped = interrupted_tune  # SIGTERM at the first of 2 trials x 2 epochs
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     assert "interrupted" in stopped.stderr and "--resume" in stopped.stderr
     assert "best val acc" not in stopped.stdout
     rows = out / "experiments" / "fifo-s0" / "rows.jsonl"
     assert 1 <= len(read_rows(rows)) < 4  # stopped inside the experiment
-    assert main([*args, "--resume"]) == 0  # in process, on the session's Ray
+    assert main([*TUNE, "--out", str(out), "--resume"]) == 0  # in process, on the session's Ray
     printed = capsys.readouterr().out
     # the full budget (2 trials x 2 epochs); an epoch cut by the interrupt is redone and counted
     total = re.search(r"(\d+) epochs in total", printed)
