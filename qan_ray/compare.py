@@ -207,6 +207,8 @@ def run_tune(args: argparse.Namespace) -> int:
             else f"{s['best_val_accuracy']:.4f}")
     print(f"best val acc {best} (diverged trials excluded: {s.get('diverged_trials', 0)}); "
           f"{s['total_epochs']:.0f} epochs in total; {s['wall_s']:.1f}s")
+    print(f"every trial: mean final val acc {s['trial_mean_final_val_accuracy']:.4f}, dead "
+          f"trials {s['dead_trials']}/{s['trials']}, rescues {s['rescues']}")
     return 0
 
 

@@ -545,10 +545,12 @@ class MetaTrainer:
         lrs = [r["lr"] for r in rows if r.get("lr") is not None]
         ret = sum(r["reward"] for r in rows)
         diverged = any(r.get("diverged") for r in rows)
+        rescued = [int(r.get("step") or 0) for r in rows if r.get("rescued")]
         acc = rows[-1].get("val_accuracy") or 0.0
         self.log(f"episode {ep + 1:>4}/{target}  return {ret:8.3f}  val acc "
                  f"{acc:6.3f}  lr {lrs[0]:.3g} -> min {min(lrs):.3g} max {max(lrs):.3g} final "
-                 f"{lrs[-1]:.3g}{'  DIVERGED' if diverged else ''}  ETA {eta:5.0f}s")
+                 f"{lrs[-1]:.3g}{'  DIVERGED' if diverged else ''}"
+                 f"{f'  RESCUED at step {rescued}' if rescued else ''}  ETA {eta:5.0f}s")
 
     # --- outputs -------------------------------------------------------------------------------
     def save(self) -> None:

@@ -134,16 +134,30 @@ def plot_class_shares(curves: list[dict], path) -> Path:
 
 def plot_compare(runs: list[dict], summaries: list[dict], path) -> Path:
     """`qan compare`: best validation accuracy against cumulative epochs, one colour per
-    scheduler (one line per seed), the per-seed target accuracies dotted. `runs` are
+    scheduler (one line per seed), the per-seed target accuracies dotted; beside it every
+    trial's final validation accuracy per scheduler (dead trials below the red line). `runs` are
     {"summary": {...}, "rows": [...]} of `qan_ray.protocol.run_experiment`, `summaries` the rows
     of `qan_ray.summaries.add_targets`."""
     import math
 
-    from qan_ray.summaries import best_curve
+    from qan_ray.constants import DEAD_MARGIN, chance_accuracy
+    from qan_ray.summaries import best_curve, final_accuracies
 
     names = list(dict.fromkeys(r["summary"]["scheduler"] for r in runs))
     colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, trials) = plt.subplots(1, 2, figsize=(11, 4.5),
+                                     gridspec_kw={"width_ratios": [3, 2]})
+    for i, name in enumerate(names):  # what every trial ended with, not only the best
+        finals = [a for r in runs if r["summary"]["scheduler"] == name
+                  for a in final_accuracies(r["rows"]).values()]
+        jitter = np.linspace(-0.2, 0.2, len(finals)) if len(finals) > 1 else [0.0]
+        trials.scatter(np.asarray(jitter) + i, finals, s=14, color=colours[name], alpha=0.7)
+    trials.axhline(chance_accuracy() + DEAD_MARGIN, color="red", linestyle=":", linewidth=1,
+                   label="dead below")
+    trials.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    trials.set_ylabel("final val accuracy of every trial")
+    trials.legend(fontsize=7)
+    trials.grid(alpha=0.3)
     for r in runs:
         name = r["summary"]["scheduler"]
         curve = best_curve(r["rows"])
