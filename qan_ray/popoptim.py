@@ -108,6 +108,7 @@ class PopulationOptimizer:
         self.weight_decay, self.betas, self.eps = float(weight_decay), tuple(betas), float(eps)
         dev, dtype = self.params[0].device, self.params[0].dtype
         self.lr = torch.zeros(self.k, device=dev, dtype=dtype)
+        self._lr_view: torch.Tensor | None = None  # step_flat's view of `lr` (written in place)
         self.set_lr(lr)
         zeros = [torch.zeros_like(p) for p in self.params]
         self.bufs = zeros if kind == "sgd" and self.momentum != 0 else None
@@ -143,6 +144,28 @@ class PopulationOptimizer:
         if self.kind == "sgd" and self.momentum != 0 and self.bufs is None:
             self.bufs = [torch.zeros_like(p) for p in self.params]
 
+    def step_flat(self, grad: torch.Tensor) -> None:
+        """`step([grad])` of an optimizer over one tensor (the population's flat (K, P)
+        buffer), the K = 1 trainer's per-batch call. SGD runs `sgd_step`'s ops on the tensor
+        itself (the ops a one-element foreach list falls back to on the CPU, so the same
+        numbers) with the LR view made once: a small network's step is dispatch-bound, and the
+        lists and views cost more than the arithmetic there."""
+        if self.kind != "sgd" or len(self.params) != 1:
+            self.step([grad])
+            return
+        param = self.params[0]
+        if self._lr_view is None:
+            self._lr_view = self.lr.view(-1, *([1] * (param.dim() - 1)))
+        if self.weight_decay != 0:
+            grad = grad.add(param, alpha=self.weight_decay)
+        update = grad
+        if self.momentum != 0:
+            buf = self.bufs[0]  # set_hyperparams makes it when momentum turns > 0
+            buf.mul_(self.momentum)
+            buf.add_(grad)
+            update = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
+        param.addcmul_(update, self._lr_view, value=-1.0)
+
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         grads = list(grads)
         if self.kind == "sgd":
@@ -164,6 +187,23 @@ class PopulationOptimizer:
             t[i].zero_()
         if self.kind == "adam":
             self.steps[i] = 0
+
+    def member_state(self, i: int) -> list[torch.Tensor]:
+        """Copies of member i's state (momentum buffers, or Adam's moments and step count)."""
+        state = [t[i].clone() for t in self._state()]
+        if self.kind == "adam":
+            state.append(self.steps[i].clone())
+        return state
+
+    def load_member_state(self, i: int, state: list[torch.Tensor]) -> None:
+        """Member i's state from `member_state`; the others are untouched. A state taken
+        before momentum was switched on (no buffers then) restarts the member's buffers."""
+        tensors = self._state() + ([self.steps] if self.kind == "adam" else [])
+        if len(tensors) != len(state):
+            self.reset_member(i)
+            return
+        for t, saved in zip(tensors, state):
+            t[i].copy_(saved)
 
     def state_dict(self) -> dict:
         state = {"lr": self.lr.clone(), "state": [t.clone() for t in self._state()],

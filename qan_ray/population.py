@@ -39,7 +39,6 @@ import copy
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -48,9 +47,11 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from qan_ray import features as fe
 from qan_ray.config import QANConfig
-from qan_ray.data import NUM_CLASSES, DeviceData, augment_batch, load_data, resolve_device
+from qan_ray.constants import NUM_CLASSES, run_seed
+from qan_ray.data import DeviceData, augment_batch, load_data, resolve_device
 from qan_ray.models import build_model
 from qan_ray.popoptim import PopulationOptimizer
+from qan_ray.rewards import diverged
 
 EVAL_BATCH = 1024
 
@@ -83,7 +84,7 @@ class PopulationTrainer:
         if seeds is None:
             if k is None:
                 k = 1
-            seeds = [cfg.seed + i for i in range(int(k))]
+            seeds = [run_seed(cfg.seed, i) for i in range(int(k))]
         seeds = [int(s) for s in seeds]
         if k is not None and int(k) != len(seeds):
             raise ValueError(f"population size k={k} but {len(seeds)} seeds were given; pass "
@@ -161,6 +162,7 @@ class PopulationTrainer:
         self.steps = np.zeros(self.k, dtype=np.int64)
         self.seeds = list(seeds)
         self.initial_loss = np.zeros(self.k)
+        self._saved: list[tuple | None] = [None] * self.k  # snapshot(): last good states
         stacked = self.stacked_params
         self._mm_names = [n for n, _ in fe.monitored_modules(self._template,
                                                              tuple(cfg.monitored_layers))]
@@ -207,10 +209,12 @@ class PopulationTrainer:
         self.roulettes[i] = deque(range(NUM_CLASSES), maxlen=NUM_CLASSES)
         self._batch_classes[i] = self._compose_classes(self.roulettes[i])
         self.initial_loss[i] = self._probe_member(i)
+        self.snapshot([i])  # the fallback of a rescue before any good state
 
     def reset(self, seeds: Sequence[int] | None = None) -> None:
         """Every member from a fresh init (seeds: one per member; default cfg.seed + i)."""
-        seeds = list(seeds) if seeds is not None else [self.cfg.seed + i for i in range(self.k)]
+        seeds = (list(seeds) if seeds is not None
+                 else [run_seed(self.cfg.seed, i) for i in range(self.k)])
         if len(seeds) != self.k:
             raise ValueError(f"reset got {len(seeds)} seeds for a population of {self.k}.")
         for i, s in enumerate(seeds):
@@ -246,8 +250,8 @@ class PopulationTrainer:
         names = tuple(self.cfg.monitored_layers) if names is None else tuple(names)
         modules = fe.monitored_modules(self._template, names)
         stacked = self.stacked_params
-        return population_weight_features([stacked[_weight(n)] for n, _ in modules],
-                                          type(self._template).__name__)
+        return fe.pooled_weight_features([stacked[_weight(n)] for n, _ in modules],
+                                         type(self._template).__name__)
 
     @property
     def stacked_params(self) -> dict[str, torch.Tensor]:
@@ -274,6 +278,27 @@ class PopulationTrainer:
     def _write_lr(self, values: np.ndarray) -> None:
         self._lr_host = np.array(values, dtype=np.float64)
         self.optimizer.set_lr(torch.from_numpy(np.where(self._frozen, 0.0, self._lr_host)))
+
+    def snapshot(self, members: Sequence[int]) -> None:
+        """Keep the members' current weights (and K = 1 buffers) and optimizer state in memory,
+        on the device: the state `rollback` returns to (the rescue guard's last good state).
+        Steps, batch order and LR are not part of it: time moves on."""
+        with torch.no_grad():
+            for i in members:
+                i = int(i)
+                buffers = [b.clone() for b in self._models[i].buffers()] if self.direct else []
+                self._saved[i] = (self.theta[i].clone(), self.optimizer.member_state(i), buffers)
+
+    def rollback(self, members: Sequence[int]) -> None:
+        """Put the members' weights and optimizer state back to their last `snapshot` (taken at
+        every reset, so a member always has one)."""
+        with torch.no_grad():
+            for i in members:
+                theta, state, buffers = self._saved[int(i)]
+                self.theta[int(i)].copy_(theta)
+                self.optimizer.load_member_state(int(i), state)
+                for b, saved in zip(self._models[int(i)].buffers(), buffers):
+                    b.copy_(saved)
 
     def freeze(self, i: int) -> None:
         """Member i stops moving (its update uses LR 0) until `reset_member(i)`: a finished or
@@ -378,35 +403,75 @@ class PopulationTrainer:
         return contextlib.nullcontext()
 
     def _direct_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """K = 1: member 0's plain forward/backward; the gradient lands in the flat buffer."""
+        """K = 1: member 0's plain forward/backward; the gradient lands in the flat buffer.
+        Returns the detached scalar loss."""
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self._grad_flat.zero_()
-        with self._autocast():
+        if self.use_amp:
+            with self._autocast():
+                loss = cross_entropy(self._models[0](x).float(), y).mean()
+        else:
             loss = cross_entropy(self._models[0](x).float(), y).mean()
         loss.backward()
-        return loss.detach().reshape(1)
+        return loss.detach()
+
+    def _train_direct(self, num_batches: int) -> torch.Tensor:
+        """K = 1's `train`: the same ops per mini-batch as the population loop gives member 0
+        (hence the same numbers), minus its (K,) bookkeeping: a 1-D slice of the one
+        permutation (no (1, B) gather), the position and step as host ints written back once,
+        a scalar running loss."""
+        data, cfg, b, n = self.data, self.cfg, self.batch_size, self.data.n_train
+        use_mm = cfg.mm_coef > 0 and self._reference is not None
+        x_all, y_all, augment = data.x_train, data.y_train, cfg.augment
+        gen, step, grad = self.gens[0], self.optimizer.step_flat, self._grad_flat
+        perm = None if self._perm is None else self._perm[0]  # None: minibatch mode
+        pos, start = int(self._pos[0]), int(self.steps[0])
+        loss_sum = torch.zeros((), device=self.device)
+        self._models[0].train()
+        done = 0
+        try:
+            for done in range(num_batches):
+                if perm is None:
+                    idx = self._next_indices()[0]
+                else:
+                    if pos + b > n:
+                        perm.copy_(torch.randperm(n, device=self.device, generator=gen))
+                        pos = 0
+                    idx = perm[pos:pos + b]
+                    pos += b
+                x, y = x_all[idx], y_all[idx]
+                if augment:
+                    x = augment_batch(x, gen)
+                loss_sum += self._direct_step(x, y)
+                step(grad)
+                if use_mm:
+                    self.steps[0] = start + done
+                    self._meta_momentum()
+            done = num_batches
+        finally:
+            self._pos[0] = pos
+            self.steps[0] = start + done
+        return (loss_sum / max(1, num_batches)).reshape(1).cpu()
 
     def train(self, num_batches: int) -> torch.Tensor:
         """Train every member `num_batches` mini-batches at its current LR; return the (K,)
         mean losses (one host read). NaN/inf is returned, never raised."""
+        if self.direct:
+            return self._train_direct(num_batches)
         data, cfg = self.data, self.cfg
         loss_sum = torch.zeros(self.k, device=self.device)
         use_mm = cfg.mm_coef > 0 and self._reference is not None
-        (self._models[0] if self.direct else self._template).train()
+        self._template.train()
         for _ in range(num_batches):
             idx = self._next_indices()
             x, y = data.x_train[idx], data.y_train[idx]
             if cfg.augment:
                 shape = x.shape
                 x = augment_batch(x.reshape(-1, *shape[2:]), self.gens[0]).reshape(shape)
-            if self.direct:
-                loss = self._direct_step(x[0], y[0])
-                self.optimizer.step([self._grad_flat])
-            else:
-                with self._autocast():
-                    grads, loss = self._grad_fn(self.theta, x, y)
-                self.optimizer.step([grads])
+            with self._autocast():
+                grads, loss = self._grad_fn(self.theta, x, y)
+            self.optimizer.step([grads])
             if use_mm:
                 self._meta_momentum()
             loss_sum += loss.detach()
@@ -416,9 +481,7 @@ class PopulationTrainer:
     def diverged(self, losses: torch.Tensor | Sequence[float]) -> np.ndarray:
         """(K,) bool, the one divergence rule: NaN/inf or > divergence_factor x L_0."""
         losses = np.asarray(torch.as_tensor(losses, dtype=torch.float64))
-        with np.errstate(invalid="ignore"):
-            return ~np.isfinite(losses) | (losses > self.cfg.divergence_factor
-                                            * self.initial_loss)
+        return diverged(losses, self.initial_loss, self.cfg.divergence_factor)
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -513,238 +576,4 @@ class PopulationTrainer:
         self._batch_classes = torch.stack([self._compose_classes(r) for r in self.roulettes])
         self.seeds = list(state["seeds"])
         self.initial_loss = np.array(state["initial_loss"], dtype=np.float64)
-
-
-# --- baselines over a population --------------------------------------------------------------
-class Member:
-    """Member i of a population seen as one trainer: what a baseline (qan_ray.control's
-    `AdaptiveBaseline`) reads and writes at a control point (cfg, lr, set_lr, model, step,
-    progress, episode)."""
-
-    def __init__(self, population: PopulationTrainer, i: int):
-        self.population, self.i = population, int(i)
-        self.episode = 0  # a new run of the member: bump it (the baseline restarts its rule)
-
-    @property
-    def cfg(self) -> QANConfig:
-        return self.population.cfg
-
-    @property
-    def lr(self) -> float:
-        return self.population.lr[self.i]
-
-    def set_lr(self, lr: float) -> float:
-        lrs = self.population.lr
-        lrs[self.i] = float(lr)
-        return self.population.set_lr(lrs)[self.i]
-
-    @property
-    def model(self) -> nn.Module:
-        return self.population.member_model(self.i)
-
-    @property
-    def step(self) -> int:
-        return int(self.population.steps[self.i])
-
-    @property
-    def progress(self) -> float:
-        return float(self.population.progress[self.i])
-
-
-def run_schedules(cfg: QANConfig, members: Sequence[tuple[Any, float, int]],
-                  data: DeviceData | None = None, device: torch.device | str | None = None
-                  ) -> tuple[list[list[dict]], list[float]]:
-    """Episodes of baselines (qan_ray.control.BASELINES: the schedules fixed, step, cosine,
-    warmup_cosine and the adaptive plateau and hypergradient), one population member per
-    (baseline name, base LR, seed), all trained in lockstep. A member's baseline may also be an
-    `AdaptiveBaseline` object instead of a name (a policy of your own, e.g. from a search).
-
-    Each member's records are what `env.rollout` gives for `evaluate.run_schedule` on a
-    TargetTrainingEnv of `cfg` (step 0 after reset, then one per control step: lr, batches,
-    diverged, train/val loss, val accuracy, action = keep, reward), to float tolerance
-    (tests/test_population.py): at every control point the member's baseline reads that point's
-    info and sets the LR of the next interval. The second value is each member's final test
-    accuracy. A member that diverges (or reaches the target under reward time_to_target) stops
-    recording and is frozen (LR 0) while the others train on."""
-    from qan_ray.control import make_baseline
-    from qan_ray.env import keep_action
-    from qan_ray.rewards import chance_penalty, step_reward, terminal_reward
-
-    if not members:
-        raise ValueError("run_schedules needs at least one (baseline, lr, seed) member.")
-    baselines = [make_baseline(name, lr) if isinstance(name, str) else name
-                 for name, lr, _ in members]
-    pop = PopulationTrainer(cfg, seeds=[seed for *_, seed in members], data=data, device=device)
-    views = [Member(pop, i) for i in range(pop.k)]
-    k, keep = pop.k, keep_action(cfg)
-    if cfg.lr_init_range is not None:  # the env's log-uniform start LR (its step-0 record)
-        low, high = (math.log(x) for x in cfg.lr_init_range)
-        pop.set_lr([math.exp(np.random.default_rng(seed).uniform(low, high))
-                    for *_, seed in members])
-    total_steps = math.ceil(pop.total_batches / cfg.control_interval)
-    val, acc = (t.tolist() for t in pop.evaluate("val"))
-    last = [{"train_loss": float(pop.initial_loss[i]), "val_loss": val[i],
-             "val_accuracy": acc[i]} for i in range(k)]
-    records = [[{"step": 0, "action": -1, "reward": 0.0, "lr": pop.lr[i], "batches": 0,
-                 "diverged": False, **last[i]}] for i in range(k)]
-    running = np.ones(k, dtype=bool)
-    t = 0
-    while running.any() and not pop.done.all():
-        lrs = pop.lr
-        for i in np.flatnonzero(running):
-            lrs[i] = baselines[i].next_lr(views[i], {**records[i][-1]})
-        lrs = pop.set_lr(lrs)
-        losses = pop.train(min(cfg.control_interval, pop.total_batches - int(pop.steps[0])))
-        t += 1
-        diverged = pop.diverged(losses)
-        val, acc = (v.tolist() for v in pop.evaluate("val"))
-        for i in np.flatnonzero(running):
-            info = {"lr": lrs[i], "step": t, "batches": int(pop.steps[i])}
-            train = float(losses[i])
-            if diverged[i]:
-                records[i].append({**info, "diverged": True, "train_loss": train,
-                                   "val_loss": float("nan"), "val_accuracy": 0.0,
-                                   "action": keep, "reward": -cfg.divergence_penalty})
-                running[i] = False
-                pop.freeze(i)
-                continue
-            reward, reached = step_reward(
-                cfg.reward, prev_train=last[i]["train_loss"], train=train,
-                prev_val=last[i]["val_loss"], val=val[i], val_accuracy=acc[i],
-                target_accuracy=cfg.target_accuracy, total_steps=total_steps,
-                scale=cfg.reward_scale)
-            last[i] = {"train_loss": train, "val_loss": val[i], "val_accuracy": acc[i]}
-            ended = bool(pop.done[i]) or (cfg.reward == "time_to_target" and reached)
-            if ended:  # the env's episode-end reward: terminal part + chance penalty
-                reward += terminal_reward(
-                    cfg.reward, initial_val=records[i][0]["val_loss"], val=val[i],
-                    initial_accuracy=records[i][0]["val_accuracy"], val_accuracy=acc[i],
-                    scale=cfg.reward_scale) + chance_penalty(acc[i], cfg.chance_penalty_value)
-            records[i].append({**info, "diverged": False, **last[i], "action": keep,
-                               "reward": float(reward)})
-            if ended:
-                running[i] = False
-                pop.freeze(i)
-    _, test_acc = pop.evaluate("test")
-    return records, test_acc.tolist()
-
-
-# --- observations of a population ----------------------------------------------------------------
-# qan_ray.features computes the statistics of one network; these are the same computations with a
-# leading member dim (tests/test_population.py checks equality with the per-member functions).
-# torch.func.vmap over features.layer_features gives the same numbers too, but its batching rules
-# for the sort/index/reduction mix there are about 3x slower than a per-member loop on the CPU.
-
-def _group_stats(x: torch.Tensor) -> torch.Tensor:
-    """features.group_stats with any leading dims: (..., G, n) -> (..., G, 12)."""
-    x = x.float()
-    n = x.shape[-1]
-    xs = torch.sort(x, dim=-1).values.double()
-    x = x.double()
-    pos = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=x.device) * (n - 1)
-    lo = pos.floor().long()
-    hi = torch.clamp(lo + 1, max=n - 1)
-    xlo = xs.index_select(-1, lo)
-    quartiles = xlo + (xs.index_select(-1, hi) - xlo) * (pos - lo)
-    x2 = x * x
-    x3 = x2 * x
-    raw = torch.stack([x, x2, x3, x2 * x2, x3 * x2], dim=-1).mean(dim=-2)  # (..., G, 5)
-    m1, m2, m3, m4, _ = raw.unbind(-1)
-    var = (m2 - m1 * m1).clamp_min(0.0)
-    safe = var > 1e-10 * m2
-    denom = torch.where(safe, var, torch.ones_like(var))
-    skew = (m3 - 3 * m1 * m2 + 2 * m1 ** 3) / denom ** 1.5
-    kurt = (m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4) / (denom * denom) - 3.0
-    zero = torch.zeros_like(var)
-    shape = torch.stack([var.sqrt(), torch.where(safe, skew, zero),
-                         torch.where(safe, kurt, zero)], dim=-1)
-    return torch.cat([m1[..., None], quartiles, shape, raw], dim=-1).float()
-
-
-def _single_stats(x: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros_like(x)
-    x2 = x * x
-    return torch.stack([x, x, x, x, zero, zero, zero, x, x2, x2 * x, x2 * x2, x2 * x2 * x],
-                       dim=-1)
-
-
-def _summarise(stats: torch.Tensor, median: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, G, 12) -> (K, 60): mean/median/std/max/min over the groups (`median`: the (K, 12)
-    medians when the caller has them already)."""
-    s = stats.transpose(1, 2).contiguous()  # (K, 12, G)
-    if median is None:
-        median = s.median(dim=2).values
-    d = s.double()  # std from the moments in float64: one fused pass instead of Welford's two
-    m1 = d.mean(dim=2)
-    std = (d.square().mean(dim=2) - m1 * m1).clamp_min(0.0).sqrt().float()
-    return torch.cat([s.mean(dim=2), median, std, s.amax(dim=2), s.amin(dim=2)], dim=1)
-
-
-def _single_medians(x: torch.Tensor) -> torch.Tensor:
-    """(K, n) -> (K, 12): the medians of `_single_stats(x)` over n from two selections.
-    torch.median is the lower middle element, and each statistic is a monotone function of x
-    (x, x^3, x^5, as rounded) or of |x| (x^2, x^4), so its median is that function of the
-    median of x or |x|: exactly the same number."""
-    m = x.median(dim=1).values
-    a = x.abs().median(dim=1).values
-    a2 = a * a
-    m2 = m * m
-    zero = torch.zeros_like(m)
-    return torch.stack([m, m, m, m, zero, zero, zero, m, a2, m2 * m, a2 * a2, m2 * m2 * m],
-                       dim=1)
-
-
-def _select(keys: torch.Tensor, cap: int) -> torch.Tensor:
-    """(K, n) keys -> (K, cap) indices at evenly spaced ranks (features._stratified per row)."""
-    ranks = torch.linspace(0, keys.shape[1] - 1, cap, device=keys.device).round().long()
-    return torch.argsort(keys, dim=1).index_select(1, ranks)
-
-
-def layer_view(weight: torch.Tensor) -> torch.Tensor:
-    """features.layer_view of each member of a stacked weight (K, out, in, *k) -> (K, o, i, k)."""
-    kk = weight.shape[0]
-    w3 = weight.detach().float()
-    w3 = w3.reshape(kk, w3.shape[1], w3.shape[2], -1)
-    k = w3.shape[3]
-    side = max(fe.MIN_SIDE, min(fe.MAX_SIDE, int(math.sqrt(fe.ELEMENT_BUDGET / k))))
-    if w3.shape[1] > side:
-        dtype = torch.float64 if w3[0].numel() <= fe.EXACT_NORM_LIMIT else torch.float32
-        keys = torch.linalg.vector_norm(w3.reshape(kk, w3.shape[1], -1), dim=2, dtype=dtype)
-        sel = _select(keys, side)
-        w3 = torch.gather(w3, 1, sel[:, :, None, None].expand(-1, -1, w3.shape[2], k))
-    if w3.shape[2] > side:
-        keys = torch.linalg.vector_norm(w3.transpose(1, 2).reshape(kk, w3.shape[2], -1), dim=2,
-                                        dtype=torch.float64)
-        sel = _select(keys, side)
-        w3 = torch.gather(w3, 2, sel[:, None, :, None].expand(-1, w3.shape[1], -1, k))
-    return w3
-
-
-def layer_features(weight: torch.Tensor) -> torch.Tensor:
-    """features.layer_features of each member: (K, out, in, *k) -> (K, 192)."""
-    w3 = layer_view(weight)
-    kk, out_ch, in_ch, k = w3.shape
-    parts = [
-        _group_stats(w3.reshape(kk, 1, -1))[:, 0],
-        _summarise(_group_stats(w3.reshape(kk, out_ch, -1))),
-        _summarise(_group_stats(w3.transpose(1, 2).reshape(kk, in_ch, -1))),
-        (_summarise(_single_stats(w3.reshape(kk, -1)), _single_medians(w3.reshape(kk, -1)))
-         if k == 1 else _summarise(_group_stats(w3.reshape(kk, out_ch * in_ch, -1)))),
-    ]
-    return torch.cat(parts, dim=1)
-
-
-def population_weight_features(weights: Sequence[torch.Tensor], model: str = "the model"
-                               ) -> torch.Tensor:
-    """features.weight_features of K members from their monitored weights, each stacked
-    (K, out, in, *k) in monitored order: (K, WEIGHT_FEATURES), same pooling."""
-    if not weights:
-        raise ValueError(f"{model} has no Linear/Conv layer to observe. QAN's weight statistics "
-                         "need at least one; train a signals-only controller "
-                         "(--no-weight-features) for such a model.")
-    count = len(weights)
-    pooled = fe.pooled_layers(count)
-    feats = {i: fe.symlog(layer_features(weights[i]))
-             for i in sorted({0, count - 1, *pooled})}
-    mean = torch.stack([feats[i] for i in pooled]).mean(dim=0)
-    return torch.cat([feats[0], feats[count - 1], mean], dim=1)
+        self.snapshot(range(self.k))  # a rescue returns to the loaded state at worst

@@ -120,3 +120,24 @@ def test_state_dict_round_trip():
     pop.step(g)
     for p, a in zip(stacked, after):
         assert torch.equal(p, a)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_flat_is_step_on_one_flat_tensor(case):
+    """The K = 1 trainer's per-batch call gives step([grad])'s numbers bit for bit, through an
+    LR change and a momentum switched on mid-run."""
+    kw = dict(CASES[case])
+    kind = kw.pop("kind")
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(K, 7, generator=gen)
+    b = a.clone()
+    pa, pb = PopulationOptimizer([a], kind, LRS, **kw), PopulationOptimizer([b], kind, LRS, **kw)
+    for t in range(6):
+        if t == 3:
+            for pop in (pa, pb):
+                pop.set_lr([0.2, 0.05, 0.5, 0.01])
+                pop.set_hyperparams(momentum=0.5)
+        g = torch.randn(K, 7, generator=gen)
+        pa.step([g])
+        pb.step_flat(g)
+        assert torch.equal(a, b), (case, t)
