@@ -307,7 +307,7 @@ def test_a_killed_run_resumes_and_a_crash_in_its_checkpoint_swap_keeps_the_old_o
     """Two crashes in a row, at two steps of a commit: a killed process after its Parquet part
     (the resume drops the uncommitted part), then inside the checkpoint swap of the resumed run's
     first commit (checkpoint/ moved aside, the new one not yet in place). The resume after both
-    is tests ...sigterm_on_train_exports_the_controller below."""
+    is test_after_a_kill_and_a_crash_a_resume_is_exact_and_sigterm_on_train_... below."""
     mt, info = crashed_twice
     done = info["done"]
     # the resume: the committed state of the killed process, its uncommitted part dropped
