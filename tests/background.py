@@ -25,6 +25,9 @@ class Job:
     """One subprocess: `argv(root)` builds its command line in its own new folder `root` (and
     may write inputs there); stdout and stderr go to files in `root`."""
 
+    base: Path | None = None
+    """Where the jobs' folders go (conftest.py: under pytest's basetemp); None: the system's."""
+
     def __init__(self, name: str, argv: Callable[[Path], list[str]], env: dict[str, str],
                  cwd: Path, timeout: float = 400):
         self.name, self._argv, self._env, self._cwd, self._timeout = (name, argv, env, cwd,
@@ -42,7 +45,7 @@ class Job:
             if self._state != "new":
                 return
             self._state = "running"
-            self._root = Path(tempfile.mkdtemp(prefix=f"qan-{self.name}-"))
+            self._root = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=Job.base))
         try:
             argv = self._argv(self._root)
             with open(self._root / "stdout", "w") as out, open(self._root / "stderr", "w") as err:

@@ -37,6 +37,9 @@ def pytest_collection_finish(session) -> None:
         queued += [job for name, job in jobs.items()
                    if name in item.fixturenames and job not in queued]
     _BACKGROUND_JOBS.extend(queued)
+    if queued:
+        factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's tmp_path_factory
+        background.Job.base = factory.mktemp("background") if factory is not None else None
     background.start(queued)
 
 
