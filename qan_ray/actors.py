@@ -381,7 +381,8 @@ class ActorEnv(gym.Env):
 
     def _finish(self, truncated: bool = False) -> None:
         for r in self._rows:
-            r.update(global_episode=self.index, seed=self.seed, truncated=truncated)
+            r.update(global_episode=self.index, seed=self.seed, truncated=truncated,
+                     cut="actor" if truncated else None)
         if len(self._rows) > 1:
             self.finished.append(self._rows)
         self._rows = []
@@ -482,10 +483,11 @@ class ActorVectorEnv(gym.vector.VectorEnv):
         self.index[i], self.seed[i] = claim
         self._rows[i] = [_row(info, -1, 0.0, obs=None, actor=self.name)]
 
-    def _finish(self, i: int, truncated: bool = False) -> None:
+    def _finish(self, i: int, truncated: bool = False, cut: str = "actor") -> None:
         rows = self._rows[i]
         for r in rows:
-            r.update(global_episode=self.index[i], seed=self.seed[i], truncated=truncated)
+            r.update(global_episode=self.index[i], seed=self.seed[i], truncated=truncated,
+                     cut=cut if truncated else None)
         if len(rows) > 1:
             self.finished.append(rows)
         self._rows[i] = []
@@ -529,8 +531,9 @@ class ActorVectorEnv(gym.vector.VectorEnv):
                 continue
             self._rows[i].append(_row(infos[i], int(actions[i]), float(rewards[i]),
                                       obs=self._last_obs[i], actor=self.name))
-            if terminated[i] or truncated[i]:
-                self._finish(i)
+            if terminated[i] or truncated[i]:  # truncated here: a generation's end
+                self._finish(i, truncated=bool(truncated[i]) and not terminated[i],
+                             cut="generation")
         self._needs_reset = np.asarray(terminated, dtype=bool) | np.asarray(truncated, bool)
         self._last_obs = obs
         return obs, rewards, terminated, truncated, self._vector_info(infos)

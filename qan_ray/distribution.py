@@ -176,6 +176,12 @@ def _lr_range(cfg: QANConfig, family: str) -> tuple[float, float]:
     return max(low, cfg.lr_min), min(high, cfg.lr_max)
 
 
+def task_lr_range(cfg: QANConfig, task_cfg: QANConfig) -> tuple[float, float]:
+    """The start-LR range (low, high) of a task drawn from cfg.tasks: its optimizer family's
+    (`LR_RANGES`, or cfg.lr_init_range when set), within cfg's LR bounds."""
+    return _lr_range(cfg, optimizer_family(task_cfg))
+
+
 def _options(cfg: QANConfig, name: str) -> list[_Option]:
     if name == GENERALIST:
         return [_Option(GENERALIST, frozenset(_families(task, dataset, model, opt)), dataset,
@@ -347,4 +353,4 @@ def mean_episode_steps(cfg: QANConfig, samples: int = 64) -> float:
 __all__ = ["DISTRIBUTIONS", "GENERALIST", "LR_RANGES", "batches_per_epoch", "check_distribution",
            "config_from_args", "describe", "episode_steps", "families", "known_families",
            "load_config", "mean_episode_steps", "model_family", "optimizer_family", "sample_task",
-           "trainer_key"]
+           "task_lr_range", "trainer_key"]

@@ -83,7 +83,9 @@ class MetaConfig:
     population: int = documented(1, """
         Target networks per trainer actor, trained in lockstep as one PopulationVectorEnv and seen
         by RLlib as one vector env of this many sub-envs (1 = one TargetTrainingEnv per actor).
-        Not for BatchNorm models, minibatch mode or task distributions (refused, naming the fix).
+        With a task distribution (--tasks) each actor trains one drawn task at a time as a
+        population (generations, qan_ray.vector_env). Not for minibatch mode (refused, naming
+        the fix).
         Default 1: on digits-mlp, 1 actor, 16 episodes, 2 busy cores, K = 1/4/8/16 gave
         15.3/20.6/20.5/18.0 control steps/s; at the default training intensity the DQN learner
         bounds the loop, so K > 1 was not clearly better.""")
@@ -523,9 +525,13 @@ class MetaTrainer:
                 self.progress["truncated"] = self.progress.get("truncated", 0) + 1
                 rows.extend({**r, "episode": None, "run": self.progress["run"]} for r in ep_rows)
                 last = ep_rows[-1]
-                self.log(f"episode cut after {len(ep_rows) - 1} control steps: trainer actor "
-                         f"{last.get('actor')} died and was replaced; TRUNCATED, not counted "
-                         f"(global episode {last.get('global_episode')}, seed {last.get('seed')})")
+                why = (f"trainer actor {last.get('actor')} died and was replaced"
+                       if last.get("cut") != "generation" else
+                       "its population's generation ended (a member's earlier episode ended "
+                       "early and this one started on the same task)")
+                self.log(f"episode cut after {len(ep_rows) - 1} control steps: {why}; "
+                         f"TRUNCATED, not counted (global episode {last.get('global_episode')}, "
+                         f"seed {last.get('seed')})")
                 continue
             ep = self.progress["episodes"]
             self.progress["episodes"] += 1

@@ -41,12 +41,14 @@ STEP_SCHEMA = pa.schema([
     ("seed", pa.int64()),
     ("truncated", pa.bool_()),
     ("rescued", pa.bool_()),
+    ("cut", pa.string()),
 ])
 """`episode`: the full episode's number in commit order (null for a truncated one);
 `global_episode` and `seed`: the index the run's episode counter handed out and the seed
-derived from it (actors.episode_seed); `truncated`: the episode was cut (its trainer actor died)
-and is not counted as a full episode; `rescued`: the rescue guard rolled this step back (null in
-logs written before the guard)."""
+derived from it (actors.episode_seed); `truncated`: the episode was cut and is not counted as a
+full episode, `cut` says why: "actor" (its trainer actor died) or "generation" (a population's
+generation over a task distribution ended while it ran); `rescued`: the rescue guard rolled this
+step back (null in logs written before the guard)."""
 
 FAULT_ENV = "QAN_FAULT"
 FAULT_EXIT = 86

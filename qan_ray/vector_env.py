@@ -17,10 +17,22 @@ env config plus {"num_envs": K} and expects a VectorEnv back (single_agent_env_r
 
 The episode rules are the env's, from the same code (qan_ray.episode's `Episodes` over K members):
 start LR, action -> LR (with `lr_schedule` cosine each member corrects its own cosine from its
-start LR), divergence, rewards with the terminal part and chance penalty. Limits: lr action mode
-and one task per population (a task distribution draws a model per episode); an episode's last step
-trains a full control interval even when fewer batches remain, if the members are out of step (the
-default presets' episodes are a whole number of intervals).
+start LR), divergence, rewards with the terminal part and chance penalty.
+
+A task distribution (`tasks`, qan_ray.distribution) runs in generations: a generation draws one
+task from the episode seed of its first member (`sample_task`, as `TargetTrainingEnv` draws an
+episode's task), and its K members train that task as one population, each with its own seed,
+init and start LR (log-uniform from the task's optimizer-family range, drawn from the member's
+own episode seed). A member whose episode ends early (divergence, a reached target) starts
+another episode of the same task. The generation ends at the first step at which every member
+has ended an episode in it and none has just started one; the episodes still running then end
+as truncated (gymnasium's time-limit end; they are logged, flagged and not counted), and at the
+next step every member starts the next generation's task. Trainers of recent tasks are kept
+(`POPULATION_CACHE`). (QANConfig refuses meta-momentum with a distribution.)
+
+Limits: lr action mode; an episode's last step trains a full control interval even when fewer
+batches remain, if the members are out of step (the default presets' episodes are a whole number
+of intervals).
 """
 
 from __future__ import annotations
@@ -32,11 +44,13 @@ import numpy as np
 
 from qan_ray.constants import run_seed
 from qan_ray.contract import ActionSpec, Observer, observation_spec
-from qan_ray.distribution import load_config
+from qan_ray.distribution import describe, load_config, sample_task, task_lr_range, trainer_key
 from qan_ray.env import OBS_BOUND
 from qan_ray.episode import SIGNALS, Episodes, start_lr
 from qan_ray.population import PopulationTrainer
 from qan_ray.trainer import reference_run
+
+POPULATION_CACHE = 2  # populations of earlier tasks a distribution env keeps for reuse
 
 
 class PopulationVectorEnv(gym.vector.VectorEnv):
@@ -48,19 +62,22 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         config.pop("num_envs", None)
         compile_step = bool(config.pop("compile", False))  # PopulationTrainer(compile=...)
         cfg = load_config(config)  # QANConfig fields only: a typo raises, naming valid keys
-        if cfg.tasks:
-            raise ValueError(f"tasks {list(cfg.tasks)}: a task distribution draws a model and "
-                             "dataset per episode, but a population shares one model shape. "
-                             "Use TargetTrainingEnv for a distribution, or one task per "
-                             "PopulationVectorEnv.")
         if cfg.action_mode != "lr":
             raise ValueError(f"action_mode {cfg.action_mode!r}: PopulationVectorEnv supports "
                              "the lr mode only; use TargetTrainingEnv for minibatch mode.")
-        self.cfg, self.num_envs = cfg, k
-        self.trainer = PopulationTrainer(cfg, k=k, compile=compile_step)
+        self.base_cfg, self.num_envs, self._compile = cfg, k, compile_step
+        self.distribution = bool(cfg.tasks)
+        self.generations = 0
+        self._populations: dict[str, PopulationTrainer] = {}
+        self._gen_ended = np.zeros(k, dtype=bool)  # members that ended an episode this generation
+        self._switch = True  # the next start of all members begins a new generation
+        # A distribution's first trainer is a draw from the config's seed, so that the spaces and
+        # the device exist before reset(); reset() draws the first generation's task.
+        self.cfg = self._generation_task(cfg.seed) if self.distribution else cfg
+        self.trainer = self._population(self.cfg)
         if cfg.mm_coef > 0:
             self.trainer.set_reference(reference_run(cfg, self.trainer.device))
-        self.episodes = Episodes(cfg, k, self.trainer.total_batches)
+        self.episodes = Episodes(self.cfg, k, self.trainer.total_batches)
         spec = observation_spec(cfg)
         self.observers = [Observer(spec, cfg.lr) for _ in range(k)]
         size = spec.size
@@ -93,12 +110,49 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         self._needs_reset[np.asarray(list(members), dtype=np.int64)] = True
 
     # --- members ---------------------------------------------------------------------------
+    def _generation_task(self, seed: int):
+        """A generation's task drawn from `seed`, with the members' start-LR range."""
+        task = sample_task(self.base_cfg, seed)
+        return task.replace(lr_init_range=task_lr_range(self.base_cfg, task))
+
+    def _population(self, task) -> PopulationTrainer:
+        """The population for `task`: a kept one of a task that differs only in LR and seed
+        (every member is reset before use), else a new one."""
+        key = trainer_key(task.replace(lr_init_range=None))
+        tr = self._populations.pop(key, None)
+        if tr is None:
+            device = getattr(self, "trainer", None)
+            tr = PopulationTrainer(task, k=self.num_envs, compile=self._compile,
+                                   device=None if device is None else device.device)
+        tr.cfg = task
+        self._populations[key] = tr  # most recently used last
+        while len(self._populations) > POPULATION_CACHE:
+            self._populations.pop(next(iter(self._populations)))
+        return tr
+
+    def _new_generation(self, seed: int) -> None:
+        """Every member is about to start: draw the generation's task from `seed`."""
+        self.generations += 1
+        self._gen_ended[:] = False
+        self._switch = False
+        if not self.distribution:
+            return
+        self.cfg = self._generation_task(seed)
+        self.trainer = self._population(self.cfg)
+        self.episodes.set_task(self.cfg, self.trainer.total_batches)
+
     def _start(self, members: np.ndarray) -> None:
-        """Reset `members` to fresh inits with their episode seeds and start LRs."""
-        tr = self.trainer
+        """Reset `members` to fresh inits with their episode seeds and start LRs (when all K
+        start after a generation ended, the next generation's task first)."""
+        seeds = {}
         for i in members:
-            seed = self._reset_seeds.pop(int(i), run_seed(self._base_seed, self.episodes_started))
+            seeds[int(i)] = self._reset_seeds.pop(int(i), run_seed(self._base_seed,
+                                                                   self.episodes_started))
             self.episodes_started += 1
+        if self._switch and len(seeds) == self.num_envs:
+            self._new_generation(seeds[min(seeds)])
+        tr = self.trainer
+        for i, seed in seeds.items():
             tr.reset_member(int(i), seed)
             if self.cfg.lr_init_range is not None:
                 lrs = tr.lr
@@ -131,7 +185,10 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
     def _infos(self, diverged: np.ndarray, rescued: np.ndarray | None = None) -> dict[str, Any]:
         last = self.episodes.last
         rescued = np.zeros(self.num_envs, dtype=bool) if rescued is None else rescued
+        task = describe(self.cfg).rsplit(" lr", 1)[0]  # the members' LRs are in "lr"
         return {"lr": np.asarray(self.trainer.lr), "step": self.episodes.t.copy(),
+                "task": np.array([task] * self.num_envs), "generation": np.full(
+                    self.num_envs, self.generations),
                 "batches": self.trainer.steps.copy(), "diverged": diverged.copy(),
                 "rescued": rescued.copy(), "rescues": self.episodes.rescues.copy(),
                 **{key: np.array([m.get(key, np.nan) for m in last]) for key in SIGNALS}}
@@ -150,6 +207,7 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
                                  "pass one per member.")
             self.set_reset_seeds(dict(enumerate(seeds)))
         everyone = np.arange(self.num_envs)
+        self._switch = True
         self._start(everyone)
         val, acc = (t.numpy() for t in self.trainer.evaluate("val"))
         self._begin(everyone, val, acc)
@@ -169,12 +227,17 @@ class PopulationVectorEnv(gym.vector.VectorEnv):
         # NEXT_STEP autoreset: members that ended last step start over now (their action is
         # ignored; they trained along in lockstep above, and that work is dropped here).
         self._start(fresh)
+        tr = self.trainer  # a new generation (every member fresh) brings its task's trainer
         val, acc = (t.numpy() for t in tr.evaluate("val"))
         out = ep.step(running, losses, val, acc, tr.initial_loss, tr.done)
         ep.guard_trainer(tr, out, running)
         self._begin(fresh, val, acc)
-        self._needs_reset = out.ended.copy()
         truncated = np.zeros(k, dtype=bool)
+        self._gen_ended |= out.ended
+        if self.distribution and self._gen_ended.all() and not len(fresh):
+            truncated = ~out.ended  # the generation ends: cut the episodes still running
+            self._switch = True
+        self._needs_reset = out.ended | truncated
         return (self._observe(), out.rewards, out.ended.copy(), truncated,
                 self._infos(out.diverged, out.rescued))
 

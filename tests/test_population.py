@@ -169,12 +169,56 @@ def test_state_dict_resumes_bit_identically(data):
         PopulationTrainer(CFG, k=2, data=data).load_state_dict(state)
 
 
-def test_batchnorm_model_is_refused_with_the_fix():
-    cfg = from_dict(task="digits-mlp", model="wrn", wrn_depth=10, wrn_width=1)
-    with pytest.raises(ValueError, match=r"model 'wrn' \(WideResNet\) has buffers .*BatchNorm2d.*"
-                                         r"which a population of 2 cannot train.*Use "
-                                         r"population size 1 \(--population 1"):
-        PopulationTrainer(cfg, k=2)
+@pytest.mark.parametrize("task,model", [("digits-mlp", "resnet"), ("mnist1d-cnn", "resnet1d")])
+def test_a_batchnorm_population_member_equals_its_single_network_run(task, model):
+    cfg = from_dict(task=task, model=model, lr=0.02)
+    cpu = load_data(cfg, torch.device("cpu"))
+    pop = PopulationTrainer(cfg, seeds=[5, 6, 7], data=cpu)
+    one = PopulationTrainer(cfg, seeds=[6], data=cpu)  # K = 1: the module's own BatchNorm
+    assert pop.initial_loss[1] == pytest.approx(one.initial_loss[0], rel=1e-6)
+    got = [float(pop.train(1)[1]) for _ in range(12)]
+    assert got == pytest.approx([float(one.train(1)[0]) for _ in range(12)], rel=1e-4, abs=1e-6)
+    # the running statistics: (K, *shape) rows, member 1's equal to the single run's
+    mean = next(n for n in pop.stacked_buffers if n.endswith("running_mean"))
+    assert pop.stacked_buffers[mean].shape[0] == 3
+    for name, b in pop.stacked_buffers.items():
+        assert torch.allclose(b[1].double(), one.stacked_buffers[name][0].double(), rtol=1e-4,
+                              atol=1e-5), name
+    assert int(pop.stacked_buffers[mean.replace("running_mean", "num_batches_tracked")][1]) == 12
+    # the member module's buffers are views of its row
+    bn = dict(pop.member_model(2).named_buffers())[mean]
+    assert bn.data_ptr() == pop.stacked_buffers[mean][2].data_ptr()
+    # eval mode uses each member's running statistics
+    loss, acc = pop.evaluate("val")
+    assert (float(loss[1]), float(acc[1])) == pytest.approx(
+        (float(one.evaluate("val")[0][0]), float(one.evaluate("val")[1][0])), rel=1e-4)
+    assert not torch.allclose(pop.stacked_buffers[mean][0], pop.stacked_buffers[mean][1])
+
+
+def test_population_buffers_snapshot_rollback_reset_and_resume(data):
+    cfg = from_dict(task="digits-mlp", model="resnet", lr=0.02)
+    pop = PopulationTrainer(cfg, k=3, data=data)
+    fresh = {n: b.clone() for n, b in pop.stacked_buffers.items()}
+    pop.train(3)
+    pop.snapshot([0])
+    kept = {n: b[0].clone() for n, b in pop.stacked_buffers.items()}
+    pop.train(2)
+    pop.rollback([0])
+    for n, b in pop.stacked_buffers.items():
+        assert torch.equal(b[0], kept[n]), n  # the rescue guard's rollback restores them
+    pop.reset_member(1, pop.seeds[1])
+    for n, b in pop.stacked_buffers.items():
+        assert torch.equal(b[1], fresh[n][1]), n  # a fresh member starts from fresh statistics
+        assert not torch.equal(b[2], fresh[n][2]), n  # the others keep theirs
+    state = pop.state_dict()
+    cont = pop.train(3), pop.evaluate("val")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    other = PopulationTrainer(cfg, k=3, data=data)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(other.train(3), cont[0])
+    assert [torch.equal(a, b) for a, b in zip(other.evaluate("val"), cont[1])] == [True, True]
 
 
 def test_bad_sizes_and_unsupported_modes_are_refused(data):
@@ -303,8 +347,6 @@ def test_vector_env_resets_a_diverged_member_alone():
     assert np.isfinite(obs).all()
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['controlinterval'\]"):
         PopulationVectorEnv({"task": "digits-mlp", "controlinterval": 5, "num_envs": 2})
-    with pytest.raises(ValueError, match="a population shares one model shape"):
-        PopulationVectorEnv({"task": "digits-mlp", "tasks": ("generalist",), "num_envs": 2})
     with pytest.raises(ValueError, match="supports the lr mode only"):
         PopulationVectorEnv({"task": "digits-mlp", "action_mode": "minibatch", "num_envs": 2})
 
@@ -494,17 +536,20 @@ def test_vector_env_with_meta_momentum_sets_the_reference():
 POP_QAN = from_dict(task="digits-mlp", epochs_per_episode=1.0)  # 35 batches -> 4 control steps
 
 
-def test_meta_trainer_with_population_4_logs_every_members_episodes(ray_session, tmp_path):
+def test_meta_trainer_with_population_4_over_a_distribution_logs_every_episode(ray_session, tmp_path):
+    from qan_ray.distribution import describe, sample_task
     from qan_ray.meta import MetaConfig, MetaTrainer
     from qan_ray.records import read_parts
 
     meta = MetaConfig(episodes=4, num_actors=1, population=4, cpus_per_actor=0.5,
                       learning_starts=8, hidden=(16, 16), select_every=0)
-    mt = MetaTrainer(POP_QAN, meta, tmp_path / "run", log=lambda *_: None)
+    # a task distribution (one preset member: 8 one-epoch steps, a start LR drawn per member)
+    qan = POP_QAN.replace(tasks=("digits-mlp",))
+    mt = MetaTrainer(qan, meta, tmp_path / "run", log=lambda *_: None)
     try:
-        assert mt.algo.config.num_envs_per_env_runner == 4
+        assert mt.algo.config.num_envs_per_env_runner == 4 and mt.steps_per_episode == 8
         result = mt.train()
-        assert mt.progress["episodes"] >= 4 and 1 <= mt.progress["iterations"] <= 2
+        assert mt.progress["episodes"] >= 4 and mt.progress["iterations"] == 1
         sampled = result["env_runners"]["num_env_steps_sampled_lifetime"]
         assert sampled >= 4 * mt.steps_per_episode  # 4 members' control steps, one runner
         kinds = mt.algo.env_runner_group.foreach_env_runner(
@@ -520,6 +565,13 @@ def test_meta_trainer_with_population_4_logs_every_members_episodes(ray_session,
         for ep in episodes:  # the reset row + one row per control step of that member
             steps = [r["step"] for r in rows if r["episode"] == ep]
             assert steps == list(range(mt.steps_per_episode + 1))
+            assert len({r["task"] for r in rows if r["episode"] == ep}) == 1
+        # the first generation's 4 members trained the task drawn from the first seed, each
+        # from its own start LR
+        first = sample_task(qan, min(seeds.values()))
+        first_gen = [r for r in rows if r["global_episode"] in range(4)]
+        assert {r["task"] for r in first_gen} == {describe(first).rsplit(" lr", 1)[0]}
+        assert len({r["lr"] for r in first_gen if r["step"] == 0}) == 4
         assert all(r["q_values"] is not None for r in rows if r["action"] >= 0)
     finally:
         mt.stop()
@@ -563,8 +615,8 @@ def test_population_refusals_name_the_fix(ray_session, tmp_path):
 
     meta = MetaConfig(episodes=2, num_actors=1, population=2, cpus_per_actor=0.5)
     with pytest.raises(ValueError, match=r"--population 2: task 'digits-mlp' cannot run as a "
-                       r"population \(model 'wrn' \(WideResNet\) has buffers.*Use --population 1"):
-        MetaTrainer(POP_QAN.replace(model="wrn", wrn_depth=10, wrn_width=1), meta,
+                       r"population \(action_mode 'minibatch'.*Use --population 1"):
+        MetaTrainer(POP_QAN.replace(action_mode="minibatch"), meta,
                     tmp_path / "a", log=lambda *_: None)
     with pytest.raises(ValueError, match="`population` is 0; it must be an integer >= 1"):
         MetaConfig(population=0).validate()
@@ -595,3 +647,116 @@ def test_evaluate_baselines_as_populations_give_the_sequential_table():
             want = row_s[key] if row_s[key] is None else pytest.approx(row_s[key], rel=1e-4,
                                                                          abs=1e-5)
             assert row_b[key] == want, (row_b["method"], key)
+
+
+# --- a task distribution as populations: generations -------------------------------------------
+DIST = {"task": "digits-mlp", "tasks": ("generalist",), "holdout": ("mnist1d", "cnn"),
+        "guard": False}
+
+
+def _dist_env(k: int = 3):
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    return PopulationVectorEnv({**DIST, "num_envs": k})
+
+
+def _expected_task(seed: int):
+    from qan_ray.distribution import load_config, sample_task
+
+    return sample_task(load_config(DIST), seed)
+
+
+def _kill(venv, member: int) -> None:
+    """Member `member`'s weights become NaN: its next interval diverges, on any CPU."""
+    with torch.no_grad():
+        venv.trainer.theta[member].fill_(float("nan"))
+
+
+def _same_task(got, want) -> bool:
+    keys = ("model", "hidden", "optimizer", "momentum", "nesterov", "batch_size",
+            "epochs_per_episode", "control_interval")
+    return all(getattr(got, k) == getattr(want, k) for k in keys)
+
+
+def test_distribution_population_trains_one_drawn_task_per_generation():
+    import numpy as np
+
+    from qan_ray.constants import run_seed
+    from qan_ray.distribution import load_config, optimizer_family, task_lr_range
+    from qan_ray.episode import start_lr
+
+    venv = _dist_env()
+    obs, info = venv.reset(seed=100)
+    first = _expected_task(run_seed(100, 0))  # the generation's task: member 0's episode seed
+    assert _same_task(venv.cfg, first) and venv.trainer.k == 3
+    assert venv.trainer.seeds == [100, 101, 102] and info["generation"].tolist() == [1, 1, 1]
+    low, high = task_lr_range(load_config(DIST), first)
+    ranged = first.replace(lr_init_range=(low, high))
+    # each member's start LR is its own draw from the task's range, from its own seed
+    assert info["lr"].tolist() == pytest.approx(
+        [min(max(start_lr(ranged, s), low), high) for s in (100, 101, 102)])
+    assert len(set(info["lr"].tolist())) == 3
+    assert obs.shape == (3, venv.single_observation_space.shape[0])
+    steps = venv.total_steps
+    for t in range(1, steps + 1):
+        obs, rewards, term, trunc, info = venv.step(np.full(3, 2))
+        assert info["step"].tolist() == [t] * 3 and not trunc.any()
+    assert term.all()
+    obs, rewards, term, trunc, info = venv.step(np.full(3, 2))  # all start generation 2
+    second = _expected_task(run_seed(100, 3))
+    assert _same_task(venv.cfg, second) and not _same_task(second, first)
+    assert info["generation"].tolist() == [2, 2, 2] and info["step"].tolist() == [0, 0, 0]
+    assert venv.trainer.seeds == [103, 104, 105] and rewards.tolist() == [0.0, 0.0, 0.0]
+    val, acc = venv.trainer.evaluate("val")  # the new task's members at init, nothing else
+    assert info["val_loss"].tolist() == val.tolist() and info["val_accuracy"].tolist() == \
+        acc.tolist()
+    assert venv.episodes.first[1]["val_loss"] == float(val[1])
+    assert np.isfinite(obs).all() and obs.shape[1] == venv.single_observation_space.shape[0]
+    hidden = "-".join(str(h) for h in second.hidden)
+    assert info["task"].tolist() == [f"digits/mlp-{hidden} {optimizer_family(second)} "
+                                     f"bs{second.batch_size}"] * 3
+
+
+def test_distribution_generation_ends_by_cutting_a_restarted_episode():
+    import numpy as np
+
+    venv = _dist_env()
+    venv.reset(seed=100)
+    steps, task = venv.total_steps, venv.cfg
+    _kill(venv, 1)
+    _, rewards, term, trunc, info = venv.step(np.full(3, 2))
+    assert term.tolist() == [False, True, False] and info["diverged"].tolist()[1]
+    _, _, term, trunc, info = venv.step(np.full(3, 2))  # member 1 restarts on the same task
+    assert info["step"].tolist() == [2, 0, 2] and venv.trainer.seeds[1] == 103
+    assert venv.cfg is task and info["generation"].tolist() == [1, 1, 1]
+    for _ in range(steps - 2):
+        _, _, term, trunc, info = venv.step(np.full(3, 2))
+    # the first episodes of members 0 and 2 end; member 1's second episode is cut at 6 steps
+    assert term.tolist() == [True, False, True] and trunc.tolist() == [False, True, False]
+    assert info["step"].tolist() == [steps, steps - 2, steps]
+    _, _, term, trunc, info = venv.step(np.full(3, 2))
+    assert info["generation"].tolist() == [2, 2, 2] and info["step"].tolist() == [0, 0, 0]
+    assert venv.trainer.seeds == [104, 105, 106] and not (term.any() or trunc.any())
+
+
+def test_distribution_generation_never_cuts_an_episode_that_just_started():
+    import numpy as np
+
+    venv = _dist_env()
+    venv.reset(seed=100)
+    steps = venv.total_steps
+    for _ in range(steps - 2):
+        venv.step(np.full(3, 2))
+    _kill(venv, 1)
+    _, _, term, trunc, info = venv.step(np.full(3, 2))  # member 1 ends one step early
+    assert term.tolist() == [False, True, False]
+    _, _, term, trunc, info = venv.step(np.full(3, 2))  # 0 and 2 end; 1 has just started
+    assert term.tolist() == [True, False, True] and not trunc.any()
+    assert info["step"].tolist() == [steps, 0, steps]
+    _, _, term, trunc, info = venv.step(np.full(3, 2))  # 0 and 2 have just started again
+    assert info["step"].tolist() == [0, 1, 0] and not (term.any() or trunc.any())
+    _, _, term, trunc, info = venv.step(np.full(3, 2))  # every episode has a step: cut them
+    assert info["step"].tolist() == [1, 2, 1] and trunc.all() and not term.any()
+    _, _, _, _, info = venv.step(np.full(3, 2))
+    assert info["generation"].tolist() == [2, 2, 2] and info["step"].tolist() == [0, 0, 0]
+
