@@ -23,7 +23,7 @@ from typing import Any
 
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "user")
 EMBEDDED_DATASETS = ("digits", "mnist1d")  # built in-process: no data_root, no download
-MODELS = ("mlp", "lenet", "cnn1d", "cnn2d", "wrn", "user")
+MODELS = ("mlp", "lenet", "cnn1d", "cnn2d", "resnet", "resnet1d", "wrn", "user")
 USER = "user"  # dataset and model of a module:function task: the task supplies both
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ACTION_MODES = ("lr", "minibatch")
@@ -137,8 +137,10 @@ class QANConfig:
 
     model: str = documented("mlp", """
         mlp | lenet (the paper's MNIST CNN) | cnn1d (the MNIST-1D paper's 1-D CNN) | cnn2d (a
-        small 2-D CNN: two 3x3 convs + pooling + a Linear head, any image size) | wrn
-        (WideResNet-depth-width) | user (the model factory of a module:function task).""")
+        small 2-D CNN: two 3x3 convs + pooling + a Linear head, any image size) | resnet (a
+        small residual CNN with BatchNorm: stem + 2 basic blocks, any image size) | resnet1d
+        (the same for 1-D signals: mnist1d) | wrn (WideResNet-depth-width) | user (the model
+        factory of a module:function task).""")
     hidden: tuple[int, ...] = documented((64,), """
         Hidden layer widths of the MLP.""")
     wrn_depth: int = documented(16, """
@@ -309,9 +311,14 @@ class QANConfig:
         if self.model == "wrn" and self.dataset == "mnist1d":
             raise bad("model", self.model, "WideResNet needs (C, H, W) images and mnist1d gives "
                       "1-D signals of shape (1, 40)", "Use --model cnn1d or mlp.")
-        if self.model == "cnn2d" and self.dataset == "mnist1d":
-            raise bad("model", self.model, "the 2-D CNN needs (C, H, W) images and mnist1d gives "
-                      "1-D signals of shape (1, 40)", "Use --model cnn1d or mlp.")
+        if self.model in ("cnn2d", "resnet") and self.dataset == "mnist1d":
+            kind = "CNN" if self.model == "cnn2d" else "residual CNN"
+            raise bad("model", self.model, f"the 2-D {kind} needs (C, H, W) images and mnist1d "
+                      "gives 1-D signals of shape (1, 40)", "Use --model cnn1d, resnet1d or mlp.")
+        if self.model == "resnet1d" and self.dataset not in ("mnist1d", USER):
+            raise bad("model", self.model, f"the 1-D residual CNN needs 1-D signals, but "
+                      f"dataset {self.dataset!r} gives images", "Use --dataset mnist1d, or "
+                      "--model resnet for images.")
         if self.model == "cnn1d" and self.dataset != "mnist1d":
             raise bad("model", self.model, f"the 1-D CNN needs 1-D signals, but dataset "
                       f"{self.dataset!r} gives images", "Use --dataset mnist1d (or --task "

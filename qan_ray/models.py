@@ -1,5 +1,6 @@
 """Target networks: an MLP, the paper's LeNet-style MNIST CNN, the MNIST-1D paper's small 1-D CNN,
-a small 2-D CNN for any image size and WideResNet WRN-d-k (plus the model factory of a
+a small 2-D CNN for any image size, a small residual CNN with BatchNorm (2-D and 1-D) and
+WideResNet WRN-d-k (plus the model factory of a
 `module:function` user task, qan_ray.tasks)."""
 
 from __future__ import annotations
@@ -91,6 +92,52 @@ class CNN2D(nn.Module):
         return self.classifier(self.features(x))
 
 
+class _ResBlock(nn.Module):
+    """A post-activation basic block (He et al. 2016): conv 3 - BN - ReLU - conv 3 - BN, plus the
+    input (or its 1x1 conv + BN where the stride or width changes), then ReLU."""
+
+    def __init__(self, dims: int, cin: int, cout: int, stride: int):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride, 0, bias=False), norm(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class ResNet(nn.Module):
+    """A small residual CNN with BatchNorm for 2-D images (`dims` 2, model "resnet") or 1-D
+    signals (`dims` 1, model "resnet1d"): a 3-wide conv stem of `channels` + BN + ReLU (stride 2
+    on signals), a basic block at that width, a basic block at twice the width with stride 2,
+    global average pooling, Linear to the classes. About 20k weights at 16 channels (8x8
+    digits: 8x8 -> 4x4; MNIST-1D's 40 samples: 20 -> 10)."""
+
+    def __init__(self, dims: int = 2, in_channels: int = 1, num_classes: int = NUM_CLASSES,
+                 channels: int = 16):
+        super().__init__()
+        if dims not in (1, 2):
+            raise ValueError(f"ResNet dims is {dims}; it must be 1 (signals) or 2 (images).")
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        self.stem = nn.Sequential(conv(in_channels, channels, 3, 2 if dims == 1 else 1, 1,
+                                       bias=False), norm(channels), nn.ReLU())
+        self.blocks = nn.Sequential(_ResBlock(dims, channels, channels, 1),
+                                    _ResBlock(dims, channels, 2 * channels, 2))
+        self.fc = nn.Linear(2 * channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.blocks(self.stem(x))
+        return self.fc(y.mean(dim=tuple(range(2, y.dim()))))
+
+
 class _WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -152,14 +199,23 @@ def build_model(cfg, input_shape: tuple[int, ...], num_classes: int = NUM_CLASSE
                              "sample; the 1-D CNN needs (channels, length) signals such as "
                              "mnist1d's (1, 40). Use --task mnist1d-cnn, or --model mlp.")
         return CNN1D(input_shape[0], input_shape[1], num_classes)
-    if cfg.model not in ("lenet", "cnn2d", "wrn"):
-        raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet, cnn1d, cnn2d or wrn "
-                         "(or user, with a module:function task). Try --model mlp.")
+    if cfg.model == "resnet1d":
+        if len(input_shape) != 2:
+            raise ValueError(f"`model` is 'resnet1d' but the inputs have shape {input_shape} per "
+                             "sample; it needs (channels, length) signals such as mnist1d's "
+                             "(1, 40). Use --model resnet for images.")
+        return ResNet(1, input_shape[0], num_classes)
+    if cfg.model not in ("lenet", "cnn2d", "wrn", "resnet"):
+        raise ValueError(f"`model` is {cfg.model!r}; it must be mlp, lenet, cnn1d, cnn2d, resnet, "
+                         "resnet1d or wrn (or user, with a module:function task). Try --model "
+                         "mlp.")
     c, h, w = _image_shape(cfg.model, input_shape)
     if cfg.model == "lenet":
         return LeNet(c, num_classes, h)
     if cfg.model == "cnn2d":
         return CNN2D(c, (h, w), num_classes)
+    if cfg.model == "resnet":
+        return ResNet(2, c, num_classes)
     return WideResNet(cfg.wrn_depth, cfg.wrn_width, c, num_classes)
 
 

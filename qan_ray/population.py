@@ -23,9 +23,12 @@ the adaptive baselines use; the population vector env, `qan evaluate`'s baseline
 benchmarks use K > 1. At K = 1 the gradient comes from a plain forward/backward of member 0's
 module (its parameters are views of row 0, its gradients views of one flat (1, P) buffer, so
 the optimizer still sees one flat tensor): vmap/functional_call wrapping would cost 2-3x a small
-network's step there. K = 1 also serves models with buffers (BatchNorm's running statistics)
-and any user model; K > 1 refuses a model with buffers, naming the fix. Member i of a population
-and a K = 1 run of seed i give the same numbers to float tolerance (tests/test_population.py).
+network's step there. Models with buffers (BatchNorm's running statistics) train at any K: the
+buffers are stacked (K, *shape) like the weights (`stacked_buffers`), each member module's
+buffers are views of its row, and functional_call gets them batched, so each member's running
+statistics follow its own batches (train mode) and serve its evaluation (eval mode). Member i
+of a population and a K = 1 run of seed i give the same numbers to float tolerance
+(tests/test_population.py).
 
 Minibatch mode (the paper's class roulette): each member has its own roulette of the last 10
 class actions; the sample slots of every member's batch are drawn in one call from member 0's
@@ -111,17 +114,6 @@ class PopulationTrainer:
 
         models = [self._fresh_model(s) for s in seeds]
         template = models[0]
-        buffers = [n for n, _ in template.named_buffers()]
-        if buffers and not self.direct:
-            norms = sorted({type(m).__name__ for m in template.modules()
-                            if isinstance(m, nn.modules.batchnorm._NormBase)})
-            raise ValueError(
-                f"model {cfg.model!r} ({type(template).__name__}) has buffers {buffers[:3]}"
-                f"{'...' if len(buffers) > 3 else ''} ({', '.join(norms) or 'running state'}), "
-                f"which a population of {self.k} cannot train under torch.func.vmap (each "
-                "member would update them in place). Use population size 1 (--population 1, "
-                "one network per trainer), or a model without BatchNorm (e.g. --model lenet or "
-                "--model mlp).")
         self._names = [n for n, _ in template.named_parameters()]
         self._shapes = [tuple(p.shape) for _, p in template.named_parameters()]
         self._sizes = [math.prod(s) for s in self._shapes]
@@ -131,6 +123,12 @@ class PopulationTrainer:
         self.theta = torch.empty(self.k, self.num_params, device=self.device, dtype=dtype)
         self._template = copy.deepcopy(template)
         self._models: list[nn.Module] = models
+        # Buffers (BatchNorm's running statistics, its batch counter): one (K, *shape) tensor
+        # each; a member module's buffers are views of its row, and the vmapped forward passes
+        # them batched to functional_call, where each member updates its own row in place.
+        self.stacked_buffers: dict[str, torch.Tensor] = {
+            n: torch.stack([dict(m.named_buffers())[n].detach() for m in models])
+            for n, _ in template.named_buffers()}
         for i, m in enumerate(models):
             self._bind(i, m)
         if self.direct:  # member 0's gradients accumulate into views of one flat buffer
@@ -147,7 +145,7 @@ class PopulationTrainer:
             self._grad_fn = vmap(grad_and_value(self._loss), randomness="different")
             if compile:
                 self._grad_fn = torch.compile(self._grad_fn)
-            self._forward = vmap(self._logits, in_dims=(0, None), randomness="different")
+            self._forward = vmap(self._logits, in_dims=(0, 0, None), randomness="different")
         self.gens = [torch.Generator(device=self.device) for _ in range(self.k)]
         n = self.data.n_train
         minibatch = cfg.action_mode == "minibatch"
@@ -199,6 +197,9 @@ class PopulationTrainer:
             for name, p in model.named_parameters():
                 views[name].copy_(p)
                 p.data = views[name]
+        for name, stacked in self.stacked_buffers.items():  # its buffers: views of row i
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = stacked[i]
 
     def _start_member(self, i: int, seed: int) -> None:
         self.seeds[i] = int(seed)
@@ -280,13 +281,13 @@ class PopulationTrainer:
         self.optimizer.set_lr(torch.from_numpy(np.where(self._frozen, 0.0, self._lr_host)))
 
     def snapshot(self, members: Sequence[int]) -> None:
-        """Keep the members' current weights (and K = 1 buffers) and optimizer state in memory,
+        """Keep the members' current weights, buffers and optimizer state in memory,
         on the device: the state `rollback` returns to (the rescue guard's last good state).
         Steps, batch order and LR are not part of it: time moves on."""
         with torch.no_grad():
             for i in members:
                 i = int(i)
-                buffers = [b.clone() for b in self._models[i].buffers()] if self.direct else []
+                buffers = [b.clone() for b in self._models[i].buffers()]
                 self._saved[i] = (self.theta[i].clone(), self.optimizer.member_state(i), buffers)
 
     def rollback(self, members: Sequence[int]) -> None:
@@ -371,11 +372,13 @@ class PopulationTrainer:
                 p.lerp_(r.index_select(0, rows), coef.view(-1, *([1] * (p.dim() - 1))))
 
     # --- training ----------------------------------------------------------------------------
-    def _logits(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self._template, self._views(row), (x,))
+    def _logits(self, row: torch.Tensor, buffers: dict[str, torch.Tensor],
+                x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._template, (self._views(row), buffers), (x,))
 
-    def _loss(self, row: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(self._logits(row, x).float(), y).mean()
+    def _loss(self, row: torch.Tensor, buffers: dict[str, torch.Tensor], x: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(self._logits(row, buffers, x).float(), y).mean()
 
     def _next_indices(self) -> torch.Tensor:
         """(K, B) train indices: the next slice of each member's permutation, or in minibatch
@@ -470,7 +473,7 @@ class PopulationTrainer:
                 shape = x.shape
                 x = augment_batch(x.reshape(-1, *shape[2:]), self.gens[0]).reshape(shape)
             with self._autocast():
-                grads, loss = self._grad_fn(self.theta, x, y)
+                grads, loss = self._grad_fn(self.theta, self.stacked_buffers, x, y)
             self.optimizer.step([grads])
             if use_mm:
                 self._meta_momentum()
@@ -486,8 +489,9 @@ class PopulationTrainer:
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def _loss_acc(self, x: torch.Tensor, y: torch.Tensor,
-                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        theta = self.theta if rows is None else rows
+                  members: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = self.theta[members]
+        buffers = {n: b[members] for n, b in self.stacked_buffers.items()}
         loss = torch.zeros(theta.shape[0], device=self.device)
         correct = torch.zeros(theta.shape[0], device=self.device, dtype=torch.long)
         model = self._models[0] if self.direct else self._template
@@ -500,7 +504,7 @@ class PopulationTrainer:
                         xb = xb.contiguous(memory_format=torch.channels_last)
                     out = model(xb)[None]
                 else:
-                    out = self._forward(theta, xb)
+                    out = self._forward(theta, buffers, xb)
             out = out.float()  # (K, n, C)
             loss += cross_entropy(out, yb.expand(out.shape[0], -1)).sum(dim=1)
             correct += (out.argmax(2) == yb).sum(dim=1)
@@ -523,7 +527,7 @@ class PopulationTrainer:
         """L_0: member i's loss on the first 1,024 training samples."""
         n = min(1024, self.data.n_train)
         losses, _ = self._loss_acc(self.data.x_train[:n], self.data.y_train[:n],
-                                   self.theta[i:i + 1])
+                                   slice(i, i + 1))
         return float(losses[0])
 
     @property
@@ -536,7 +540,7 @@ class PopulationTrainer:
 
     # --- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume bit-identically: weights (and K = 1 buffers), optimizer
+        """Everything needed to resume bit-identically: weights and buffers, optimizer
         state (momentum buffers, Adam moments) and LRs, generators, permutations, positions,
         roulettes, steps, seeds, initial losses, torch's global RNG (dropout). A copy made of
         tensors and plain Python values only, so `torch.load(weights_only=True)` reads it."""

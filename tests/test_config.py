@@ -15,7 +15,7 @@ def test_from_dict_preset_fills_fields_and_explicit_values_win():
 
 @pytest.mark.parametrize("values, fragment", [
     ({"task": "digitz"}, "`task` is 'digitz'"),
-    ({"model": "resnet"}, "`model` is 'resnet'"),
+    ({"model": "vgg"}, "`model` is 'vgg'"),
     ({"action_mode": "momentum"}, "`action_mode` is 'momentum'"),
     ({"reward": "acc"}, "`reward` is 'acc'"),
     ({"control_interval": 0}, "`control_interval` is 0; it must be an integer >= 1"),

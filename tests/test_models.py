@@ -41,10 +41,10 @@ def test_build_model_rejects_an_unknown_model_name():
     import pytest
 
     class Cfg:
-        model, task = "resnet", "digits-mlp"
+        model, task = "vgg", "digits-mlp"
 
-    with pytest.raises(ValueError,
-                       match="`model` is 'resnet'; it must be mlp, lenet, cnn1d, cnn2d or wrn"):
+    with pytest.raises(ValueError, match="`model` is 'vgg'; it must be mlp, lenet, cnn1d, "
+                                         "cnn2d, resnet, resnet1d or wrn"):
         build_model(Cfg(), (1, 8, 8))
 
 
@@ -75,3 +75,24 @@ def test_cnn2d_rejects_1d_signals_and_tiny_images():
         build_model(cfg, (1, 40))
     with pytest.raises(ValueError, match="needs images of at least 4x4; got 3x3"):
         CNN2D(1, (3, 3))
+
+
+def test_resnet_is_a_small_residual_cnn_with_batchnorm_for_images_and_signals():
+    import pytest
+
+    from qan_ray.models import ResNet
+
+    for task, model, shape in (("digits-mlp", "resnet", (1, 8, 8)),
+                               ("cifar10-wrn", "resnet", (3, 32, 32)),
+                               ("mnist1d-cnn", "resnet1d", (1, 40))):
+        net = build_model(from_dict(task=task, model=model, data_root="."), shape)
+        assert isinstance(net, ResNet) and net(torch.zeros(2, *shape)).shape == (2, 10)
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        assert len(norms) == 6  # stem, 2 per block, the widening block's shortcut
+        assert sum(p.numel() for p in net.parameters()) < 25_000
+    with pytest.raises(ValueError, match="the 2-D residual CNN needs \\(C, H, W\\) images"):
+        from_dict(task="mnist1d-cnn", model="resnet")
+    with pytest.raises(ValueError, match="the 1-D residual CNN needs 1-D signals"):
+        from_dict(task="digits-mlp", model="resnet1d")
+    with pytest.raises(ValueError, match="`model` is 'resnet1d' but the inputs have shape"):
+        build_model(from_dict(task="mnist1d-cnn", model="resnet1d"), (1, 8, 8))
