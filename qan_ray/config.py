@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+CLASS_ACTIONS = ("keep", "toward uniform", "toward balanced", "toward loss-proportional",
+                 "toward hardest class")  # minibatch mode (qan_ray.class_sampling)
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "user")
 EMBEDDED_DATASETS = ("digits", "mnist1d")  # built in-process: no data_root, no download
 MODELS = ("mlp", "lenet", "cnn1d", "cnn2d", "resnet", "resnet1d", "wrn", "user")
@@ -55,6 +57,29 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
     "mnist1d-cnn": dict(
         dataset="mnist1d", model="cnn1d", optimizer="sgd", lr=0.1, momentum=0.9,
         batch_size=100, epochs_per_episode=40.0, control_interval=32,
+    ),
+    # Tasks where mini-batch class selection can matter: classes 5-9 are 8x rarer in the
+    # training split (validation and test balanced), or 40% of the training labels of classes
+    # 0-2 are wrong. Minibatch mode, reward val_loss (on the balanced validation split).
+    "digits-mlp-imbalanced": dict(
+        dataset="digits", model="mlp", hidden=(64,), optimizer="sgd", lr=0.05, momentum=0.9,
+        batch_size=32, epochs_per_episode=8.0, control_interval=10, class_imbalance=8.0,
+        action_mode="minibatch", reward="val_loss",
+    ),
+    "digits-mlp-noisy": dict(
+        dataset="digits", model="mlp", hidden=(64,), optimizer="sgd", lr=0.05, momentum=0.9,
+        batch_size=32, epochs_per_episode=8.0, control_interval=10, label_noise=0.4,
+        action_mode="minibatch", reward="val_loss",
+    ),
+    "mnist1d-mlp-imbalanced": dict(
+        dataset="mnist1d", model="mlp", hidden=(100, 100), optimizer="sgd", lr=0.1,
+        momentum=0.9, batch_size=100, epochs_per_episode=40.0, control_interval=32,
+        class_imbalance=8.0, action_mode="minibatch", reward="val_loss",
+    ),
+    "mnist1d-cnn-imbalanced": dict(
+        dataset="mnist1d", model="cnn1d", optimizer="sgd", lr=0.1, momentum=0.9,
+        batch_size=100, epochs_per_episode=40.0, control_interval=32, class_imbalance=8.0,
+        action_mode="minibatch", reward="val_loss",
     ),
     # A small 2-D CNN (two 3x3 convs + pooling + a Linear head) on the embedded digits.
     "digits-cnn": dict(
@@ -187,7 +212,24 @@ class QANConfig:
     lr_max: float = documented(1.0, """
         Upper clamp of the LR.""")
     focus_share: float = documented(20 / 128, """
-        Minibatch mode: share of a batch drawn from the chosen class (paper: 20 of 128).""")
+        Unused: the share of the paper's class roulette, which the bounded class sampler
+        (class_floor, class_step) replaced; kept so that older saved configs load.""")
+    class_floor: float = documented(0.5, """
+        Minibatch mode: every class keeps at least this fraction of its uniform share (its
+        frequency in the training split), whatever the actions do.""")
+    class_step: float = documented(0.25, """
+        Minibatch mode: one class action moves the adjustable part of the class shares this far
+        toward its target (keep, uniform, balanced, loss-proportional, hardest class).""")
+    class_imbalance: float = documented(1.0, """
+        Training split only: the classes in rare_classes keep 1/class_imbalance of their
+        training samples (validation and test stay as they are, balanced). 1 = off.""")
+    rare_classes: tuple[int, ...] = documented((5, 6, 7, 8, 9), """
+        The classes class_imbalance thins out.""")
+    label_noise: float = documented(0.0, """
+        Training split only: this share of the training samples of noisy_classes get a random
+        other label (validation and test stay clean). 0 = off.""")
+    noisy_classes: tuple[int, ...] = documented((0, 1, 2), """
+        The classes whose training labels label_noise corrupts.""")
 
     reward: str = documented("log_loss", """
         log_loss: -(log L_t - log L_{t-1}) on training loss | val_loss: same on validation loss |
@@ -252,7 +294,7 @@ class QANConfig:
     @property
     def num_actions(self) -> int:
         if self.action_mode == "minibatch":
-            return 10
+            return len(CLASS_ACTIONS)
         return len(self.lr_factors) + (1 if self.restart_lr is not None else 0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,6 +418,25 @@ class QANConfig:
                       "Try --momentum 0.9.")
         if not (0 < self.focus_share < 1):
             raise bad("focus_share", self.focus_share, "it must lie in (0, 1)", "Try 0.15625.")
+        if not (0 <= self.class_floor < 1):
+            raise bad("class_floor", self.class_floor, "it must lie in [0, 1)", "Try 0.5.")
+        if not (0 < self.class_step <= 1):
+            raise bad("class_step", self.class_step, "it must lie in (0, 1]", "Try 0.25.")
+        if not (self.class_imbalance >= 1 and math.isfinite(self.class_imbalance)):
+            raise bad("class_imbalance", self.class_imbalance, "it must be a finite ratio >= 1",
+                      "Try --class-imbalance 8 (or 1 for the data as it is).")
+        if not (0 <= self.label_noise < 1):
+            raise bad("label_noise", self.label_noise, "it must lie in [0, 1)", "Try 0.4.")
+        for name in ("rare_classes", "noisy_classes"):
+            value = getattr(self, name)
+            if any(not 0 <= int(c) < 10 for c in value) or len(set(value)) != len(value):
+                raise bad(name, value, "they must be distinct class labels in 0..9",
+                          f"Try --{name.replace('_', '-')} 5,6,7,8,9.")
+        if (self.class_imbalance > 1 or self.label_noise > 0) and self.dataset == USER:
+            raise bad("class_imbalance/label_noise", (self.class_imbalance, self.label_noise),
+                      "they reshape the built-in datasets' training split; a task of your own "
+                      "brings its own data", "Imbalance or corrupt the tensors your task "
+                      "returns instead.")
         if not (0 <= self.mm_coef < 1):
             raise bad("mm_coef", self.mm_coef, "it must lie in [0, 1)",
                       "Try --mm-coef 0.005, or 0 to switch meta-momentum off.")
@@ -456,7 +517,8 @@ def from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> QANConf
     for key in ("tasks", "holdout"):  # "generalist" or "a,b" means those names, not letters
         if isinstance(merged.get(key), str):
             merged[key] = tuple(t.strip() for t in merged[key].split(",") if t.strip())
-    for key in ("hidden", "lr_factors", "monitored_layers", "lr_init_range", "tasks", "holdout"):
+    for key in ("hidden", "lr_factors", "monitored_layers", "lr_init_range", "tasks", "holdout",
+                "rare_classes", "noisy_classes"):
         if merged.get(key) is not None and not isinstance(merged[key], tuple):
             merged[key] = tuple(merged[key])
     return QANConfig(**merged).validate()

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from qan_ray.config import CLASS_ACTIONS
 from qan_ray.constants import NUM_CLASSES, chance_accuracy
 from qan_ray.features import weight_feature_names, weight_features
 from qan_ray.schedules import cosine_factor
@@ -56,6 +57,17 @@ SIGNAL_NAMES = (
     "progress",             # fraction of the episode / trial budget done
     "nonfinite",            # count of non-finite entries zeroed in this vector
 )
+CLASS_SIGNAL_NAMES = tuple(
+    f"rank{r}.{name}" for r in range(NUM_CLASSES)
+    for name in ("log_val_loss",    # log(val loss of the class / log C), classes sorted by it
+                 "val_acc",         # its val accuracy (recall) above chance
+                 "share",           # its share of the next batches x C (1 = balanced)
+                 "data_share")      # its share of the training split x C (uniform batches)
+) + ("balanced_acc_above_chance",   # the mean of the classes' val accuracies, above chance
+     "shift_from_data")             # total variation between the shares and the data's
+"""Minibatch mode's per-class block (after SIGNAL_NAMES): classes ranked by validation loss,
+hardest first, so the vector does not depend on which label a class has (the class actions name
+none either)."""
 SLOPE_WINDOW, NOISE_WINDOW = 3, 5
 LR_MODES = ("lr", "minibatch")
 LR_SCHEDULES = ("constant", "cosine")
@@ -82,13 +94,18 @@ class ObservationSpec:
     """Classes of the task: the chance level of loss and accuracy."""
     names: tuple[str, ...] | None = None
     """Feature names as stored (None = this code's names for `version`)."""
+    class_signals: bool = False
+    """The per-class block (CLASS_SIGNAL_NAMES) last: minibatch mode's observation."""
 
     @property
     def feature_names(self) -> list[str]:
         if self.names is not None:
             return list(self.names)
         weights = weight_feature_names() if self.with_weights else []
-        return weights + [f"signal.{s}" for s in SIGNAL_NAMES]
+        signals = [f"signal.{s}" for s in SIGNAL_NAMES]
+        if self.class_signals:  # before `nonfinite`, which stays the last entry
+            signals[-1:-1] = [f"class.{s}" for s in CLASS_SIGNAL_NAMES]
+        return weights + signals
 
     @property
     def size(self) -> int:
@@ -97,7 +114,8 @@ class ObservationSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "with_weights": self.with_weights,
                 "monitored_layers": list(self.monitored_layers),
-                "num_classes": self.num_classes, "size": self.size,
+                "num_classes": self.num_classes, "class_signals": self.class_signals,
+                "size": self.size,
                 "feature_names": self.feature_names}
 
     @classmethod
@@ -107,7 +125,8 @@ class ObservationSpec:
             raise ValueError(f"its observation declares size {d['size']} but lists "
                              f"{len(names)} feature names")
         if names and int(d.get("version", 1)) == OBS_VERSION:
-            mine = cls(with_weights=bool(d.get("with_weights", True)))
+            mine = cls(with_weights=bool(d.get("with_weights", True)),
+                       class_signals=bool(d.get("class_signals", False)))
             if list(names) != mine.feature_names:
                 raise ValueError(f"its observation (format {OBS_VERSION}) lists {len(names)} "
                                  f"feature names where the format has {mine.size}")
@@ -115,7 +134,8 @@ class ObservationSpec:
                    with_weights=bool(d.get("with_weights", True)),
                    monitored_layers=tuple(d.get("monitored_layers") or ()),
                    num_classes=int(d.get("num_classes", NUM_CLASSES)),
-                   names=tuple(d["feature_names"]) if d.get("feature_names") else None)
+                   names=tuple(d["feature_names"]) if d.get("feature_names") else None,
+                   class_signals=bool(d.get("class_signals", False)))
 
     def mismatch(self, other: ObservationSpec) -> str | None:
         """Why `other` (what a trainable or environment produces) does not fit a controller
@@ -124,6 +144,9 @@ class ObservationSpec:
             return f"observation format {self.version} vs {other.version}"
         if self.with_weights != other.with_weights:
             return (f"with_weights {self.with_weights} vs {other.with_weights}")
+        if self.class_signals != other.class_signals:
+            return (f"per-class signals (minibatch mode) {self.class_signals} vs "
+                    f"{other.class_signals}")
         mine, theirs = self.feature_names, other.feature_names
         if mine != theirs:
             diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b),
@@ -184,16 +207,20 @@ class Observer:
                 slope, noise, acc, acc_change, float(progress), 0.0]
 
     def observe(self, model, *, lr: float, train_loss: float, val_loss: float,
-                val_accuracy: float, progress: float) -> np.ndarray:
+                val_accuracy: float, progress: float,
+                classes: dict[str, Any] | None = None) -> np.ndarray:
         """The observation (float32, length `spec.size`) of `model` (its weight statistics are
-        computed on its device). Non-finite entries become 0 and their count is the last entry."""
+        computed on its device). Non-finite entries become 0 and their count is the last entry.
+        `classes`: with a spec's class_signals, the per-class inputs of `class_signals`."""
         weights = (weight_features(model, self.spec.monitored_layers) if self.spec.with_weights
                    else None)
         return self.observe_weights(weights, lr=lr, train_loss=train_loss, val_loss=val_loss,
-                                    val_accuracy=val_accuracy, progress=progress)
+                                    val_accuracy=val_accuracy, progress=progress,
+                                    classes=classes)
 
     def observe_weights(self, weights: Any, *, lr: float, train_loss: float, val_loss: float,
-                        val_accuracy: float, progress: float) -> np.ndarray:
+                        val_accuracy: float, progress: float,
+                        classes: dict[str, Any] | None = None) -> np.ndarray:
         """`observe` from weight statistics computed elsewhere (a population computes every
         member's in one batched call): `weights` is one member's `features.weight_features`
         vector (a tensor or array), or None for a signals-only spec."""
@@ -203,6 +230,14 @@ class Observer:
         if self.spec.with_weights:
             w = weights.detach().cpu().numpy() if hasattr(weights, "detach") else weights
             sig = np.concatenate([np.asarray(w, dtype=np.float32).reshape(-1), sig])
+        if self.spec.class_signals:
+            if classes is None:
+                raise ValueError("this observation (minibatch mode) needs the per-class "
+                                 "signals: pass classes={'class_loss', 'class_accuracy', "
+                                 "'shares', 'data_shares'} (PopulationTrainer.evaluate_classes "
+                                 "and class_shares give them).")
+            block = class_signals(self.spec.num_classes, **classes)
+            sig = np.concatenate([sig[:-1], block, sig[-1:]])  # nonfinite stays last
         return clean(sig, self.spec.size)
 
     def state_dict(self) -> dict[str, Any]:
@@ -216,6 +251,28 @@ class Observer:
         self._prev_lr = state.get("prev_lr")
         self._changed_at = float(state.get("changed_at", 0.0))
         self._prev_acc = state.get("prev_acc")
+
+
+def class_signals(num_classes: int, *, class_loss: Any, class_accuracy: Any, shares: Any,
+                  data_shares: Any) -> np.ndarray:
+    """The CLASS_SIGNAL_NAMES values: per class (ranked by val loss, highest first; a NaN loss
+    ranks last) log(loss / log C), accuracy above chance, share x C and data share x C; then
+    the balanced accuracy above chance and the total variation between shares and data
+    shares."""
+    c = int(num_classes)
+    loss = np.asarray(class_loss, dtype=np.float64).reshape(-1)[:c]
+    acc = np.asarray(class_accuracy, dtype=np.float64).reshape(-1)[:c]
+    share = np.asarray(shares, dtype=np.float64).reshape(-1)[:c]
+    data = np.asarray(data_shares, dtype=np.float64).reshape(-1)[:c]
+    chance = chance_accuracy(c)
+    order = np.argsort(-np.where(np.isfinite(loss), loss, -np.inf), kind="stable")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_loss = np.log(loss / math.log(c))
+        above = (acc - chance) / (1 - chance)
+    rows = np.stack([log_loss, above, share * c, data * c], axis=1)[order].reshape(-1)
+    balanced = float(np.nanmean(above)) if np.isfinite(above).any() else 0.0
+    shift = 0.5 * float(np.abs(share - data).sum())
+    return np.concatenate([rows, [balanced, shift]]).astype(np.float32)
 
 
 def clean(values: Any, size: int) -> np.ndarray:
@@ -239,7 +296,8 @@ class ActionSpec:
     """What the controller's actions do."""
 
     mode: str = "lr"
-    """lr: multiply the LR | minibatch: pick the class emphasised in the next batches."""
+    """lr: multiply the LR | minibatch: move the class shares of the next batches (CLASS_ACTIONS,
+    qan_ray.class_sampling)."""
     lr_factors: tuple[float, ...] = (0.5, 0.9, 1.0, 1.1, 2.0)
     """Action i multiplies the LR by lr_factors[i] (lr mode)."""
     restart_lr: float | None = None
@@ -247,7 +305,7 @@ class ActionSpec:
     lr_min: float = 1e-5
     lr_max: float = 1.0
     num_classes: int = NUM_CLASSES
-    """Minibatch mode: one action per class."""
+    """Minibatch mode: the classes whose shares the class actions move."""
     schedule: str = "constant"
     """constant: an action multiplies the current LR | cosine: an action multiplies a correction
     c of a cosine decay from the run's initial LR, lr = clamp(lr0 * c * (1 + cos(pi p)) / 2) at
@@ -276,13 +334,13 @@ class ActionSpec:
     @property
     def num_actions(self) -> int:
         if self.mode == "minibatch":
-            return self.num_classes
+            return len(CLASS_ACTIONS)
         return len(self.lr_factors) + (self.restart_lr is not None)
 
     @property
     def labels(self) -> list[str]:
         if self.mode == "minibatch":
-            return [f"class {c}" for c in range(self.num_classes)]
+            return list(CLASS_ACTIONS)
         labels = ["keep" if f == 1.0 else f"x{f:g}" for f in self.lr_factors]
         if self.restart_lr is not None:
             labels.append(f"restart {self.restart_lr:g}")
@@ -290,7 +348,10 @@ class ActionSpec:
 
     @property
     def keep(self) -> int | None:
-        """The action that leaves the LR unchanged (factor 1.0); None if there is none."""
+        """The action that leaves the LR (minibatch mode: the class mix) unchanged; None if there
+        is none."""
+        if self.mode == "minibatch":
+            return 0
         return self.lr_factors.index(1.0) if 1.0 in self.lr_factors else None
 
     @property
@@ -470,7 +531,8 @@ def action_spec(cfg) -> ActionSpec:
 def observation_spec(cfg) -> ObservationSpec:
     """The observation a task config asks for."""
     return ObservationSpec(with_weights=cfg.weight_features,
-                           monitored_layers=tuple(cfg.monitored_layers))
+                           monitored_layers=tuple(cfg.monitored_layers),
+                           class_signals=cfg.action_mode == "minibatch")
 
 
 __all__ = ["OBS_VERSION", "SIGNAL_NAMES", "ActionSpec", "ControllerSpec", "ObservationSpec",

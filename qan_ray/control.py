@@ -29,12 +29,12 @@ from qan_ray.trainer import TargetTrainer
 
 def apply_action(trainer: TargetTrainer, action: int) -> None:
     """Change the trainer as `action` says, now: the LR times the action's factor (the
-    constant-schedule rule, `ActionSpec.next_lr`), or in minibatch mode the class its next
-    batches emphasise. An episode's actions go through `episode.Episodes` instead, which also
+    constant-schedule rule, `ActionSpec.next_lr`), or in minibatch mode a bounded step of its
+    class shares. An episode's actions go through `episode.Episodes` instead, which also
     knows the cosine schedule."""
     spec = action_spec(trainer.cfg)
     if spec.mode == "minibatch":
-        trainer.set_focus_class(spec.checked(action))
+        trainer.class_action(spec.checked(action))
     else:
         trainer.set_lr(spec.next_lr(trainer.lr, action))
 

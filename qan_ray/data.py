@@ -13,6 +13,7 @@ tensors of a `module:function` user task (qan_ray.tasks).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -195,9 +196,35 @@ def class_index_matrix(y: torch.Tensor, num_classes: int = NUM_CLASSES,
     return padded, counts
 
 
+def skew_training_split(train_idx: np.ndarray, labels: np.ndarray, class_imbalance: float,
+                        rare_classes: tuple[int, ...], label_noise: float,
+                        noisy_classes: tuple[int, ...], seed: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, their labels) after thinning and corrupting the training split only:
+    each class of `rare_classes` keeps the first ceil(n / class_imbalance) of its indices
+    (`train_idx` is already a random order), then `label_noise` of the samples of each class of
+    `noisy_classes` get a label drawn uniformly from the other nine (seeded by `seed`)."""
+    y = labels[train_idx]
+    keep = np.ones(len(train_idx), dtype=bool)
+    if class_imbalance > 1:
+        for c in rare_classes:
+            where = np.flatnonzero(y == c)
+            keep[where[int(math.ceil(len(where) / class_imbalance)):]] = False
+    train_idx, y = train_idx[keep], y[keep].copy()
+    if label_noise > 0:
+        rng = np.random.default_rng([int(seed), 0x4E015E])
+        clean = y.copy()
+        for c in noisy_classes:
+            where = np.flatnonzero(clean == c)
+            flip = where[rng.random(len(where)) < label_noise]
+            y[flip] = (c + rng.integers(1, NUM_CLASSES, len(flip))) % NUM_CLASSES
+    return train_idx, y
+
+
 @functools.lru_cache(maxsize=8)
 def _load_device_data(dataset: str, data_root: str | None, download: bool, val_fraction: float,
-                      data_seed: int, max_train_samples: int | None, device: str) -> DeviceData:
+                      data_seed: int, max_train_samples: int | None, device: str,
+                      skew: tuple = (1.0, (), 0.0, ())) -> DeviceData:
     x_tr, y_tr, x_te, y_te = _load_numpy(dataset, data_root, download)
     rng = np.random.default_rng(data_seed)
     perm = rng.permutation(len(y_tr))
@@ -205,6 +232,7 @@ def _load_device_data(dataset: str, data_root: str | None, download: bool, val_f
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     if max_train_samples is not None:
         train_idx = train_idx[:max_train_samples]
+    train_idx, train_labels = skew_training_split(train_idx, y_tr, *skew, seed=data_seed)
     # Normalise with the training split's per-channel statistics ((N, C, H, W) images or
     # (N, C, L) signals).
     xt = x_tr[train_idx]
@@ -216,7 +244,7 @@ def _load_device_data(dataset: str, data_root: str | None, download: bool, val_f
     def put(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((x - mean) / std).astype(np.float32)).to(dev)
 
-    y_train = torch.from_numpy(y_tr[train_idx]).to(dev)
+    y_train = torch.from_numpy(train_labels).to(dev)
     class_index, class_count = class_index_matrix(y_train)
     return DeviceData(
         x_train=put(xt), y_train=y_train,
@@ -272,8 +300,10 @@ def load_data(cfg, device: torch.device) -> DeviceData:
         return _load_user_device_data(cfg.task, cfg.val_fraction, cfg.data_seed,
                                       cfg.max_train_samples, cfg.action_mode == "minibatch",
                                       str(device))
+    skew = (float(cfg.class_imbalance), tuple(cfg.rare_classes), float(cfg.label_noise),
+            tuple(cfg.noisy_classes))
     return _load_device_data(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction,
-                             cfg.data_seed, cfg.max_train_samples, str(device))
+                             cfg.data_seed, cfg.max_train_samples, str(device), skew)
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

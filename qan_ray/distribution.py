@@ -87,7 +87,8 @@ _OPTIMIZER_FIELDS: dict[str, dict[str, Any]] = {
 # from the config the task is drawn from.
 TASK_FIELDS = ("task", "dataset", "model", "hidden", "wrn_depth", "wrn_width", "optimizer", "lr",
                "lr_init_range", "momentum", "nesterov", "weight_decay", "batch_size",
-               "epochs_per_episode", "augment", "control_interval", "tasks", "holdout")
+               "epochs_per_episode", "augment", "control_interval", "tasks", "holdout",
+               "class_imbalance", "rare_classes", "label_noise", "noisy_classes")
 _STREAM = 0x7A5C  # the task draw's own random stream of an episode seed
 _FIXES = "Try --tasks generalist"
 
@@ -272,7 +273,8 @@ def config_from_args(args: Any, **overrides: Any) -> QANConfig:
 # --- sampling ----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _n_train(dataset_or_task: str, data_root: str | None, download: bool, val_fraction: float,
-             data_seed: int, max_train_samples: int | None, minibatch: bool) -> int:
+             data_seed: int, max_train_samples: int | None, minibatch: bool,
+             skew: tuple = (1.0, (5, 6, 7, 8, 9), 0.0, (0, 1, 2))) -> int:
     import torch
 
     from qan_ray.data import load_data
@@ -282,7 +284,8 @@ def _n_train(dataset_or_task: str, data_root: str | None, download: bool, val_fr
                       model=USER if is_user_task(task) else "mlp", data_root=data_root,
                       download=download, val_fraction=val_fraction, data_seed=data_seed,
                       max_train_samples=max_train_samples,
-                      action_mode="minibatch" if minibatch else "lr")
+                      action_mode="minibatch" if minibatch else "lr", class_imbalance=skew[0],
+                      rare_classes=skew[1], label_noise=skew[2], noisy_classes=skew[3])
     return load_data(probe, torch.device("cpu")).n_train
 
 
@@ -291,7 +294,8 @@ def batches_per_epoch(cfg: QANConfig) -> int:
     the CPU once per process)."""
     n = _n_train(cfg.task if cfg.model == USER else cfg.dataset, cfg.data_root, cfg.download,
                  cfg.val_fraction, cfg.data_seed, cfg.max_train_samples,
-                 cfg.action_mode == "minibatch")
+                 cfg.action_mode == "minibatch", (cfg.class_imbalance, tuple(cfg.rare_classes),
+                                                  cfg.label_noise, tuple(cfg.noisy_classes)))
     return max(1, n // min(cfg.batch_size, n))
 
 

@@ -23,7 +23,7 @@ from qan_ray.config import QANConfig
 from qan_ray.constants import run_seed
 from qan_ray.contract import ActionSpec, Observer, observation_spec
 from qan_ray.distribution import describe, load_config, sample_task, trainer_key
-from qan_ray.episode import Episodes, start_lr
+from qan_ray.episode import Episodes, prior_val_loss, start_lr
 from qan_ray.trainer import TargetTrainer, reference_run
 
 # Every entry is a symlog statistic, a log loss/LR, an accuracy, a fraction or a count of
@@ -78,19 +78,24 @@ class TargetTrainingEnv(gym.Env):
         if self.cfg.lr_init_range is not None:  # log-uniform start LR, seeded by the episode
             initial_lr = tr.set_lr(start_lr(self.cfg, episode_seed))
         self.observer.reset(initial_lr)
-        val_loss, val_acc = tr.evaluate("val")
-        self.episodes.start(0, initial_lr, tr.initial_loss, val_loss, val_acc)
+        val_loss, val_acc = self._evaluate()
+        reference = None
+        if self.cfg.class_imbalance > 1:  # the guard accepts the class prior's val loss
+            d = tr.data
+            reference = prior_val_loss(d.class_count.cpu().numpy(),
+                                       d.y_val[:self.cfg.val_max_samples].cpu().numpy())
+        self.episodes.start(0, initial_lr, tr.initial_loss, val_loss, val_acc, reference)
         return self._observe(tr.initial_loss, val_loss, val_acc), self._info(diverged=False)
 
     def step(self, action):
         tr, cfg, ep = self.trainer, self.cfg, self.episodes
-        if ep.rule.mode == "minibatch":
-            tr.set_focus_class(ep.rule.checked(action))
+        if ep.rule.mode == "minibatch":  # by the class losses of the last evaluation
+            tr.class_action(ep.rule.checked(action))
         else:
             tr.set_lr(float(ep.lrs_after([action], [tr.lr], [tr.progress], [0])[0]))
         train_loss = tr.train(min(cfg.control_interval, tr.total_batches - tr.step))
         nonfinite = not math.isfinite(train_loss)
-        val_loss, val_acc = (math.nan, 0.0) if nonfinite else tr.evaluate("val")
+        val_loss, val_acc = (math.nan, 0.0) if nonfinite else self._evaluate()
         out = ep.step([0], [train_loss], [val_loss], [val_acc], [tr.initial_loss], [tr.done])
         ep.guard_trainer(tr.population, out, [0])
         last = ep.last[0]
@@ -118,19 +123,35 @@ class TargetTrainingEnv(gym.Env):
     def initial_lr(self) -> float:
         return self.observer.initial_lr
 
+    def _evaluate(self) -> tuple[float, float]:
+        """(val loss, val accuracy); in minibatch mode per class too (kept for the
+        observation, and by the trainer for the class actions)."""
+        if self.cfg.action_mode != "minibatch":
+            return self.trainer.evaluate("val")
+        self._classes = self.trainer.evaluate_classes("val")
+        return self._classes["loss"], self._classes["accuracy"]
+
     def _observe(self, train_loss: float, val_loss: float, val_acc: float) -> np.ndarray:
         tr = self.trainer
+        classes = None
+        if self.observer.spec.class_signals:
+            c = self._classes
+            classes = {"class_loss": c["class_loss"], "class_accuracy": c["class_accuracy"],
+                       "shares": tr.class_shares, "data_shares": tr.population.data_shares}
         return self.observer.observe(tr.model, lr=tr.lr, train_loss=train_loss,
                                      val_loss=val_loss, val_accuracy=val_acc,
-                                     progress=tr.progress)
+                                     progress=tr.progress, classes=classes)
 
     def _info(self, diverged: bool, rescued: bool = False) -> dict[str, Any]:
         tr, ep = self.trainer, self.episodes
         info = {"lr": tr.lr, "step": int(ep.t[0]), "batches": tr.step, "diverged": diverged,
                 "rescued": rescued, "rescues": int(ep.rescues[0]),
                 "task": describe(self.cfg, self.initial_lr), **self._last}
-        if self.cfg.action_mode == "minibatch":  # samples per class in the batches just used
+        if self.cfg.action_mode == "minibatch":  # the class mix of the next batches
             info["composition"] = tr.batch_composition()
+            info["class_shares"] = tr.class_shares
+            info["balanced_accuracy"] = self._classes["balanced_accuracy"]
+            info["class_val_loss"] = self._classes["class_loss"]
         return info
 
 

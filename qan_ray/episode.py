@@ -142,6 +142,7 @@ class Episodes:
         self.t = np.zeros(self.k, dtype=np.int64)
         self.best_accuracy = np.zeros(self.k)
         self.rescues = np.zeros(self.k, dtype=np.int64)
+        self.val_reference = np.full(self.k, np.nan)  # the guard's val loss at init (start)
         self.last: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.first: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.good: list[dict[str, float]] = [{} for _ in range(self.k)]
@@ -153,8 +154,13 @@ class Episodes:
         self.total_steps = math.ceil(int(total_batches) / cfg.control_interval)
 
     def start(self, i: int, lr: float, train_loss: float, val_loss: float,
-              val_accuracy: float) -> None:
-        """Member i begins an episode at (clamped) LR `lr` in the given state at init."""
+              val_accuracy: float, val_reference: float | None = None) -> None:
+        """Member i begins an episode at (clamped) LR `lr` in the given state at init.
+        `val_reference`: a val loss the guard accepts beyond the one at init (a run trained on
+        an imbalanced split first learns its class prior, which costs more than the init's
+        uniform guess on a balanced validation split: `prior_val_loss`)."""
+        self.val_reference[i] = float(val_loss) if val_reference is None else max(
+            float(val_loss), float(val_reference))
         self.start_lrs[i], self.correction[i], self.t[i] = float(lr), 1.0, 0
         self.best_accuracy[i], self.rescues[i] = float(val_accuracy), 0
         self.last[i] = {"train_loss": float(train_loss), "val_loss": float(val_loss),
@@ -189,8 +195,7 @@ class Episodes:
         done = np.asarray(done, dtype=bool).reshape(-1)
         initial = np.broadcast_to(np.asarray(initial_loss, dtype=np.float64), (self.k,))
         div = diverged(train, initial, cfg.divergence_factor)
-        first_val = [f.get("val_loss", math.nan) for f in self.first]
-        risky = dying(train, val, acc, initial, first_val, self.best_accuracy)
+        risky = dying(train, val, acc, initial, self.val_reference, self.best_accuracy)
         out = Outcome(np.zeros(self.k), np.zeros(self.k, dtype=bool),
                       np.zeros(self.k, dtype=bool), np.zeros(self.k, dtype=bool))
         for i in np.asarray(members, dtype=np.int64).reshape(-1):
@@ -257,6 +262,16 @@ class Episodes:
         (final_val, final_acc; 0 for the per-step kinds) plus the chance penalty."""
         return episode_end_reward(self.cfg, self.first[i], self.last[i]["val_loss"],
                                   self.last[i]["val_accuracy"])
+
+
+def prior_val_loss(train_class_count, val_labels) -> float:
+    """The val loss of a model that predicts the training split's class frequencies: what a run
+    on an imbalanced split reaches early by learning the prior alone."""
+    counts = np.asarray(train_class_count, dtype=np.float64)
+    labels = np.asarray(val_labels, dtype=np.int64)
+    p = counts / counts.sum()
+    with np.errstate(divide="ignore"):
+        return float(-np.log(p[labels]).mean()) if len(labels) else math.nan
 
 
 def episode_end_reward(cfg: QANConfig, first: dict[str, float], val_loss: float,

@@ -30,9 +30,11 @@ statistics follow its own batches (train mode) and serve its evaluation (eval mo
 of a population and a K = 1 run of seed i give the same numbers to float tolerance
 (tests/test_population.py).
 
-Minibatch mode (the paper's class roulette): each member has its own roulette of the last 10
-class actions; the sample slots of every member's batch are drawn in one call from member 0's
-generator (at K = 1 exactly the plain loop's draw).
+Minibatch mode: each member's batches are composed by its class shares
+(qan_ray.class_sampling.ClassSampler: bounded actions that never starve a class, the classic
+baselines' exact shares, class-stratified draws on the device from each member's generator);
+`evaluate_classes` gives the per-class validation loss and accuracy the actions and the
+observation read.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +50,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from qan_ray import features as fe
+from qan_ray.class_sampling import ClassSampler
 from qan_ray.config import QANConfig
 from qan_ray.constants import NUM_CLASSES, run_seed
 from qan_ray.data import DeviceData, augment_batch, load_data, resolve_device
@@ -154,9 +156,10 @@ class PopulationTrainer:
         self._pos = np.full(self.k, n)  # n: a fresh permutation before the first batch
         self._arange_b = torch.arange(self.batch_size, device=self.device)
         self._rows = torch.arange(self.k, device=self.device)[:, None]
-        # Minibatch mode: per member a FIFO roulette of the last 10 class actions, oldest first.
-        self.roulettes = [deque(range(NUM_CLASSES), maxlen=NUM_CLASSES) for _ in range(self.k)]
-        self._batch_classes = torch.stack([self._compose_classes(r) for r in self.roulettes])
+        # Minibatch mode: per member class shares and class-stratified batches.
+        self.sampler = ClassSampler(self.data.class_index, self.data.class_count, self.k,
+                                    self.batch_size, self.gens, cfg.class_floor, cfg.class_step,
+                                    self.batches_per_epoch) if minibatch else None
         self.steps = np.zeros(self.k, dtype=np.int64)
         self.seeds = list(seeds)
         self.initial_loss = np.zeros(self.k)
@@ -207,8 +210,8 @@ class PopulationTrainer:
         self._pos[i] = self.data.n_train
         self.steps[i] = 0
         self.optimizer.reset_member(i)
-        self.roulettes[i] = deque(range(NUM_CLASSES), maxlen=NUM_CLASSES)
-        self._batch_classes[i] = self._compose_classes(self.roulettes[i])
+        if self.sampler is not None:
+            self.sampler.reset_member(i)
         self.initial_loss[i] = self._probe_member(i)
         self.snapshot([i])  # the fallback of a rescue before any good state
 
@@ -307,28 +310,93 @@ class PopulationTrainer:
         self._frozen[i] = True
         self._write_lr(self._lr_host)
 
-    def set_focus_class(self, i: int, cls: int) -> None:
-        """Minibatch action of member i: `cls` becomes the newest entry of its roulette and
-        gets the focus share of its next batches."""
-        if not 0 <= int(cls) < NUM_CLASSES:
-            raise ValueError(f"class action {cls!r} is outside 0..{NUM_CLASSES - 1}.")
-        self.roulettes[i].append(int(cls))
-        self._batch_classes[i] = self._compose_classes(self.roulettes[i])
+    def _sampler(self) -> ClassSampler:
+        if self.sampler is None:
+            raise ValueError(f"class selection needs action_mode 'minibatch', but task "
+                             f"{self.cfg.task!r} runs in action_mode {self.cfg.action_mode!r}. "
+                             "Pass --action-mode minibatch.")
+        return self.sampler
 
-    def batch_composition(self, i: int) -> list[int]:
-        """Samples per class (length 10) in each of member i's batches under its roulette."""
-        return torch.bincount(self._batch_classes[i].cpu(), minlength=NUM_CLASSES).tolist()
+    def class_action(self, i: int, action: int) -> list[float]:
+        """Minibatch action of member i (class_sampling.CLASS_ACTIONS: keep, or a bounded step
+        of its class shares toward uniform, balanced, loss-proportional or the hardest class,
+        by the per-class val losses of its last `evaluate_classes`), effective at the next
+        mini-batch. Returns the new shares."""
+        return self._sampler().act(int(i), action).tolist()
 
-    def _compose_classes(self, roulette: deque[int]) -> torch.Tensor:
-        """The class of every sample slot of a batch: the newest roulette entry gets
-        round(focus_share * B) slots, the 9 older ones share the rest evenly (the remainder goes to
-        the newest). Paper: 20 + 9 x 12 = 128."""
-        b = self.batch_size
-        older = list(roulette)[:-1]
-        per_old = (b - round(self.cfg.focus_share * b)) // len(older)
-        focus = b - per_old * len(older)
-        classes = [roulette[-1]] * focus + [c for c in older for _ in range(per_old)]
-        return torch.tensor(classes, dtype=torch.long, device=self.device)
+    def set_class_shares(self, i: int, shares: Sequence[float]) -> list[float]:
+        """Member i's class shares set exactly (a sampling baseline), effective at once."""
+        return self._sampler().set_shares(int(i), shares).tolist()
+
+    def class_shares(self, i: int) -> list[float]:
+        """Member i's class shares: the probability of each class per sample slot."""
+        return self._sampler().shares[int(i)].tolist()
+
+    @property
+    def data_shares(self) -> list[float]:
+        """The training split's class frequencies (the shares of uniform batches)."""
+        counts = self.data.class_count.double()
+        return (counts / counts.sum()).tolist()
+
+    def batch_composition(self, i: int) -> list[float]:
+        """Expected samples per class (length 10) in each of member i's batches."""
+        return self._sampler().composition(int(i))
+
+    @torch.no_grad()
+    def evaluate_classes(self, split: str = "val") -> dict[str, torch.Tensor]:
+        """Per-class evaluation of every member in one batched pass: "loss" and "accuracy" (K,)
+        as `evaluate` gives them, "class_loss" and "class_accuracy" (K, 10) (NaN for a class
+        without samples in the split) and "balanced_accuracy" (K,) (their mean over the classes
+        present). In minibatch mode the val losses per class feed the class actions."""
+        d = self.data
+        if split == "val":
+            n = self.cfg.val_max_samples
+            x, y = d.x_val[:n], d.y_val[:n]
+        elif split == "test":
+            x, y = d.x_test, d.y_test
+        else:
+            raise ValueError(f"split {split!r} must be 'val' or 'test'.")
+        evaluating = getattr(self.optimizer, "evaluating", contextlib.nullcontext)
+        with evaluating():
+            return self._class_loss_acc(x, y, split)
+
+    def _class_loss_acc(self, x: torch.Tensor, y: torch.Tensor,
+                        split: str) -> dict[str, torch.Tensor]:
+        c = NUM_CLASSES
+        buffers = dict(self.stacked_buffers)
+        loss = torch.zeros(self.k, c, device=self.device, dtype=torch.float64)
+        correct = torch.zeros(self.k, c, device=self.device, dtype=torch.float64)
+        model = self._models[0] if self.direct else self._template
+        model.eval()
+        for s in range(0, len(y), EVAL_BATCH):
+            xb, yb = x[s:s + EVAL_BATCH], y[s:s + EVAL_BATCH]
+            with self._autocast():
+                if self.direct:
+                    if self._channels_last:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    out = model(xb)[None]
+                else:
+                    out = self._forward(self.theta, buffers, xb)
+            out = out.float()
+            per = cross_entropy(out, yb.expand(out.shape[0], -1)).double()
+            hit = (out.argmax(2) == yb).double()
+            cols = yb.expand(out.shape[0], -1)
+            loss.scatter_add_(1, cols, per)
+            correct.scatter_add_(1, cols, hit)
+        n_c = torch.bincount(y, minlength=c).double().to(self.device)
+        both = torch.stack([loss.sum(1) / max(1, len(y)), correct.sum(1) / max(1, len(y))])
+        cls = torch.stack([loss / n_c, correct / n_c])  # NaN where a class is absent
+        out_host = torch.cat([both.reshape(-1), cls.reshape(-1)]).cpu()  # one host read
+        both_h, cls_h = out_host[:2 * self.k].view(2, self.k), out_host[2 * self.k:].view(
+            2, self.k, c)
+        present = n_c.cpu() > 0
+        result = {"loss": both_h[0], "accuracy": both_h[1], "class_loss": cls_h[0],
+                  "class_accuracy": cls_h[1],
+                  "balanced_accuracy": cls_h[1][:, present].mean(dim=1)}
+        if split == "val" and self.sampler is not None:
+            for i in range(self.k):
+                self.sampler.class_loss[i] = cls_h[0][i].numpy().copy()
+        return result
 
     # --- meta-momentum -----------------------------------------------------------------------
     def set_reference(self, snapshots: list[list[torch.Tensor]] | None) -> None:
@@ -384,11 +452,8 @@ class PopulationTrainer:
         """(K, B) train indices: the next slice of each member's permutation, or in minibatch
         mode a class-composed draw per member."""
         b, n = self.batch_size, self.data.n_train
-        if self._perm is None:  # minibatch mode
-            cls = self._batch_classes
-            u = torch.rand(cls.shape, device=self.device, generator=self.gens[0])
-            pos = (u * self.data.class_count[cls]).long()
-            return self.data.class_index[cls, pos]
+        if self.sampler is not None:  # minibatch mode
+            return self.sampler.next_indices()
         for i in np.flatnonzero(self._pos + b > n):  # only members starting a new epoch
             self._perm[i] = torch.randperm(n, device=self.device, generator=self.gens[i])
             self._pos[i] = 0
@@ -516,11 +581,14 @@ class PopulationTrainer:
         """(K,) mean losses and (K,) accuracies on 'val' (first val_max_samples) or 'test',
         every member in one batched pass."""
         d = self.data
+        evaluating = getattr(self.optimizer, "evaluating", contextlib.nullcontext)
         if split == "val":
             n = self.cfg.val_max_samples
-            return self._loss_acc(d.x_val[:n], d.y_val[:n])
+            with evaluating():
+                return self._loss_acc(d.x_val[:n], d.y_val[:n])
         if split == "test":
-            return self._loss_acc(d.x_test, d.y_test)
+            with evaluating():
+                return self._loss_acc(d.x_test, d.y_test)
         raise ValueError(f"split {split!r} must be 'val' or 'test'.")
 
     def _probe_member(self, i: int) -> float:
@@ -542,8 +610,9 @@ class PopulationTrainer:
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: weights and buffers, optimizer
         state (momentum buffers, Adam moments) and LRs, generators, permutations, positions,
-        roulettes, steps, seeds, initial losses, torch's global RNG (dropout). A copy made of
-        tensors and plain Python values only, so `torch.load(weights_only=True)` reads it."""
+        class shares and orders, steps, seeds, initial losses, torch's global RNG (dropout). A
+        copy made of tensors and plain Python values only, so `torch.load(weights_only=True)`
+        reads it."""
         def arr(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.array(a, copy=True))
 
@@ -553,7 +622,7 @@ class PopulationTrainer:
                 "gens": [g.get_state() for g in self.gens], "torch_rng": torch.get_rng_state(),
                 "perm": None if self._perm is None else self._perm.clone(),
                 "pos": arr(self._pos), "steps": arr(self.steps),
-                "roulettes": [list(r) for r in self.roulettes],
+                "class_sampler": None if self.sampler is None else self.sampler.state_dict(),
                 "seeds": list(self.seeds), "initial_loss": arr(self.initial_loss)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -576,8 +645,8 @@ class PopulationTrainer:
             self._perm.copy_(state["perm"])
         self._pos = np.array(state["pos"], dtype=np.int64)
         self.steps = np.array(state["steps"], dtype=np.int64)
-        self.roulettes = [deque(r, maxlen=NUM_CLASSES) for r in state["roulettes"]]
-        self._batch_classes = torch.stack([self._compose_classes(r) for r in self.roulettes])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["class_sampler"])
         self.seeds = list(state["seeds"])
         self.initial_loss = np.array(state["initial_loss"], dtype=np.float64)
         self.snapshot(range(self.k))  # a rescue returns to the loaded state at worst

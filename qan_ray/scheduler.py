@@ -67,7 +67,8 @@ def produced_observation(spec) -> ObservationSpec:
     options (the current format)."""
     want = spec.observation
     return ObservationSpec(with_weights=want.with_weights,
-                           monitored_layers=want.monitored_layers, num_classes=want.num_classes)
+                           monitored_layers=want.monitored_layers, num_classes=want.num_classes,
+                           class_signals=want.class_signals)
 
 
 class QANScheduler(FIFOScheduler):
@@ -75,7 +76,8 @@ class QANScheduler(FIFOScheduler):
 
     policy: "builtin" | path to an exported controller folder | a `Controller`.
     action_mode: None (default: the controller's, from its spec) | "lr" | "minibatch" (class
-        emphasis; the trainable must understand the `focus_class` hyperparameter). A value that
+        shares; the trainable must apply the `class_action` hyperparameter once per
+        `class_decision` and report the per-class signals, as the built-in ones do). A value that
         differs from the controller's spec is refused.
     control_every: act after every n-th training iteration a trial reports (1 = every report,
         e.g. every epoch for the built-in trainables).
@@ -138,6 +140,7 @@ class QANScheduler(FIFOScheduler):
         self.observe = {"with_weights": spec.observation.with_weights,
                         "monitored_layers": list(spec.observation.monitored_layers),
                         "num_classes": spec.observation.num_classes,
+                        "class_signals": spec.observation.class_signals,
                         "guard": {"on": self.guard, "max_rescues": max_rescues}}
         self.fallback = spec.fallback_action()
         self.on_mismatch = on_mismatch
@@ -420,8 +423,9 @@ class QANScheduler(FIFOScheduler):
         trial's budget done (the cosine schedule's position for the next iteration)."""
         if self.action_mode == "minibatch":
             state.record_action(iteration, action, state.lr)
-            trial.set_config({**trial.config, "focus_class": int(action)})
-            self._publish(trial.trial_id, state, {"focus_class": int(action)}, wait=True)
+            decision = {"class_action": int(action), "class_decision": len(state.history)}
+            trial.set_config({**trial.config, **decision})
+            self._publish(trial.trial_id, state, decision, wait=True)
             return True
         # the episode's rule: x factor, or a correction of the cosine from the trial's start LR
         # (a trainable with its own schedule: the correction alone, its schedule is the cosine's)

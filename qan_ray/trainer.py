@@ -87,18 +87,29 @@ class TargetTrainer:
         """Momentum / weight decay from the next mini-batch on (PBT's mutations)."""
         self.population.optimizer.set_hyperparams(momentum=momentum, weight_decay=weight_decay)
 
+    def class_action(self, action: int) -> list[float]:
+        """Minibatch action (qan_ray.class_sampling.CLASS_ACTIONS): keep, or a bounded step of
+        the class shares, effective at the next mini-batch. Returns the new shares."""
+        return self.population.class_action(0, action)
+
+    def set_class_shares(self, shares) -> list[float]:
+        """The class shares set exactly (a sampling baseline)."""
+        return self.population.set_class_shares(0, shares)
+
     @property
-    def roulette(self) -> list[int]:
-        """Minibatch mode: the last 10 class actions, oldest first."""
-        return list(self.population.roulettes[0])
+    def class_shares(self) -> list[float]:
+        """Minibatch mode: the probability of each class per sample slot of the next batches."""
+        return self.population.class_shares(0)
 
-    def set_focus_class(self, cls: int) -> None:
-        """Minibatch action: `cls` becomes the newest roulette entry and gets the focus share."""
-        self.population.set_focus_class(0, cls)
-
-    def batch_composition(self) -> list[int]:
-        """Samples per class (length 10) in each batch under the current roulette."""
+    def batch_composition(self) -> list[float]:
+        """Expected samples per class (length 10) in each batch under the current shares."""
         return self.population.batch_composition(0)
+
+    def evaluate_classes(self, split: str = "val") -> dict[str, float | list[float]]:
+        """Per-class evaluation (PopulationTrainer.evaluate_classes): loss, accuracy and
+        balanced_accuracy as floats, class_loss and class_accuracy as lists of 10."""
+        out = self.population.evaluate_classes(split)
+        return {k: (float(v[0]) if v.dim() == 1 else v[0].tolist()) for k, v in out.items()}
 
     def set_reference(self, snapshots: list[list[torch.Tensor]] | None) -> None:
         """W* for meta-momentum: one snapshot (final weights) or one per control step

@@ -253,7 +253,8 @@ class QANReporter:
                 layers = tuple(observe.get("monitored_layers") or mine.monitored_layers)
                 self.observer.spec = ObservationSpec(
                     with_weights=bool(observe.get("with_weights", True)),
-                    monitored_layers=layers, num_classes=mine.num_classes)
+                    monitored_layers=layers, num_classes=mine.num_classes,
+                    class_signals=bool(observe.get("class_signals", False)))
         return self.hyperparams
 
     @property
@@ -346,7 +347,7 @@ class QANReporter:
 
     def metrics(self, model, *, train_loss: float, val_loss: float, val_accuracy: float,
                 progress: float, initial_loss: float | None = None,
-                lr: float | None = None) -> dict[str, Any]:
+                lr: float | None = None, classes: dict[str, Any] | None = None) -> dict[str, Any]:
         """Result keys for QANScheduler (a few scalars; the observation goes through the
         channel). `initial_loss` (the loss at initialisation) is the reference of
         `diverged()` and of the guard; `lr` is the LR this iteration trained with (default:
@@ -354,7 +355,8 @@ class QANReporter:
         that LR (`qan_lr`) and the channel version it came from (`qan_version`, the one the last
         `apply` used, whatever was published since). With the guard on and a model and
         optimizer given, a dying iteration is rolled back here (`qan_rescued`: True; no
-        observation is sent for it)."""
+        observation is sent for it). `classes`: a minibatch controller's per-class inputs
+        (contract.class_signals: class_loss, class_accuracy, shares, data_shares)."""
         lr = self.trained_lr() if lr is None else float(lr)
         version = self._applied[0] if self._applied is not None else self.version
         if initial_loss is not None:
@@ -392,7 +394,7 @@ class QANReporter:
             try:
                 obs = self.observer.observe(model, lr=lr, train_loss=train_loss,
                                             val_loss=val_loss, val_accuracy=val_accuracy,
-                                            progress=progress)
+                                            progress=progress, classes=classes)
             except ValueError as err:  # e.g. the controller's monitored layers are not here
                 out[OBS_ERROR_KEY] = str(err)
             else:

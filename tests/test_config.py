@@ -9,7 +9,7 @@ def test_from_dict_preset_fills_fields_and_explicit_values_win():
     cfg = from_dict({"task": "digits-mlp", "lr": 0.1})
     assert (cfg.dataset, cfg.model, cfg.lr) == ("digits", "mlp", 0.1)
     assert cfg.num_actions == 5
-    assert from_dict(task="digits-mlp", action_mode="minibatch").num_actions == 10
+    assert from_dict(task="digits-mlp", action_mode="minibatch").num_actions == 5
     assert from_dict(restart_lr=0.05).num_actions == 6
 
 

@@ -113,7 +113,8 @@ def test_controller_spec_round_trips_and_reads_action_mode(tmp_path):
     ctrl = Controller(plain_qnet(spec.obs_size, spec.hidden, spec.num_actions), spec)
     loaded = load_controller(ctrl.save(tmp_path / "c"))
     assert loaded.spec.to_dict() == json.loads(json.dumps(spec.to_dict()))
-    assert loaded.spec.action.mode == "minibatch" and loaded.num_actions == 10
+    assert loaded.spec.action.mode == "minibatch" and loaded.num_actions == 5
+    assert loaded.spec.observation.class_signals
     assert loaded.spec.provenance["episodes"] == 3 and loaded.spec.task["task"] == "digits-mlp"
 
 

@@ -45,10 +45,10 @@ def test_minibatch_mode_env_and_time_to_target_reward():
     env = TargetTrainingEnv({"action_mode": "minibatch", "reward": "time_to_target",
                              "target_accuracy": 0.5})
     env.reset(seed=0)
-    assert env.action_space.n == 10
+    assert env.action_space.n == 5
     steps, terminated = 0, False
     while not terminated:
-        _, r, terminated, _, info = env.step(steps % 10)
+        _, r, terminated, _, info = env.step(steps % 5)
         steps += 1
         assert r == pytest.approx(-1 / env.total_steps)
     assert info["val_accuracy"] >= 0.5 and steps < env.total_steps

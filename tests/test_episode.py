@@ -70,7 +70,7 @@ def test_next_lr_cosine_keep_is_plain_cosine_and_actions_scale_the_correction():
 
 def test_minibatch_actions_leave_the_lr_alone():
     rule = action_spec(CFG.replace(action_mode="minibatch"))
-    assert next_lr(rule, 7, lr=0.05, correction=1.0, start=0.05, progress=0.3) == (0.05, 1.0)
+    assert next_lr(rule, 4, lr=0.05, correction=1.0, start=0.05, progress=0.3) == (0.05, 1.0)
 
 
 def _episodes(**kw) -> Episodes:

@@ -228,18 +228,20 @@ def test_bad_sizes_and_unsupported_modes_are_refused(data):
         PopulationTrainer(CFG, seeds=[], data=data)
 
 
-def test_minibatch_mode_composes_each_members_batches_from_its_own_roulette(data):
+def test_minibatch_mode_composes_each_members_batches_from_its_own_shares(data):
     cfg = CFG.replace(action_mode="minibatch", batch_size=128)
     cpu = load_data(cfg, torch.device("cpu"))
     pop = PopulationTrainer(cfg, k=3, data=cpu)
-    pop.set_focus_class(1, 3)  # member 1: roulette [1..9, 3]
+    pop.set_class_shares(1, [0.5] + [0.5 / 9] * 9)  # member 1: class 0 gets half
     idx = pop._next_indices()
     counts = [torch.bincount(cpu.y_train[idx[i]], minlength=10).tolist() for i in range(3)]
-    assert counts[0] == counts[2] == [12] * 9 + [20]  # initial roulette: 9 is the newest
-    assert counts[1] == [0, 12, 12, 32, 12, 12, 12, 12, 12, 12]  # 3 is old and newest
-    assert pop.batch_composition(1) == counts[1]
-    with pytest.raises(ValueError, match="class action 10 is outside 0..9"):
-        pop.set_focus_class(0, 10)
+    assert counts[1][0] == 64 and all(7 <= n <= 8 for n in counts[1][1:])
+    for i in (0, 2):  # uniform batches: the data's frequencies, rounded up or down
+        expected = [128 * p for p in pop.data_shares]
+        assert all(int(e) <= n <= int(e) + 1 for n, e in zip(counts[i], expected))
+    assert pop.batch_composition(1) == pytest.approx([64] + [64 / 9] * 9)
+    with pytest.raises(ValueError, match="class action 10 is outside 0..4"):
+        pop.class_action(0, 10)
 
 
 def test_cross_entropy_matches_torch():

@@ -303,14 +303,17 @@ def test_metric_mode_from_search_properties_and_conflicts():
 def test_action_mode_is_read_from_the_controller_spec():
     from qan_ray.scheduler import QANScheduler
 
-    s = QANScheduler(policy=fixed_action_controller(action=3, action_mode="minibatch"))
-    assert s.action_mode == "minibatch"
+    ctrl = fixed_action_controller(action=3, action_mode="minibatch")
+    s = QANScheduler(policy=ctrl)
+    assert s.action_mode == "minibatch" and s.spec_mismatch is None
     trial = StandInTrial("t0", 0.1)
     tc = StandInController([trial])
     s.on_trial_add(tc, trial)
     assert s.set_search_properties("m", "max")
-    assert s.on_trial_result(tc, trial, _result(1, 0.5)) == PAUSE  # restart fallback
-    assert trial.config["focus_class"] == 3 and trial.config["lr"] == 0.1
+    obs = [0.0] * ctrl.spec.obs_size  # with the per-class block
+    assert s.on_trial_result(tc, trial, _result(1, 0.5, obs)) == PAUSE  # restart fallback
+    assert trial.config["class_action"] == 3 and trial.config["class_decision"] == 1
+    assert trial.config["lr"] == 0.1
 
 
 def test_old_format_controller_warns_and_leaves_trials_at_their_lr(caplog, tmp_path):

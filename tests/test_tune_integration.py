@@ -397,8 +397,9 @@ def test_experiment_state_does_not_grow_with_the_number_of_monitored_layers(ray_
 
 
 def test_minibatch_controller_drives_the_builtin_trainable(ray_session, tmp_path):
-    """Minibatch mode in Tune: the controller's class reaches the trainer's roulette through the
-    channel (action_mode read from the controller's spec)."""
+    """Minibatch mode in Tune: the controller's class action reaches the trainer's sampler
+    through the channel, once per decision (action_mode read from the controller's spec), and
+    the trainable reports the per-class observation the controller was trained on."""
     from ray import tune
 
     from qan_ray.scheduler import QANScheduler
@@ -413,5 +414,7 @@ def test_minibatch_controller_drives_the_builtin_trainable(ray_session, tmp_path
         run_config=tune.RunConfig(name="minibatch", storage_path=str(tmp_path), verbose=0))
     result = tuner.fit()[0]
     assert result.error is None
-    assert result.metrics_dataframe["focus_class"].tolist() == [9, 3, 3]
+    frame = result.metrics_dataframe
+    assert frame["class_action"].tolist()[1:] == [3, 3] and "qan_obs_error" not in frame
+    assert (frame["balanced_accuracy"] > 0).all()
     assert [h[1] for h in sched.trial_state(result.metrics["trial_id"]).history] == [3, 3]

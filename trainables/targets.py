@@ -14,7 +14,9 @@ One training iteration = one epoch of the target network. Each iteration:
 Config keys: any `QANConfig` field (task, lr, momentum, weight_decay, seed, ...) plus
 `TRAINABLE_KEYS`. Reported metrics: val_accuracy, val_loss, val_score (accuracy with a tiny
 validation-loss tie-breaker, see `val_score`), train_loss, lr, epoch, epochs_this_iter, diverged,
-test_accuracy at the last epoch, and focus_class in minibatch mode. Divergence -- the
+test_accuracy at the last epoch, and class_action and balanced_accuracy in minibatch mode. The
+trial's observation is built by `QANReporter.metrics` (per-class signals too in minibatch mode,
+`validate`). Divergence -- the
 environment's one rule, `TargetTrainer.diverged`: a non-finite loss or one above
 divergence_factor x the initial loss -- ends the trial (reported with diverged=True), under every
 scheduler alike.
@@ -32,7 +34,10 @@ TRAINABLE_KEYS = {
     "epochs": "epochs per trial (the iteration budget; default: the task's epochs_per_episode)",
     "checkpoint_every": "epochs between checkpoints (1 = every epoch, what PBT needs; 0 = never)",
     "torch_threads": "torch intra-op threads (1 on a shared CPU node)",
-    "focus_class": "minibatch mode: the class emphasised in the next batches",
+    "class_action": "minibatch mode: the class action (keep, toward uniform/balanced/"
+                    "loss-proportional/the hardest class) of the next batches",
+    "class_decision": "minibatch mode: the number of the decision class_action belongs to "
+                      "(a trainer applies each decision once)",
     "trial_schedule": "the trial's own LR schedule over its epochs, one of "
                       "qan_ray.schedules.SCHEDULES (fixed, step, cosine, warmup_cosine) from its "
                       "LR; unset = the LR stays as set",
@@ -73,9 +78,24 @@ def apply_hyperparams(trainer, hyper: dict[str, Any]) -> None:
         weight_decay = hyper.get("weight_decay")
         trainer.set_hyperparams(momentum=None if momentum is None else float(momentum),
                                 weight_decay=None if weight_decay is None else float(weight_decay))
-    if hyper.get("focus_class") is not None and trainer.cfg.action_mode == "minibatch":
-        if trainer.roulette[-1] != int(hyper["focus_class"]):
-            trainer.set_focus_class(int(hyper["focus_class"]))
+    if hyper.get("class_action") is not None and trainer.cfg.action_mode == "minibatch":
+        decision = hyper.get("class_decision")
+        if decision is None or decision != getattr(trainer, "class_decision", None):
+            trainer.class_action(int(hyper["class_action"]))
+            trainer.class_decision = decision
+
+
+def validate(trainer) -> tuple[float, float, dict[str, Any] | None]:
+    """(val loss, val accuracy, per-class inputs of a minibatch controller's observation or
+    None): in minibatch mode one per-class pass, whose class losses the next class action
+    reads."""
+    if trainer.cfg.action_mode != "minibatch":
+        return (*trainer.evaluate("val"), None)
+    out = trainer.evaluate_classes("val")
+    return out["loss"], out["accuracy"], {
+        "class_loss": out["class_loss"], "class_accuracy": out["class_accuracy"],
+        "shares": trainer.class_shares, "data_shares": trainer.population.data_shares,
+        "balanced_accuracy": out["balanced_accuracy"]}
 
 
 def scheduled_lr(schedule: str, lr: float, epoch: int, epochs: int) -> float:
@@ -145,7 +165,7 @@ def target_trainable(config: dict[str, Any]) -> None:
         reporter.load_state_dict(saved["reporter"])
         start = int(saved["epoch"])
     if reporter.active and start == 0:  # the initial state, as the environment observes it
-        val_loss, val_acc = trainer.evaluate("val")
+        val_loss, val_acc, _ = validate(trainer)
         reporter.start(train_loss=trainer.initial_loss, val_loss=val_loss, val_accuracy=val_acc,
                        lr=float(reporter.poll()[reporter.lr_key]))
     for epoch in range(start, epochs):
@@ -156,7 +176,7 @@ def target_trainable(config: dict[str, Any]) -> None:
         apply_hyperparams(trainer, hyper)
         train_loss = trainer.train(trainer.batches_per_epoch)
         diverged = trainer.diverged(train_loss)
-        val_loss, val_acc = trainer.evaluate("val")
+        val_loss, val_acc, classes = validate(trainer)
         last = diverged or epoch + 1 == epochs
         metrics: dict[str, Any] = {
             "val_accuracy": val_acc, "val_loss": val_loss, "val_score": val_score(val_acc,
@@ -166,11 +186,13 @@ def target_trainable(config: dict[str, Any]) -> None:
         }
         if last:
             metrics["test_accuracy"] = trainer.evaluate("test")[1]
-        if cfg.action_mode == "minibatch":  # the class the batches of this epoch emphasised
-            metrics["focus_class"] = int(trainer.roulette[-1])
+        if classes is not None:  # the class action this epoch's batches followed
+            metrics["class_action"] = hyper.get("class_action")
+            metrics["balanced_accuracy"] = classes.pop("balanced_accuracy")
         metrics.update(reporter.metrics(trainer.model, train_loss=train_loss, val_loss=val_loss,
                                         val_accuracy=val_acc, progress=(epoch + 1) / epochs,
-                                        initial_loss=trainer.initial_loss, lr=trainer.lr))
+                                        initial_loss=trainer.initial_loss, lr=trainer.lr,
+                                        classes=classes))
         if checkpoint_every and ((epoch + 1) % checkpoint_every == 0 or last):
             with tempfile.TemporaryDirectory() as folder:
                 torch.save({"trainer": trainer.state_dict(), "reporter": reporter.state_dict(),
