@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -101,14 +102,17 @@ class MetaConfig:
         Adam learning rate of the DQN learner (paper: 2.5e-4 with far more episodes).""")
     gamma: float = documented(0.95, """
         Discount factor.""")
-    train_batch_size: int = documented(32, """
-        Transitions per DQN update.""")
+    train_batch_size: int | None = documented(None, """
+        Transitions per DQN update (None: 32 with one network per actor; with --population K,
+        32 x sqrt(K) rounded to a power of two, at most 256: see population_learner).""")
     replay_capacity: int = documented(20_000, """
         Replay buffer capacity in transitions (the original hard-coded 1,000).""")
     learning_starts: int = documented(100, """
         Sampled control steps before the first DQN update.""")
-    training_intensity: float = documented(16.0, """
-        Replayed / sampled transitions (RLlib's training_intensity; sets the update rate).""")
+    training_intensity: float | None = documented(None, """
+        Replayed / sampled transitions (RLlib's training_intensity; sets the update rate). None:
+        16 with one network per actor; with --population K, 16 / sqrt(K), at least 1 (K
+        members bring K x the fresh transitions per step: see population_learner).""")
     target_update_freq: int = documented(200, """
         Sampled steps between target-network syncs.""")
     epsilon_final: float = documented(0.05, """
@@ -137,6 +141,8 @@ class MetaConfig:
         for name in ("episodes", "num_actors", "population", "train_batch_size",
                      "replay_capacity"):
             value = getattr(self, name)
+            if value is None and name == "train_batch_size":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` is {value!r}; it must be an integer >= 1. "
                                  f"Try --{name.replace('_', '-')} 2.")
@@ -153,13 +159,36 @@ class MetaConfig:
             raise ValueError(f"`select_every`/`select_seeds` are {self.select_every}/"
                              f"{self.select_seeds}; they must be >= 0 / >= 1. Try "
                              "--select-every 4 --select-seeds 2.")
-        if self.training_intensity <= 0:
+        if self.training_intensity is not None and self.training_intensity <= 0:
             raise ValueError(f"`training_intensity` is {self.training_intensity}; it must be > 0"
                              ". Try 16.")
         from qan_ray.actors import ActorResources  # Ray: imported when a run starts, not by --help
 
         ActorResources(self.cpus_per_actor, self.gpus_per_actor).validate()
         return self
+
+
+def population_learner(meta: MetaConfig) -> tuple[float, int]:
+    """(replay ratio, batch size) the DQN learner runs at: the given ones, or the defaults for
+    the run's population size K.
+
+    One network per actor: ratio 16, batch 32 (the shipped generalist's settings). K members per
+    actor sample K transitions per control step, so the learner sees K x the fresh data per
+    second of training (less the population's own speed-up); at ratio 16 it would need K x the
+    updates and set the pace of the whole run (measured: control steps/s through RLlib rose
+    only 3.7x at K = 32, benchmarks/results/population_speed.md). With more fresh data less
+    replay is needed, and bigger batches use the learner's time better: ratio 16 / sqrt(K) (at
+    least 1) and batch 32 x sqrt(K) (a power of two, at most 256), so that the samples the
+    learner trains on per hour still grow with the data rate, by about sqrt(K), while its
+    updates do not. Measured in benchmarks/meta_throughput.py."""
+    k = max(1, int(meta.population))
+    ratio = meta.training_intensity
+    if ratio is None:
+        ratio = 16.0 if k == 1 else max(1.0, 16.0 / math.sqrt(k))
+    batch = meta.train_batch_size
+    if batch is None:
+        batch = 32 if k == 1 else min(256, 32 * 2 ** round(math.log2(math.sqrt(k))))
+    return float(ratio), int(batch)
 
 
 def steps_per_episode(qan: QANConfig, probe_steps: int) -> int:
@@ -246,6 +275,7 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
 
     resources = {"cpus_per_actor": meta.cpus_per_actor, "gpus_per_actor": meta.gpus_per_actor}
     k = meta.population
+    ratio, batch = population_learner(meta)
     vector = ({"gym_env_vectorize_mode": "vector_entry_point"} if k > 1 else {})
     return (
         DQNConfig()
@@ -262,13 +292,13 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
         .rl_module(rl_module_spec=RLModuleSpec(module_class=QMLPModule),
                    model_config={"qan_hidden": list(meta.hidden)})
         .training(lr=meta.dqn_lr, gamma=meta.gamma,
-                  train_batch_size_per_learner=meta.train_batch_size, n_step=meta.n_step,
+                  train_batch_size_per_learner=batch, n_step=meta.n_step,
                   double_q=meta.double_q, dueling=False,
                   num_steps_sampled_before_learning_starts=meta.learning_starts,
                   target_network_update_freq=meta.target_update_freq,
                   # RLlib's ratio counts a local EnvRunner that does not sample here:
                   # passing R * N / (N + 1) gives the replay ratio R we ask for.
-                  training_intensity=meta.training_intensity * meta.num_actors
+                  training_intensity=ratio * meta.num_actors
                   / (meta.num_actors + 1),
                   replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
                                         "capacity": meta.replay_capacity},
@@ -459,8 +489,10 @@ class MetaTrainer:
         self._target = target
         start_eps, t0 = self.progress["episodes"], time.time()
         members = (f" x {self.meta.population} members" if self.meta.population > 1 else "")
+        ratio, batch = population_learner(self.meta)
         self.log(f"meta-training: {target} episodes of {self.steps_per_episode} control steps on "
-                 f"{self.meta.num_actors} trainer actors{members} -> {self.out}")
+                 f"{self.meta.num_actors} trainer actors{members} (DQN: replay ratio {ratio:g}, "
+                 f"batch {batch}) -> {self.out}")
         result: dict[str, Any] = {}
         while self.progress["episodes"] < target:
             if INTERRUPTED.is_set():  # an interrupt whose KeyboardInterrupt was swallowed
@@ -595,6 +627,8 @@ class MetaTrainer:
         net = plain_qnet(self.obs_size, tuple(self.meta.hidden), self.qan.num_actions)
         net.load_state_dict(export_qnet(state))
         dqn = dqn_progress(self.algo, self.meta.learning_starts)
+        ratio, batch = population_learner(self.meta)
+        dqn = {**dqn, "replay_ratio": ratio, "train_batch_size": batch}
         spec = spec_for(self.qan, self.meta.hidden, {
             "meta": dataclasses.asdict(self.meta), "episodes": self.progress["episodes"],
             "dqn": dqn, **({} if dqn["updated"] else {"warning": never_updated_message(dqn)}),

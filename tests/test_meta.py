@@ -23,7 +23,8 @@ def _meta(**kw):
     from qan_ray.meta import MetaConfig
 
     base = dict(episodes=4, num_actors=2, cpus_per_actor=0.5, learning_starts=8,
-                training_intensity=16.0, hidden=(16, 16), select_every=2, select_seeds=1)
+                training_intensity=16.0, train_batch_size=32, hidden=(16, 16), select_every=2,
+                select_seeds=1)
     return MetaConfig(**{**base, **kw})
 
 
@@ -60,7 +61,8 @@ def test_a_controller_exported_before_any_dqn_update_says_so_in_spec_and_on_scre
         run.log = log
     provenance = load_controller(folder).spec.provenance
     assert provenance["dqn"] == {"sampled_steps": 0, "learning_starts": 8,
-                                 "trained_transitions": 0, "updated": False}
+                                 "trained_transitions": 0, "updated": False,
+                                 "replay_ratio": 16.0, "train_batch_size": 32}
     assert provenance["warning"].startswith("NEVER UPDATED: the DQN sampled 0 control steps, "
                                             "fewer than learning_starts 8")
     assert any("WARNING" in line and "NEVER UPDATED" in line and str(folder) in line
@@ -361,3 +363,21 @@ def test_training_intensity_keeps_its_replay_ratio_with_a_population(population)
     stores, updates = calculate_rr_weights(cfg)
     sampled = stores * 4 * population * meta.num_actors
     assert updates * meta.train_batch_size / sampled == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize("population, ratio, batch", [(1, 16.0, 32), (4, 8.0, 64),
+                                                      (16, 4.0, 128), (64, 2.0, 256)])
+def test_the_learner_replays_less_of_a_populations_fresh_data(population, ratio, batch):
+    # Unset, the replay ratio and batch follow K (population_learner); RLlib gets them.
+    from ray.rllib.algorithms.dqn.dqn import calculate_rr_weights
+
+    from qan_ray.meta import MetaConfig, build_dqn_config, population_learner
+
+    meta = MetaConfig(population=population, num_actors=2)
+    assert population_learner(meta) == (ratio, batch)
+    cfg = build_dqn_config(QAN, meta, "ratio", steps_per_episode=4)
+    assert cfg.train_batch_size_per_learner == batch
+    stores, updates = calculate_rr_weights(cfg)
+    assert updates * batch / (stores * 4 * population * 2) == pytest.approx(ratio)
+    given = MetaConfig(population=population, training_intensity=3.0, train_batch_size=48)
+    assert population_learner(given) == (3.0, 48)  # given values win
