@@ -55,6 +55,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import json
@@ -86,6 +87,11 @@ from qan_ray.summaries import mean_sd  # noqa: E402
 HELD_OUT = ("digits-cnn", "mnist1d-mlp")
 IN_DISTRIBUTION = "digits-mlp"  # seen in training (the generalist's digits/MLP family)
 BASELINES = ("fixed", "cosine", "plateau", "hypergradient")
+LR_FREE = ("prodigy", "schedulefree", "dadapt")  # qan_ray.lrfree.METHODS: (a) rows, no start LR
+EXTRA_TUNE = ("tpe+asha", "prodigy", "schedulefree")
+"""Part (b)'s rows of what users pick instead (TPE search with ASHA, LR-free optimizers): measured
+against the targets of the original baselines and kept out of the best-baseline numbers, so the
+goal lines of the earlier runs keep their meaning."""
 TUNE_SCHEDULERS = ("qan", "qan+asha", "asha", "pbt", "fifo")
 OPTIONAL_SCHEDULERS = ("asha+cosine",)
 NOGUARD = "qan (no guard)"  # the controller with cfg.guard=False (a and b)
@@ -158,6 +164,30 @@ def _round(x: float) -> float:
 
 
 # --- (a) evaluation through the env ------------------------------------------------------------
+KEY_FIELDS = (
+    "task tasks holdout dataset data_root download val_fraction data_seed max_train_samples "
+    "augment model hidden wrn_depth wrn_width optimizer lr lr_init_range momentum nesterov "
+    "weight_decay batch_size epochs_per_episode amp action_mode control_interval lr_factors "
+    "restart_lr lr_schedule lr_min lr_max focus_share reward reward_scale target_accuracy "
+    "divergence_factor divergence_penalty chance_penalty chance_step_penalty guard "
+    "rescue_factor rescue_penalty max_rescues mm_coef mm_active_fraction mm_reference "
+    "weight_features monitored_layers val_max_samples seed device").split()
+"""The QANConfig fields the cache has been keyed by since its first runs. A field added to
+QANConfig later joins an episode's key only where it differs from its default, so adding a field
+keeps every cached episode (whose runs it does not change) valid."""
+
+
+def cfg_key(cfg: QANConfig) -> dict:
+    """The config part of an episode's cache key (KEY_FIELDS, plus later fields off their
+    default)."""
+    import dataclasses
+
+    defaults = {f.name: (f.default_factory() if f.default is dataclasses.MISSING
+                         and f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(QANConfig)}
+    return {k: v for k, v in cfg.to_dict().items() if k in KEY_FIELDS or v != defaults[k]}
+
+
 class Cache:
     """One JSON line per finished episode, keyed by everything that decides it."""
 
@@ -193,7 +223,7 @@ def episode(cache: Cache, env_cfg: QANConfig, method: str, lr: float, seed: int,
     from qan_ray.env import TargetTrainingEnv
     from qan_ray.evaluate import Runs
 
-    key = cache.key(env_cfg.to_dict(), method, act_id, seed)
+    key = cache.key(cfg_key(env_cfg), method, act_id, seed)
     hit = cache.get(key)
     if hit is not None:
         return hit
@@ -262,14 +292,61 @@ def run_eval(args, controllers: dict[str, Any], tasks: list[str], log) -> list[d
                     row = episode(cache, bcfg_of[lr], base, lr, seed, base,
                                   lambda env, s, b=base, x=lr: run_schedule(env, b, x, s), log)
                     rows.append({**row, "task": task})
+        rows += lr_free_rows(cache, args, ref, task, seeds, log, compute=True)
     return rows
+
+
+def lr_free_rows(cache: Cache, args, ref, task: str, seeds: list[int], log,
+                 compute: bool) -> list[dict]:
+    """Part (a)'s LR-free rows of `task` (qan_ray.evaluate.lr_free_config, through the same env
+    and trainer, K = 1): prodigy and dadapt at LR 1 with cosine, schedulefree at every LR of its
+    grid, one episode per seed (`compute`: run the missing ones; else read the cache only).
+    They ignore the start LR, so each episode serves every start cell: one row per (start,
+    seed) with lr0 the start and `lr` the optimizer's LR; schedulefree keeps the LR of its grid
+    with the best mean final val accuracy over the seeds (in hindsight, labelled so)."""
+    from qan_ray import lrfree
+    from qan_ray.evaluate import lr_free_config, run_schedule
+
+    starts, _, _ = start_lrs(task)
+    base_cfg = task_config(ref, task, starts[0], args.epochs)
+    out = []
+    for method in LR_FREE:
+        if compute and lrfree.missing((method,)):
+            log(f"    {method}: skipped ({lrfree.INSTALL})")
+            continue
+        by_lr = {}
+        for lr in lrfree.lr_grid(method, base_cfg.optimizer):
+            cfg = lr_free_config(base_cfg, method, lr)
+            got = []
+            for seed in seeds:
+                key = cache.key(cfg_key(cfg), method, "lr-free", seed)
+                if compute and cache.get(key) is None:
+                    episode(cache, cfg, method, lr, seed, "lr-free",
+                            lambda env, s, m=method, x=lr: run_schedule(
+                                env, lrfree.RECIPES[m], x, s), log)
+                hit = cache.get(key)
+                if hit is not None:
+                    got.append(hit)
+            if got:
+                by_lr[lr] = got
+        if not by_lr:
+            continue
+        best = max(by_lr, key=lambda lr: statistics.fmean(r["final_val_accuracy"]
+                                                           for r in by_lr[lr]))
+        grid = ", ".join(f"{lr:g}" for lr in by_lr)
+        label = (f"{method}@{best:g} (best of LR {grid})" if len(by_lr) > 1
+                 else f"{method}@{best:g}, cosine")
+        for lr0 in starts:
+            out += [{**{k: v for k, v in r.items() if k != "key"}, "method": method,
+                     "label": label, "lr": best, "lr0": lr0, "task": task} for r in by_lr[best]]
+    return out
 
 
 POPULATION_BASELINES = ("fixed", "cosine")  # schedules: qan_ray.control.run_schedules
 
 
 def baseline_key(cache: Cache, cfg: QANConfig, base: str, seed: int, population: bool) -> str:
-    return cache.key(cfg.to_dict(), base, base + ("@population" if population else ""), seed)
+    return cache.key(cfg_key(cfg), base, base + ("@population" if population else ""), seed)
 
 
 def population_episodes(cache: Cache, bcfg_of: dict, base: str, lrs, seeds, task: str,
@@ -307,13 +384,16 @@ def _observation(cfg: QANConfig):
 def tune_names(controller: str, proto, only: str | None = None) -> list[str]:
     """The schedulers of part (b) (`only`: a comma-separated subset of their base names;
     NOGUARD_TUNE stands for the qan scheduler without the guard, see tune_groups)."""
+    from qan_ray import lrfree
     from qan_ray.protocol import make_scheduler
 
     names = [*TUNE_SCHEDULERS, NOGUARD_TUNE]
-    for extra in OPTIONAL_SCHEDULERS:
+    for extra in (*OPTIONAL_SCHEDULERS, *EXTRA_TUNE):
         try:
             make_scheduler(extra, proto)
         except ValueError:
+            continue
+        if extra in lrfree.METHODS and lrfree.missing((extra,)):
             continue
         names.append(extra)
     if only:
@@ -391,20 +471,46 @@ def collect_tune(args, task: str) -> list[dict]:
     compare` sets them; NOGUARD's runs are measured against the same targets)."""
     from qan_ray.compare import finished_run
     from qan_ray.protocol import align_action_mode
-    from qan_ray.summaries import add_targets
+    from qan_ray.summaries import add_targets, epochs_to_target
 
-    runs, budget = [], None
+    runs, extra, budget = [], [], None
     for names, proto, out, label in tune_groups(args, task):
+        alone = copy.deepcopy(proto)  # EXTRA_TUNE run without a qan name: no action_mode set
         align_action_mode(names, proto)  # what compare() does to the protocol before it runs
         budget = proto.budget if budget is None else budget
+        core = [n for n in names if _short(n) not in EXTRA_TUNE]
         for seed in range(args.tune_seeds):
-            done = [finished_run(out, name, proto, seed) for name in names]
+            done = [finished_run(out, name, proto, seed) for name in core]
             if all(d is not None for d in done):
                 runs += [d if label is None else {**d, "summary": {**d["summary"],
                                                                    "scheduler": label}}
                          for d in done]
+            extra += [d for d in (_finished_either(out, name, (proto, alone), seed)
+                                  for name in names if name not in core) if d is not None]
+    summaries = add_targets(runs, 1.0)
+    # EXTRA_TUNE: the targets of the original baselines, per seed (they do not move them)
+    targets = {s["seed"]: s["target_accuracy"] for s in summaries}
+    summaries += [dict(d["summary"], target_accuracy=targets[d["summary"]["seed"]],
+                       epochs_to_target=epochs_to_target(d["rows"],
+                                                         targets[d["summary"]["seed"]]))
+                  for d in extra if d["summary"]["seed"] in targets]
     return [{**s, "task": task, "budget": budget, "scheduler": _short(s["scheduler"])}
-            for s in add_targets(runs, 1.0)]
+            for s in summaries]
+
+def _finished_either(out: Path, name: str, protos, seed: int) -> dict | None:
+    """finished_run under the first of `protos` its record matches (an EXTRA_TUNE experiment
+    run beside a qan scheduler carries the controller's action_mode in its protocol, one run
+    alone does not; the trials are the same)."""
+    from qan_ray.compare import finished_run
+
+    for i, proto in enumerate(protos):
+        try:
+            return finished_run(out, name, proto, seed)
+        except ValueError:
+            if i == len(protos) - 1:
+                raise
+    return None
+
 
 def _short(name: str) -> str:
     return name.partition("@")[0]
@@ -419,7 +525,7 @@ def _ms(values, fmt=".4f", scale=1.0) -> str:
 def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> tuple[str, dict]:
     """Markdown for part (a) and the goal numbers."""
     lines, goal = [], {"met_val": True, "met_test": True, "regret": [], "delta": {}, "per": [],
-                       "cells": []}
+                       "cells": [], "lr_free": []}
     for task in tasks:
         starts, grid, family = start_lrs(task)
         mine = [r for r in rows if r["task"] == task]
@@ -445,8 +551,11 @@ def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> t
                   "rescues | val regret vs best fixed (pts) |",
                   "|---|---|---|---|---|---|---|---|"]
         for lr in starts:
-            methods = [*controllers, *BASELINES]
+            methods = [*controllers, *BASELINES, *LR_FREE]
             present = [m for m in methods if (m, lr) in by]
+            free_val = {m: mean_sd([r["final_val_accuracy"] for r in by[(m, lr)]])[0]
+                        for m in LR_FREE if (m, lr) in by}
+            best_f = max(free_val, key=free_val.get) if free_val else None
             base_val = {m: mean_sd([r["final_val_accuracy"] for r in by[(m, lr)]])[0]
                         for m in BASELINES if (m, lr) in by}
             base_test = {m: mean_sd([r["test_accuracy"] for r in by[(m, lr)]])[0]
@@ -457,8 +566,10 @@ def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> t
                 rs = by[(m, lr)]
                 val = [r["final_val_accuracy"] for r in rs]
                 regret = (best_val - statistics.fmean(val)) * 100
-                mark = " (best baseline)" if m == best_b else ""
-                lines.append(f"| {lr:g} | {m}{mark} | {_ms(val)} | "
+                mark = (" (best baseline)" if m == best_b else
+                        " (best LR-free)" if m == best_f else "")
+                name = rs[0].get("label", m)
+                lines.append(f"| {lr:g} | {name}{mark} | {_ms(val)} | "
                              f"{_ms([r['test_accuracy'] for r in rs])} | "
                              f"{sum(r['diverged'] for r in rs)}/{len(rs)} | "
                              f"{_dead(rs)}/{len(rs)} | {_rescues(rs)} | {regret:+.2f} |")
@@ -476,8 +587,13 @@ def eval_tables(rows: list[dict], tasks: list[str], controllers: list[str]) -> t
                        "best_baseline_test": base_test[best_bt],
                        "met_val": cv >= base_val[best_b], "met_test": ct >= base_test[best_bt],
                        "regret_val_pts": (best_val - cv) * 100,
-                       "regret_test_pts": (best_test - ct) * 100, "paired_val_pts": paired}
+                       "regret_test_pts": (best_test - ct) * 100, "paired_val_pts": paired,
+                       "best_lr_free": (by[(best_f, lr)][0].get("label", best_f)
+                                        if best_f else None),
+                       "best_lr_free_val": free_val.get(best_f, math.nan)}
                 goal["per"].append(per)
+                if c == controllers[0] and task in HELD_OUT and best_f is not None:
+                    goal["lr_free"].append(cv - free_val[best_f])
                 if c == controllers[0] and task in HELD_OUT:
                     goal["met_val"] &= per["met_val"]
                     goal["met_test"] &= per["met_test"]
@@ -516,7 +632,8 @@ def dead_table(rows: list[dict], tasks: list[str], controllers: list[str]) -> st
     held = [t for t in tasks if t in HELD_OUT]
     starts = sorted({lr for t in held for lr in start_lrs(t)[0]})
     mine = [r for r in rows if r["task"] in held and r["lr0"] in starts]
-    methods = [m for m in (*controllers, *BASELINES) if any(r["method"] == m for r in mine)]
+    methods = [m for m in (*controllers, *BASELINES, *LR_FREE)
+               if any(r["method"] == m for r in mine)]
     if not methods:
         return ""
     lines = [f"Dead runs (final val accuracy within 5 points of chance) / runs over the held-out "
@@ -587,6 +704,7 @@ def _trial_mean(r: dict) -> float:
 
 def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
     lines, ratios, deltas, flags = [], {"asha": [], "pbt": []}, [], []
+    extra: dict[str, dict] = {}  # task -> QAN's and EXTRA_TUNE's mean best val accuracy
     dead_by: dict[str, int] = {}  # scheduler -> dead trials over the tasks
     trials_by: dict[str, int] = {}
     both = {"asha": [], "pbt": []}  # seeds where QAN and the baseline both reached the target
@@ -606,12 +724,14 @@ def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
                   "| scheduler | best val acc | final test acc (best finished trial) | mean final "
                   "val acc (all trials) | dead trials | rescues | epochs to target (reached) | "
                   "total epochs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+        n_seeds = len({r["seed"] for r in mine})
         for n in names:
             rs = [r for r in mine if r["scheduler"] == n]
             ett = [_ett(r) for r in rs]
             reached = sum(r["epochs_to_target"] is not None for r in rs)
             dead = sum(int(r.get("dead_trials", 0)) for r in rs)
-            lines.append(f"| {n} | {_ms([r['best_val_accuracy'] for r in rs])} | "
+            shown = n if len(rs) == n_seeds else f"{n} ({len(rs)} seeds)"
+            lines.append(f"| {shown} | {_ms([r['best_val_accuracy'] for r in rs])} | "
                          f"{_ms([r['test_accuracy_best_finished'] for r in rs])} | "
                          f"{_ms([_trial_mean(r) for r in rs])} | "
                          f"{dead}/{sum(int(r['trials']) for r in rs)} | "
@@ -633,7 +753,21 @@ def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
                         both[base].append(ratios[base][-1])
         final = {n: mean_sd([r["test_accuracy_best_finished"] for r in mine
                              if r["scheduler"] == n])[0] for n in names}
-        bases = {n: v for n, v in final.items() if not n.startswith("qan")}
+        bases = {n: v for n, v in final.items() if not n.startswith("qan")
+                 and n not in EXTRA_TUNE}
+        best_val = {n: mean_sd([r["best_val_accuracy"] for r in mine
+                                if r["scheduler"] == n])[0] for n in names}
+        if "qan" in best_val and any(n in EXTRA_TUNE for n in names):
+            qan_by_seed = {r["seed"]: r["best_val_accuracy"] for r in mine
+                           if r["scheduler"] == "qan"}
+            others = {}
+            for n in (n for n in names if n in EXTRA_TUNE):  # on the seeds both finished
+                pairs = [(qan_by_seed[r["seed"]], r["best_val_accuracy"]) for r in mine
+                         if r["scheduler"] == n and r["seed"] in qan_by_seed]
+                if pairs:
+                    others[n] = (statistics.fmean(q for q, _ in pairs),
+                                 statistics.fmean(x for _, x in pairs), len(pairs))
+            extra[task] = {"qan": best_val["qan"], "others": others}
         best = max(bases, key=bases.get)
         deltas.append((final["qan"] - bases[best]) * 100)
         trial_mean = {n: mean_sd([_trial_mean(r) for r in mine if r["scheduler"] == n])[0]
@@ -666,7 +800,7 @@ def tune_tables(rows: list[dict], tasks: list[str]) -> tuple[str, dict]:
     goal = {"epochs_vs_asha": statistics.fmean(ratios["asha"]) if ratios["asha"] else math.nan,
             "epochs_vs_pbt": statistics.fmean(ratios["pbt"]) if ratios["pbt"] else math.nan,
             "delta": statistics.fmean(deltas) if deltas else math.nan, "per_task": per_task,
-            "dead_by": dead_by, "trials_by": trials_by,
+            "dead_by": dead_by, "trials_by": trials_by, "extra": extra,
             "dead_trials_qan": dead_by.get("qan", 0) if "qan" in dead_by else None,
             "trial_mean_vs_pbt": (min(v["trial_mean_vs_pbt"] for v in vs.values()) if vs
                                   else math.nan)}
@@ -773,7 +907,7 @@ def collect_eval(args, tasks: list[str], controllers: list[str]) -> list[dict]:
             for c, ctrl in ctrls.items():
                 for lr in starts:
                     cfg = method_config(args, c, ctrl, task, lr)
-                    hit = cache.get(cache.key(cfg.to_dict(), c, args.ids[c], seed))
+                    hit = cache.get(cache.key(cfg_key(cfg), c, args.ids[c], seed))
                     if hit is not None:
                         rows.append({**hit, "task": task})
             for b in BASELINES:
@@ -783,6 +917,7 @@ def collect_eval(args, tasks: list[str], controllers: list[str]) -> list[dict]:
                     hit = cache.get(baseline_key(cache, cfg, b, seed, pop))
                     if hit is not None:
                         rows.append({**hit, "task": task})
+        rows += lr_free_rows(cache, args, ref, task, eval_seeds(args.seeds), None, compute=False)
     return [{k: v for k, v in r.items() if k != "key"} for r in rows]
 
 
@@ -901,16 +1036,53 @@ def goal_lines(goal_a: dict, goal_b: dict) -> list[str]:
               f"mean final val accuracy >= the best baseline's from the same start): "
               f"**{won}/{cells}** (target: all); dead runs per cell in the tables above.",
               ""]
-    return lines
+    return lines + lr_free_lines(goal_a, goal_b)
+
+
+def lr_free_lines(goal_a: dict, goal_b: dict) -> list[str]:
+    """The section on what users pick instead: LR-free optimizers in (a), TPE and LR-free rows
+    in (b) (targets, not gates)."""
+    per = [p for p in goal_a["per"] if p["task"] in HELD_OUT and p.get("best_lr_free")
+           and p["controller"] == goal_a["per"][0]["controller"]] if goal_a["per"] else []
+    lines = ["## Goals: QAN against what users pick instead (LR-free optimizers, TPE)", ""]
+    if per:
+        won = sum(p["qan_val"] >= p["best_lr_free_val"] for p in per)
+        lines += ["(a) QAN (guard on) against the best LR-free optimizer per held-out cell "
+                  "(they ignore the start LR: the same runs serve every start):", "",
+                  "| task | start LR | QAN | best LR-free | QAN - best LR-free (pts) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p['task']} | {p['lr0']:g} | {p['qan_val']:.4f} | {p['best_lr_free']} "
+                  f"{p['best_lr_free_val']:.4f} | "
+                  f"{(p['qan_val'] - p['best_lr_free_val']) * 100:+.2f} |"
+                  for p in per]
+        lines += ["", f"- Cells where QAN >= the best LR-free optimizer: **{won}/{len(per)}** "
+                  f"(target: all); smallest margin {lr_free_margin(goal_a):+.3f}.", ""]
+    else:
+        lines += ["- (a): no LR-free runs in this cache.", ""]
+    for task, v in goal_b.get("extra", {}).items():
+        lines.append(f"- (b) {task}, best val acc at the same epoch budget (mean over the seeds "
+                     "both finished): " + "; ".join(
+                         f"QAN {q:.4f} vs {n} {x:.4f} ({k} seeds, QAN "
+                         f"{'>=' if q >= x else '<'})" for n, (q, x, k) in v["others"].items())
+                     + " (target: QAN >= each).")
+    return lines + [""]
 
 
 def last_lines(goal_a: dict, goal_b: dict) -> list[str]:
-    """The three lines the result file ends with."""
+    """The lines the result file ends with."""
     dead = goal_b.get("dead_trials_qan")
     vs_pbt = goal_b.get("trial_mean_vs_pbt", math.nan)
     return [f"dead_trials_qan: {'n/a' if dead is None else dead}",
             f"trial_mean_vs_pbt: {vs_pbt:+.3f}",
-            f"cells_won: {sum(goal_a['cells'])}/{len(goal_a['cells'])}"]
+            f"cells_won: {sum(goal_a['cells'])}/{len(goal_a['cells'])}",
+            f"qan_vs_best_lr_free: {lr_free_margin(goal_a):+.3f}"]
+
+
+def lr_free_margin(goal_a: dict) -> float:
+    """Over the held-out (task, start) cells of (a): the smallest difference between the
+    primary controller's mean final val accuracy and the best LR-free optimizer's (accuracy
+    units; negative where QAN loses)."""
+    return min(goal_a["lr_free"]) if goal_a.get("lr_free") else math.nan
 
 
 # --- CLI -----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 from qan_ray.config import add_config_arguments
 from qan_ray.protocol import (
     BASE_SCHEDULERS,
+    LR_FREE,
     SCHEDULED_NAMES,
     SKIP_FLAGS,
     STOPPERS,
@@ -161,7 +162,9 @@ def _seeds(text: str) -> list[int]:
 def configure_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="qan",
                    help=f"one of {BASE_SCHEDULERS}, qan+STOPPER ({'|'.join(STOPPERS)}) or "
-                        f"{'|'.join(SCHEDULED_NAMES)} (a cosine LR decay per trial)")
+                        f"{'|'.join(SCHEDULED_NAMES)} (a cosine LR decay per trial), an LR-free "
+                        f"optimizer {'|'.join(LR_FREE)} (alone or +asha|hyperband|median), or "
+                        "tpe+asha (TPE search, ASHA as the pruner)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trial configs")
     p.add_argument("--resume", action="store_true",
                    help="continue the experiment an interrupted `qan tune` with the same flags "
@@ -216,7 +219,13 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedulers", default="qan,asha,pbt,fifo",
                    help="comma-separated scheduler names (fifo, asha, hyperband, median, pbt, "
                         "pb2, qan, qan+asha, ..., asha+cosine, fifo+cosine: a cosine LR decay "
-                        "per trial)")
+                        "per trial; the LR-free optimizers prodigy, schedulefree, dadapt, alone "
+                        "or +asha: qan_ray.lrfree; tpe+asha: TPE search with ASHA as the "
+                        "pruner)")
+    p.add_argument("--search", choices=("random", "tpe"), default="random",
+                   help="tpe: also run the row tpe+asha (Ray Tune's OptunaSearch with a TPE "
+                        "sampler seeded by the seed, ASHA as the pruner) beside the random-search "
+                        "schedulers, on the same epoch budget")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of the trial configs")
     p.add_argument("--target-fraction", type=float, default=1.0,
                    help="target = this x the best baseline's best validation accuracy")
@@ -226,6 +235,8 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     proto = protocol_from_args(args)
     names = [n.strip() for n in args.schedulers.split(",") if n.strip()]
+    if getattr(args, "search", "random") == "tpe" and "tpe+asha" not in names:
+        names.append("tpe+asha")
     seeds = _seeds(args.seeds)
     out = Path(args.out)
     print(f"qan compare: {names} on {proto.task_config['task']}, seeds {seeds}, "

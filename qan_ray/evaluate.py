@@ -11,7 +11,11 @@ who sets the learning rate differs:
   cosine with a linear warm-up over the first 5% (warmup_cosine), torch's ReduceLROnPlateau on
   the validation loss at each control point (factor 0.5, patience 2 control points: plateau), and
   hypergradient descent (Baydin et al. 2018, SGD-HD's rule once per control point on the
-  interval's mean gradient: hypergradient; qan_ray.control.HypergradientBaseline).
+  interval's mean gradient: hypergradient; qan_ray.control.HypergradientBaseline);
+- what a user runs instead of tuning an LR (qan_ray.lrfree, K = 1 through the same trainer):
+  prodigy@1 and dadapt@1 (Prodigy, D-Adaptation SGD/Adam at LR 1 with cosine over the run) and
+  schedulefree@LR (Schedule-Free SGD/AdamW with its warm-up, at the best LR of a small grid in
+  hindsight, which the table says).
 In minibatch mode the baselines draw ordinary uniform batches.
 
 Evaluation seeds (`constants.eval_seed(i)` = 1,000,000 + i) never occur in meta-training (whose
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qan_ray import lrfree
 from qan_ray.config import QANConfig
 from qan_ray.constants import EVAL_SEED_BASE, eval_seed, is_dead  # noqa: F401 - re-exported
 from qan_ray.control import make_baseline
@@ -144,9 +149,11 @@ def baseline_config(cfg: QANConfig) -> QANConfig:
 
 def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
                   log=print, adaptive: tuple[str, ...] = ADAPTIVE_BASELINES,
-                  population: bool = True) -> tuple[Runs, float]:
+                  population: bool = True,
+                  lr_free: tuple[str, ...] = lrfree.METHODS) -> tuple[Runs, float]:
     """fixed@LR over the grid, then step and cosine from the best fixed LR, then the `adaptive`
-    baselines from the task LR cfg.lr. Returns the runs and the best fixed LR.
+    baselines from the task LR cfg.lr, then the `lr_free` optimizers (run_lr_free). Returns the
+    runs and the best fixed LR.
 
     With `population` (the default, for a task a population can batch: no BatchNorm model, no
     task distribution), the fixed grid and the adaptive baselines x every seed train as one
@@ -203,7 +210,49 @@ def run_baselines(cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (
                 recs, sec = _timed(run_schedule, env, name, cfg.lr, seed)
                 runs.add(method, seed, recs, env, sec)
         log(f"{method}: final val acc {runs.mean_final(method):.4f}")
+    if lr_free:
+        runs = runs.merged(run_lr_free(cfg, seeds, lr_free, log))
     return runs, best_lr
+
+
+def lr_free_config(cfg: QANConfig, method: str, lr: float) -> QANConfig:
+    """The baseline config (baseline_config) of LR-free `method` (qan_ray.lrfree.METHODS) at
+    LR `lr`: the optimizer of the task's family (Schedule-Free AdamW / D-Adapt Adam for Adam
+    tasks, the SGD versions otherwise)."""
+    return baseline_config(cfg).replace(optimizer=lrfree.optimizer_for(method, cfg.optimizer),
+                                        lr=lr)
+
+
+def run_lr_free(cfg: QANConfig, seeds: int = 3, methods: tuple[str, ...] = lrfree.METHODS,
+                log=print) -> Runs:
+    """The LR-free optimizers through the same trainer (one env episode per seed, K = 1), on
+    the evaluation seeds: rows prodigy@1 and dadapt@1 (LR 1, cosine over the run), and
+    schedulefree@LR, the best LR of lrfree.schedulefree_grid by mean final val accuracy (the
+    other grid LRs are logged). Methods whose package is missing are skipped with a log line."""
+    runs = Runs()
+    unknown = [m for m in methods if m not in lrfree.METHODS]
+    if unknown:
+        raise ValueError(f"LR-free method(s) {unknown} must be among {lrfree.METHODS}. Try "
+                         "--lr-free prodigy,schedulefree,dadapt (or none).")
+    absent = lrfree.missing(methods)
+    if absent:
+        log(f"LR-free baselines skipped: {', '.join(absent)} not installed; {lrfree.INSTALL}")
+        methods = tuple(m for m in methods if lrfree.PACKAGES[m] not in absent)
+    for method in methods:
+        grid = [lr for lr in lrfree.lr_grid(method, cfg.optimizer)
+                if cfg.lr_min <= lr <= cfg.lr_max]
+        trial = Runs()
+        for lr in grid:
+            env = TargetTrainingEnv(lr_free_config(cfg, method, lr))
+            for seed in eval_seeds(seeds):
+                recs, sec = _timed(run_schedule, env, lrfree.RECIPES[method], lr, seed)
+                trial.add(f"{method}@{lr:g}", seed, recs, env, sec)
+        best = max(trial.by_method, key=trial.mean_final)
+        for name in trial.by_method:
+            log(f"{name}: final val acc {trial.mean_final(name):.4f}"
+                + (" (best of its LR grid)" if len(grid) > 1 and name == best else ""))
+        runs = runs.merged(trial.take([best]))
+    return runs
 
 
 def _population_schedules(bcfg: QANConfig, log=print):
@@ -268,7 +317,8 @@ def summarise(runs: Runs, target_accuracy: float | None = None) -> dict[str, Any
 
 def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, ...] = (),
              target_accuracy: float | None = None, ablate_mm: float = 0.0,
-             log=print, population_baselines: bool = True) -> dict[str, Any]:
+             log=print, population_baselines: bool = True,
+             lr_free: tuple[str, ...] = lrfree.METHODS) -> dict[str, Any]:
     """Controller (and optionally controller + meta-momentum) vs all baselines, same seeds.
     Every method starts every episode from cfg.lr (a controller trained from random initial LRs,
     `lr_init_range`, is evaluated from the same start as the baselines)."""
@@ -278,7 +328,7 @@ def evaluate(controller, cfg: QANConfig, seeds: int = 3, lr_grid: tuple[float, .
     if ablate_mm > 0:
         runs = runs.merged(run_controller_seeds(controller, cfg, seeds, "qan+mm", ablate_mm))
     baselines, best_lr = run_baselines(cfg, seeds, lr_grid, log,
-                                       population=population_baselines)
+                                       population=population_baselines, lr_free=lr_free)
     result = summarise(runs.merged(baselines), target_accuracy)
     tr = TargetTrainingEnv(baseline_config(cfg)).trainer
     result.update(best_lr=best_lr, seeds=eval_seeds(seeds),
@@ -308,6 +358,11 @@ def markdown_table(result: dict[str, Any], cfg: QANConfig) -> str:
                      f" | {r['test_acc_mean']:.4f} +- {r['test_acc_std']:.4f} | {btt} "
                      f"({r['reached_target']}/{r['runs']}) | {r['dead']}/{r['runs']} | "
                      f"{r['rescues']} | {r['final_lr_mean']:.3g} | {r['wall_s_mean']:.2f} |")
+    if any(r["method"].startswith("schedulefree@") for r in result["summary"]):
+        grid = ", ".join(f"{lr:g}" for lr in lrfree.schedulefree_grid(cfg.optimizer))
+        lines += ["", f"schedulefree@LR: Schedule-Free at the best LR of its grid ({grid}) by "
+                  "mean final val accuracy, picked in hindsight on these seeds; prodigy@1 and "
+                  "dadapt@1 run at LR 1 with cosine over the run (qan_ray.lrfree)."]
     return "\n".join(lines) + "\n"
 
 
@@ -383,8 +438,10 @@ def _evaluate_into(args: argparse.Namespace, out: Path) -> int:
     cfg = evaluation_config(controller.spec.task, flags)
     grid = tuple(float(x) for x in args.lr_grid.split(",")) if args.lr_grid else ()
     print(f"evaluating controller {args.controller} on {cfg.task} ({args.seeds} seeds) -> {out}")
+    methods = getattr(args, "lr_free", ",".join(lrfree.METHODS))
+    lr_free = tuple(m.strip() for m in methods.split(",") if m.strip() and m.strip() != "none")
     result = evaluate(controller, cfg, args.seeds, grid, ablate_mm=args.ablate_meta_momentum,
-                      population_baselines=args.population_baselines)
+                      population_baselines=args.population_baselines, lr_free=lr_free)
     steps = None
     ctrl_path = Path(args.controller)
     for candidate in (ctrl_path / "steps", ctrl_path.parent / "steps"):

@@ -25,4 +25,8 @@ def configure_evaluate(p: argparse.ArgumentParser) -> None:
                         "adaptive baselines, then step and cosine): the same training loop, "
                         "equal to float tolerance where training is stable; "
                         "--no-population-baselines runs them episode by episode")
+    p.add_argument("--lr-free", default="prodigy,schedulefree,dadapt", metavar="METHODS",
+                   help="LR-free optimizer baselines, comma-separated (prodigy and dadapt at LR 1 "
+                        "with cosine, schedulefree: the best of a small LR grid; qan_ray.lrfree; "
+                        "the `baselines` extra), or 'none'")
     add_config_arguments(p)

@@ -18,6 +18,12 @@ BASE+cosine (fifo, asha, hyperband or median + cosine) is what a Tune user runs 
 trial decays its sampled LR along a cosine over its whole epoch budget (the trainable applies it,
 config key `trial_schedule`, so it survives checkpoint restores), while BASE decides STOP/CONTINUE
 exactly as alone. PBT and PB2 are left out: they mutate the LR the schedule starts from.
+What a user runs instead of tuning the LR (qan_ray.lrfree): prodigy and dadapt (every trial at
+LR 1 with a cosine over its epochs; the trials differ in their init seed) and schedulefree (the
+sampled LR, constant, with its warm-up), each alone (FIFO) or with a stopper: prodigy+asha,
+schedulefree+asha, ... (STOPPER in asha|hyperband|median). What an Optuna user runs: tpe+asha
+(Tune's OptunaSearch with a seeded TPESampler instead of random search, ASHA as the pruner; tpe
+alone is TPE with FIFO); `qan compare --search tpe` adds that row.
 
 The CLI flags of `Protocol` are generated from its fields (`add_protocol_arguments`), as the task
 flags are from `QANConfig`; the only hand-written one is `--lr-range LOW,HIGH` (lr_low, lr_high).
@@ -56,6 +62,14 @@ TRIAL_SCHEDULES = ("cosine",)
 SCHEDULED_BASES = ("fifo", "asha", "hyperband", "median")
 """The schedulers that take a per-trial schedule: they only stop trials, never change the LR."""
 SCHEDULED_NAMES = tuple(f"{b}+{s}" for s in TRIAL_SCHEDULES for b in SCHEDULED_BASES)
+LR_FREE = ("prodigy", "schedulefree", "dadapt")
+"""LR-free optimizers as scheduler names (qan_ray.lrfree.METHODS), alone or +STOPPER."""
+SEARCHERS = ("tpe",)
+"""Search algorithms as scheduler names (tpe, tpe+asha): they replace random search."""
+PLAIN_STOPPERS = ("asha", "hyperband", "median")
+"""The stoppers an LR-free optimizer or a searcher runs with (they never change the LR)."""
+TPE_STARTUP = 0.25
+"""TPESampler's random start: this share of the trials (at least 2) before TPE models them."""
 SKIP_FLAGS = ("lr", "seed", "epochs_per_episode", "device")
 """QANConfig fields that are not task flags of `qan tune` and `qan compare` (the protocol
 sets them)."""
@@ -310,15 +324,21 @@ def make_scheduler(name: str, proto: Protocol):
     if policy and base != "qan":
         raise ValueError(f"scheduler {name}@{policy}: only QAN schedulers take a policy "
                          "(qan@builtin, qan+asha@DIR).")
-    if stopper in TRIAL_SCHEDULES:
+    if base in LR_FREE or base in SEARCHERS:
+        if stopper and stopper not in PLAIN_STOPPERS:
+            raise ValueError(f"scheduler {name!r} is unknown: {base} goes alone or with a "
+                             f"stopper, {base}+STOPPER with STOPPER in {PLAIN_STOPPERS} (e.g. "
+                             f"{base}+asha).")
+    elif stopper in TRIAL_SCHEDULES:
         if name not in SCHEDULED_NAMES:
             raise ValueError(f"scheduler {name!r} is unknown: +{stopper} goes with a scheduler "
                              "that only stops trials; use one of "
                              f"{', '.join(SCHEDULED_NAMES)}.")
     elif base not in BASE_SCHEDULERS or (stopper and (base != "qan" or stopper not in STOPPERS)):
         raise ValueError(f"scheduler {name!r} is unknown; use one of {BASE_SCHEDULERS}, "
-                         f"qan+STOPPER with STOPPER in {STOPPERS} (e.g. qan+asha), or one of "
-                         f"{SCHEDULED_NAMES}.")
+                         f"qan+STOPPER with STOPPER in {STOPPERS} (e.g. qan+asha), one of "
+                         f"{SCHEDULED_NAMES}, an LR-free optimizer {LR_FREE} (+STOPPER), or "
+                         "tpe+asha (TPE search).")
     epochs = proto.epochs
     interval = max(1, epochs // 4)
     lr_space = tune.loguniform(proto.lr_low, proto.lr_high)
@@ -349,7 +369,53 @@ def make_scheduler(name: str, proto: Protocol):
                             action_mode=proto.task_config.get("action_mode"),
                             stopper=stopping(stopper, qan=True) if stopper else None,
                             guard=bool(proto.task_config.get("guard", True)))
+    if base in LR_FREE or base in SEARCHERS:
+        return stopping(stopper or "fifo")
     return stopping(base)
+
+
+def searcher(name: str, proto: Protocol, seed: int):
+    """The search algorithm of scheduler `name`: random search (BasicVariantGenerator seeded
+    with `seed`) for all but tpe/tpe+STOPPER, which get Tune's OptunaSearch with a TPESampler
+    seeded with `seed` (its first TPE_STARTUP of the trials random), both at most
+    max_concurrent trials at a time."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    base = name.partition("@")[0].partition("+")[0]
+    if base not in SEARCHERS:
+        return BasicVariantGenerator(random_state=seed, max_concurrent=proto.max_concurrent)
+    try:
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:
+        raise ValueError(f"scheduler {name!r} needs the package 'optuna' ({err}). Install the "
+                         "baselines extra: pip install -e \".[baselines]\" (or pip install "
+                         "optuna).") from err
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    startup = max(2, round(TPE_STARTUP * proto.samples))
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=proto.max_concurrent)
+
+
+def lr_free_keys(name: str, proto: Protocol) -> dict[str, Any]:
+    """The trial-config keys of an LR-free scheduler name (others: {}): the optimizer of the
+    task's family (qan_ray.lrfree.optimizer_for) and, for prodigy and dadapt, LR 1 with a
+    cosine over the trial's epochs (schedulefree keeps the sampled LR, constant)."""
+    base = name.partition("@")[0].partition("+")[0]
+    if base not in LR_FREE:
+        return {}
+    from qan_ray import lrfree
+    from qan_ray.config import _FIELDS
+    from qan_ray.distribution import load_config
+
+    # the task's own optimizer (the trainable keys of task_config are not config fields)
+    task_optimizer = load_config({k: v for k, v in proto.task_config.items()
+                                  if k in _FIELDS}).optimizer
+    keys: dict[str, Any] = {"optimizer": lrfree.optimizer_for(base, task_optimizer)}
+    if lrfree.RECIPES[base] != "fixed":
+        keys.update(lr=1.0, trial_schedule=lrfree.RECIPES[base])
+    return keys
 
 
 def _pb2(epochs: int, interval: int, proto: Protocol):
@@ -383,6 +449,8 @@ def param_space(proto: Protocol, name: str | None = None) -> dict[str, Any]:
     schedule = None if name is None else trial_schedule(name)
     if schedule is not None:
         space["trial_schedule"] = schedule
+    if name is not None:
+        space.update(lr_free_keys(name, proto))
     return space
 
 
@@ -411,7 +479,6 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
     ExperimentInterrupted when Ctrl-C stopped it before it finished."""
     import ray
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from trainables.targets import trainable_for
 
@@ -453,8 +520,7 @@ def run_experiment(name: str, proto: Protocol, seed: int, storage: str | Path,
             trainable, param_space=param_space(proto, name),
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=proto.samples,
-                search_alg=BasicVariantGenerator(random_state=seed,
-                                                 max_concurrent=proto.max_concurrent),
+                search_alg=searcher(name, proto, seed),
                 reuse_actors=True),
             run_config=tune.RunConfig(
                 name=exp_name, storage_path=storage_uri(storage), verbose=0,

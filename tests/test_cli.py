@@ -115,8 +115,12 @@ def test_evaluate_keep_controller_equals_the_fixed_baseline_exactly(tmp_path):
     summary = {r["method"]: r for r in pq.read_table(tmp_path / "eval" /
                                                      "evaluation.parquet").to_pylist()}
     best = "0.1" if summary["fixed@0.1"]["best_fixed"] else "0.05"
+    sf = [m for m in summary if m.startswith("schedulefree@")]  # the best of its LR grid
+    assert sf in (["schedulefree@0.1"], ["schedulefree@0.3"], ["schedulefree@1"])
     assert set(summary) == {"qan", "fixed@0.05", "fixed@0.1", f"step@{best}", f"cosine@{best}",
-                            "warmup_cosine@0.05", "plateau@0.05", "hypergradient@0.05"}
+                            "warmup_cosine@0.05", "plateau@0.05", "hypergradient@0.05",
+                            "prodigy@1", "dadapt@1", *sf}
+    assert "Schedule-Free at the best LR of its grid (0.1, 0.3, 1)" in out.stdout
     assert summary["qan"]["val_acc_mean"] == summary["fixed@0.05"]["val_acc_mean"]
     assert summary["qan"]["test_acc_mean"] == summary["fixed@0.05"]["test_acc_mean"]
     curves = pq.read_table(tmp_path / "eval" / "curves.parquet").to_pylist()

@@ -12,8 +12,11 @@ One training iteration = one epoch of the target network. Each iteration:
    `checkpoint_every` epochs, a `tune.Checkpoint` (trainer state: model, optimizer, batch order).
 
 Config keys: any `QANConfig` field (task, lr, momentum, weight_decay, seed, ...) plus
-`TRAINABLE_KEYS`. Reported metrics: val_accuracy, val_loss, val_score (accuracy with a tiny
-validation-loss tie-breaker, see `val_score`), train_loss, lr, epoch, epochs_this_iter, diverged,
+`TRAINABLE_KEYS`. `optimizer` may name an LR-free optimizer (prodigy, schedulefree-sgd, ...;
+qan_ray.lrfree): the trainer builds it, its state is part of every checkpoint, and Schedule-Free
+is validated and tested at its averaged weights (TargetTrainer.evaluate switches them in).
+Reported metrics: val_accuracy, val_loss, val_score (accuracy with a tiny validation-loss
+tie-breaker, see `val_score`), train_loss, lr, epoch, epochs_this_iter, diverged,
 test_accuracy at the last epoch, and class_action and balanced_accuracy in minibatch mode. The
 trial's observation is built by `QANReporter.metrics` (per-class signals too in minibatch mode,
 `validate`). Divergence -- the
