@@ -88,6 +88,17 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
     ),
     "mnist-mlp": dict(
         dataset="mnist", model="mlp", hidden=(256,), optimizer="sgd", lr=0.05, momentum=0.9,
+    # Small residual CNNs with BatchNorm (stem + 2 basic blocks) on the embedded data: members of
+    # the `generalist-wide` distribution (its start LRs are drawn; these LRs are the 2-D CNN's and
+    # the MNIST-1D CNN's defaults, not tuned for them).
+    "digits-resnet": dict(
+        dataset="digits", model="resnet", optimizer="sgd", lr=0.05, momentum=0.9,
+        batch_size=32, epochs_per_episode=8.0, control_interval=10,
+    ),
+    "mnist1d-resnet": dict(
+        dataset="mnist1d", model="resnet1d", optimizer="sgd", lr=0.1, momentum=0.9,
+        batch_size=100, epochs_per_episode=40.0, control_interval=32,
+    ),
         batch_size=64, epochs_per_episode=3.0, control_interval=100,
     ),
     "mnist-lenet": dict(

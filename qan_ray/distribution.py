@@ -17,6 +17,13 @@ MLP (1 to 4 hidden layers, each of width 32, 64, 128, 256 or 512) or its CNN (`c
 `cnn1d` on MNIST-1D), uniformly; SGD, momentum 0.9, Nesterov 0.9 or Adam, uniformly; batch size
 16 to 256 (log-uniform over the powers of two); `EPOCHS` per dataset, uniform integers.
 
+`generalist-wide`: `generalist` plus a small residual CNN with BatchNorm on each dataset (`resnet`
+on digits, `resnet1d` on MNIST-1D: the presets `digits-resnet`, `mnist1d-resnet`) and AdamW with
+weight decay (log-uniform 1e-3..1e-1) as a fifth optimizer family; every episode also draws label
+noise on classes 0-2 (0, 10% or 30% of their training labels wrong) and the share of the
+training split it trains on (all, half or a quarter). The held-out families of `generalist` hold
+out the same tasks here (`--holdout cnn2d,mnist1d-mlp` leaves the residual CNNs in).
+
 `QANConfig.holdout` removes every task one of whose `families` it names: a dataset (`digits`), a
 model (`cnn2d`) or model family (`cnn`, `mlp`), a dataset-model pair (`mnist1d-mlp`,
 `digits-cnn`, `digits-cnn2d`), an optimizer family (`adam`) or a task name (`mnist-lenet`, a
@@ -53,9 +60,11 @@ from qan_ray.config import (
 )
 
 GENERALIST = "generalist"
-DISTRIBUTIONS = (GENERALIST,)
+WIDE = "generalist-wide"
+DISTRIBUTIONS = (GENERALIST, WIDE)
 
 OPTIMIZER_FAMILIES = ("sgd", "momentum", "nesterov", "adam")
+WIDE_OPTIMIZERS = (*OPTIMIZER_FAMILIES, "adamw")
 # Initial LR range of each optimizer family, log-uniform: the whole range a Tune user searches
 # (1e-4..1 for every SGD family), so that too-high starts, which kill runs, are common in
 # training: with momentum 0.9 the top decade is mostly fatal; Adam's range reaches 0.3, where
@@ -77,11 +86,24 @@ GENERALIST_PAIRS: dict[tuple[str, str], str] = {
     ("mnist1d", "mlp"): "mnist1d-mlp",
     ("mnist1d", "cnn1d"): "mnist1d-cnn",
 }
+# `generalist-wide` adds the residual CNNs with BatchNorm, AdamW with weight decay, label noise and
+# smaller training sets (per episode, uniformly: WIDE_NOISE of the training labels of classes
+# 0-2 wrong, WIDE_FRACTIONS of the training split kept; AdamW's weight decay log-uniform over
+# WIDE_DECAY).
+WIDE_PAIRS: dict[tuple[str, str], str] = {
+    **GENERALIST_PAIRS,
+    ("digits", "resnet"): "digits-resnet",
+    ("mnist1d", "resnet1d"): "mnist1d-resnet",
+}
+WIDE_NOISE = (0.0, 0.1, 0.3)
+WIDE_FRACTIONS = (1.0, 0.5, 0.25)
+WIDE_DECAY = (1e-3, 1e-1)
 _OPTIMIZER_FIELDS: dict[str, dict[str, Any]] = {
     "sgd": dict(optimizer="sgd", momentum=0.0, nesterov=False),
     "momentum": dict(optimizer="sgd", momentum=0.9, nesterov=False),
     "nesterov": dict(optimizer="sgd", momentum=0.9, nesterov=True),
     "adam": dict(optimizer="adam", momentum=0.0, nesterov=False),
+    "adamw": dict(optimizer="adamw", momentum=0.0, nesterov=False),
 }
 # The fields a task brings; every other field (the control problem, data split, device) comes
 # from the config the task is drawn from.
@@ -184,11 +206,12 @@ def task_lr_range(cfg: QANConfig, task_cfg: QANConfig) -> tuple[float, float]:
 
 
 def _options(cfg: QANConfig, name: str) -> list[_Option]:
-    if name == GENERALIST:
-        return [_Option(GENERALIST, frozenset(_families(task, dataset, model, opt)), dataset,
+    if name in DISTRIBUTIONS:
+        pairs, optimizers = ((GENERALIST_PAIRS, OPTIMIZER_FAMILIES) if name == GENERALIST
+                             else (WIDE_PAIRS, WIDE_OPTIMIZERS))
+        return [_Option(name, frozenset(_families(task, dataset, model, opt)), dataset,
                         model, opt)
-                for (dataset, model), task in GENERALIST_PAIRS.items()
-                for opt in OPTIMIZER_FAMILIES]
+                for (dataset, model), task in pairs.items() for opt in optimizers]
     fields = {f.name: f.default for f in dataclasses.fields(QANConfig)}
     fields.update(_member_fields(name))
     probe = QANConfig(**{k: fields[k] for k in ("optimizer", "momentum", "nesterov")})
@@ -331,12 +354,30 @@ def sample_task(cfg: QANConfig, rng: np.random.Generator | int) -> QANConfig:
             depth = int(rng.choice(MLP_DEPTHS))
             hidden = tuple(int(w) for w in rng.choice(MLP_WIDTHS, size=depth))
         lr = _log_uniform(rng, *_lr_range(cfg, option.optimizer))
+        variation: dict[str, Any] = {"weight_decay": 0.0}
+        if option.member == WIDE:
+            variation = _wide_variation(cfg, option, rng)
         task = from_dict({
-            **_shared(cfg), "task": GENERALIST_PAIRS[(option.dataset, option.model)],
+            **_shared(cfg), "task": WIDE_PAIRS[(option.dataset, option.model)],
             "dataset": option.dataset, "model": option.model, "hidden": hidden,
-            **_OPTIMIZER_FIELDS[option.optimizer], "weight_decay": 0.0, "batch_size": batch,
-            "epochs_per_episode": epochs, "augment": False, "lr": lr})
+            **_OPTIMIZER_FIELDS[option.optimizer], "batch_size": batch,
+            "epochs_per_episode": epochs, "augment": False, "lr": lr, **variation})
     return task.replace(lr=lr, lr_init_range=None, control_interval=batches_per_epoch(task))
+
+
+def _wide_variation(cfg: QANConfig, option: _Option, rng: np.random.Generator
+                    ) -> dict[str, Any]:
+    """`generalist-wide`'s per-episode variations: AdamW's weight decay, label noise on
+    classes 0-2, the share of the training split kept."""
+    decay = _log_uniform(rng, *WIDE_DECAY) if option.optimizer == "adamw" else 0.0
+    noise = float(rng.choice(WIDE_NOISE))
+    fraction = float(rng.choice(WIDE_FRACTIONS))
+    keep = cfg.max_train_samples
+    if fraction < 1.0:
+        full = _n_train(option.dataset, cfg.data_root, cfg.download, cfg.val_fraction,
+                        cfg.data_seed, cfg.max_train_samples, cfg.action_mode == "minibatch")
+        keep = max(1, int(full * fraction))
+    return {"weight_decay": decay, "label_noise": noise, "max_train_samples": keep}
 
 
 def episode_steps(task_cfg: QANConfig) -> int:
@@ -354,7 +395,7 @@ def mean_episode_steps(cfg: QANConfig, samples: int = 64) -> float:
     return sum(episode_steps(sample_task(cfg, s)) for s in range(samples)) / samples
 
 
-__all__ = ["DISTRIBUTIONS", "GENERALIST", "LR_RANGES", "batches_per_epoch", "check_distribution",
+__all__ = ["DISTRIBUTIONS", "GENERALIST", "WIDE", "LR_RANGES", "batches_per_epoch", "check_distribution",
            "config_from_args", "describe", "episode_steps", "families", "known_families",
            "load_config", "mean_episode_steps", "model_family", "optimizer_family", "sample_task",
            "task_lr_range", "trainer_key"]

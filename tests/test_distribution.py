@@ -157,7 +157,7 @@ def test_env_switches_task_across_resets_with_the_same_observation_length():
 
 @pytest.mark.parametrize("values, fragment", [
     ({"tasks": ("generalst",)}, "`tasks` names 'generalst'; every entry must be a distribution "
-                                "(generalist), a preset"),
+                                "(generalist, generalist-wide), a preset"),
     ({"tasks": ("generalist",), "holdout": ("cnnn",)},
      "`holdout` names ['cnnn'], which are no family of the tasks ['generalist']; each must be "
      "one of ['adam', 'cnn', 'cnn1d'"),
@@ -190,3 +190,33 @@ def test_mean_episode_steps_is_the_mean_epochs_of_the_mix():
     mean = mean_episode_steps(cfg, samples=40)
     assert mean == sum(sample_task(cfg, s).epochs_per_episode for s in range(40)) / 40
     assert 4 <= mean <= 24
+
+
+def test_generalist_wide_adds_residual_cnns_adamw_label_noise_and_smaller_splits():
+    import numpy as np
+
+    from qan_ray.distribution import WIDE_DECAY, WIDE_NOISE
+
+    wide = load_config({"tasks": ("generalist-wide",), "holdout": ("cnn2d", "mnist1d-mlp")})
+    tasks = [sample_task(wide, s) for s in range(300)]
+    pairs = {(t.dataset, t.model) for t in tasks}
+    assert pairs == {("digits", "mlp"), ("digits", "resnet"), ("mnist1d", "cnn1d"),
+                     ("mnist1d", "resnet1d")}  # the held-out cnn2d and MNIST-1D MLP stay out
+    assert {t.task for t in tasks if t.model.startswith("resnet")} == {"digits-resnet",
+                                                                       "mnist1d-resnet"}
+    assert {optimizer_family(t) for t in tasks} == {*OPTIMIZER_FAMILIES, "adamw"}
+    decays = [t.weight_decay for t in tasks if t.optimizer == "adamw"]
+    assert all(WIDE_DECAY[0] <= d <= WIDE_DECAY[1] for d in decays)
+    assert all(t.weight_decay == 0.0 for t in tasks if t.optimizer != "adamw")
+    assert {t.label_noise for t in tasks} == set(WIDE_NOISE)
+    for dataset in ("digits", "mnist1d"):
+        full = batches_per_epoch(from_dict(task=f"{dataset}-mlp", batch_size=1))
+        kept = {t.max_train_samples for t in tasks if t.dataset == dataset}
+        assert kept == {None, int(full * 0.5), int(full * 0.25)}
+    small = next(t for t in tasks if t.max_train_samples is not None)
+    assert small.control_interval == batches_per_epoch(small)
+    assert batches_per_epoch(small) == small.max_train_samples // small.batch_size
+    # the plain generalist draws none of these (its draws are unchanged)
+    assert all(t.label_noise == 0 and t.max_train_samples is None
+               for t in (sample_task(GENERALIST, s) for s in range(50)))
+    assert np.mean([t.model.startswith("resnet") for t in tasks]) > 0.3
