@@ -50,6 +50,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from qan_ray import features as fe
+from qan_ray import popconv
 from qan_ray.class_sampling import ClassSampler
 from qan_ray.config import QANConfig
 from qan_ray.constants import NUM_CLASSES, run_seed
@@ -80,12 +81,16 @@ class PopulationTrainer:
 
     def __init__(self, cfg: QANConfig, k: int | None = None, seeds: Sequence[int] | None = None,
                  data: DeviceData | None = None, device: torch.device | str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, conv: str = "auto"):
         """compile: wrap the vmapped loss-and-gradient in torch.compile (inductor), K > 1 only.
         Measured on a busy 2-core CPU at K = 32 (benchmarks/population_speed.py --compile):
-        about 2x (1.8x to 4x) per mini-batch on digits-mlp, 0.7x to 2x on mnist1d-cnn, after a
-        first call that compiles (about a minute cold, seconds from inductor's cache); off by
-        default."""
+        about 2x per mini-batch on digits-mlp and on mnist1d-cnn (with matmul convolutions),
+        after a first call that compiles (about a minute cold, seconds from inductor's cache);
+        off by default.
+        conv: how K > 1 computes the model's convolutions: "matmul" (im2col + one batched
+        matrix product per layer, qan_ray.popconv), "native" (torch's kernel, which vmap turns
+        into one grouped convolution), or "auto" (matmul on the CPU, where it measured about
+        1.5x the grouped convolution's speed on mnist1d-cnn at K = 32; native elsewhere)."""
         if seeds is None:
             if k is None:
                 k = 1
@@ -124,6 +129,13 @@ class PopulationTrainer:
         dtype = next(template.parameters()).dtype
         self.theta = torch.empty(self.k, self.num_params, device=self.device, dtype=dtype)
         self._template = copy.deepcopy(template)
+        if conv not in ("auto", "matmul", "native"):
+            raise ValueError(f"conv is {conv!r}; it must be 'auto', 'matmul' or 'native'.")
+        if conv == "auto":
+            conv = "matmul" if self.device.type == "cpu" else "native"
+        self.conv = "native" if self.direct else conv  # K = 1 runs the member module itself
+        if self.conv == "matmul":
+            popconv.use_matmul_convs(self._template)  # member modules keep torch's kernel
         self._models: list[nn.Module] = models
         # Buffers (BatchNorm's running statistics, its batch counter): one (K, *shape) tensor
         # each; a member module's buffers are views of its row, and the vmapped forward passes
