@@ -27,7 +27,9 @@ DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "user")
 EMBEDDED_DATASETS = ("digits", "mnist1d")  # built in-process: no data_root, no download
 MODELS = ("mlp", "lenet", "cnn1d", "cnn2d", "resnet", "resnet1d", "wrn", "user")
 USER = "user"  # dataset and model of a module:function task: the task supplies both
-OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_FREE_OPTIMIZERS = ("prodigy", "schedulefree-sgd", "schedulefree-adamw", "dadapt-sgd",
+                      "dadapt-adam")  # qan_ray.lrfree: K = 1 only, the `baselines` extra
+OPTIMIZERS = ("sgd", "adam", "adamw", *LR_FREE_OPTIMIZERS)
 ACTION_MODES = ("lr", "minibatch")
 LR_SCHEDULES = ("constant", "cosine")
 REWARDS = ("log_loss", "val_loss", "time_to_target", "final_val", "final_acc")
@@ -86,8 +88,6 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
         dataset="digits", model="cnn2d", optimizer="sgd", lr=0.05, momentum=0.9,
         batch_size=32, epochs_per_episode=8.0, control_interval=10,
     ),
-    "mnist-mlp": dict(
-        dataset="mnist", model="mlp", hidden=(256,), optimizer="sgd", lr=0.05, momentum=0.9,
     # Small residual CNNs with BatchNorm (stem + 2 basic blocks) on the embedded data: members of
     # the `generalist-wide` distribution (its start LRs are drawn; these LRs are the 2-D CNN's and
     # the MNIST-1D CNN's defaults, not tuned for them).
@@ -99,6 +99,8 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
         dataset="mnist1d", model="resnet1d", optimizer="sgd", lr=0.1, momentum=0.9,
         batch_size=100, epochs_per_episode=40.0, control_interval=32,
     ),
+    "mnist-mlp": dict(
+        dataset="mnist", model="mlp", hidden=(256,), optimizer="sgd", lr=0.05, momentum=0.9,
         batch_size=64, epochs_per_episode=3.0, control_interval=100,
     ),
     "mnist-lenet": dict(
@@ -185,7 +187,10 @@ class QANConfig:
         WideResNet widening factor k.""")
 
     optimizer: str = documented("sgd", """
-        sgd | adam | adamw (Adam with decoupled weight decay, torch.optim.AdamW's arithmetic).""")
+        sgd | adam | adamw (Adam with decoupled weight decay, torch.optim.AdamW's arithmetic);
+        the LR-free baselines (one network at a time, the `baselines` extra; qan_ray.lrfree):
+        prodigy | schedulefree-sgd | schedulefree-adamw | dadapt-sgd | dadapt-adam, for which
+        `lr` multiplies the optimizer's own step size (1 for prodigy and dadapt).""")
     lr: float = documented(0.05, """
         Initial learning rate of every episode.""")
     lr_init_range: tuple[float, ...] | None = documented(None, """

@@ -52,9 +52,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from qan_ray import features as fe
 from qan_ray import popconv
 from qan_ray.class_sampling import ClassSampler
-from qan_ray.config import QANConfig
+from qan_ray.config import LR_FREE_OPTIMIZERS, QANConfig
 from qan_ray.constants import NUM_CLASSES, run_seed
 from qan_ray.data import DeviceData, augment_batch, load_data, resolve_device
+from qan_ray.lrfree import for_population as lr_free_optimizer
 from qan_ray.models import build_model
 from qan_ray.popoptim import PopulationOptimizer
 from qan_ray.rewards import diverged
@@ -136,13 +137,13 @@ class PopulationTrainer:
         self.conv = "native" if self.direct else conv  # K = 1 runs the member module itself
         if self.conv == "matmul":
             popconv.use_matmul_convs(self._template)  # member modules keep torch's kernel
-        self._models: list[nn.Module] = models
         # Buffers (BatchNorm's running statistics, its batch counter): one (K, *shape) tensor
         # each; a member module's buffers are views of its row, and the vmapped forward passes
         # them batched to functional_call, where each member updates its own row in place.
         self.stacked_buffers: dict[str, torch.Tensor] = {
             n: torch.stack([dict(m.named_buffers())[n].detach() for m in models])
             for n, _ in template.named_buffers()}
+        self._models: list[nn.Module] = models
         for i, m in enumerate(models):
             self._bind(i, m)
         if self.direct:  # member 0's gradients accumulate into views of one flat buffer
@@ -150,9 +151,12 @@ class PopulationTrainer:
             views = self._views(self._grad_flat[0])
             for name, p in template.named_parameters():
                 p.grad = views[name]
-        self.optimizer = PopulationOptimizer(
-            [self.theta], cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay)
+        if cfg.optimizer in LR_FREE_OPTIMIZERS:  # a torch.optim optimizer of member 0 (K = 1)
+            self.optimizer = lr_free_optimizer(cfg, self.k, models[0], self.total_batches)
+        else:
+            self.optimizer = PopulationOptimizer(
+                [self.theta], cfg.optimizer, cfg.lr, momentum=cfg.momentum,
+                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self._lr_host = np.full(self.k, float(cfg.lr))
         self._frozen = np.zeros(self.k, dtype=bool)
         if not self.direct:
@@ -591,7 +595,8 @@ class PopulationTrainer:
 
     def evaluate(self, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
         """(K,) mean losses and (K,) accuracies on 'val' (first val_max_samples) or 'test',
-        every member in one batched pass."""
+        every member in one batched pass. An LR-free Schedule-Free optimizer is evaluated at
+        its averaged weights (qan_ray.lrfree.TorchOptimizer.evaluating)."""
         d = self.data
         evaluating = getattr(self.optimizer, "evaluating", contextlib.nullcontext)
         if split == "val":

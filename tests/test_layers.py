@@ -11,8 +11,8 @@ import pytest
 LAYERS = {
     0: {"constants", "config", "schedules", "rewards", "records", "formats", "quiet",
         "scheduler_core", "signals"},
-    1: {"features", "popoptim", "popconv", "tasks", "data", "models", "distribution",
-        "class_sampling", "population", "trainer", "contract"},
+    1: {"features", "popoptim", "popconv", "lrfree", "tasks", "data", "models",
+        "distribution", "class_sampling", "population", "trainer", "contract"},
     2: {"episode"},
     3: {"env", "vector_env", "control"},
     4: {"tune", "scheduler", "actors", "meta", "summaries", "plots", "protocol", "compare",
