@@ -285,7 +285,12 @@ def build_dqn_config(qan: QANConfig, meta: MetaConfig, run: str, steps_per_episo
         .framework("torch")
         .env_runners(num_env_runners=meta.num_actors, num_envs_per_env_runner=k,
                      num_cpus_per_env_runner=0, rollout_fragment_length=steps_per_episode,
-                     **vector)
+                     # RLlib drops (does not wait for) a sample() that takes longer than
+                     # sample_timeout_s (60 s by default): those transitions would never reach
+                     # the replay buffer, though the episodes are logged. A population's
+                     # fragment (K members x an episode of control steps) often takes longer,
+                     # so wait for it; a dead trainer actor is replaced by its proxy.
+                     sample_timeout_s=None, **vector)
         # A GPU learner runs as its own actor (the driver usually sits on a CPU head node).
         .learners(num_learners=1 if meta.learner_gpus > 0 else 0,
                   num_gpus_per_learner=meta.learner_gpus)

@@ -377,6 +377,7 @@ def test_the_learner_replays_less_of_a_populations_fresh_data(population, ratio,
     assert population_learner(meta) == (ratio, batch)
     cfg = build_dqn_config(QAN, meta, "ratio", steps_per_episode=4)
     assert cfg.train_batch_size_per_learner == batch
+    assert cfg.sample_timeout_s is None  # a slow fragment is waited for, never dropped
     stores, updates = calculate_rr_weights(cfg)
     assert updates * batch / (stores * 4 * population * 2) == pytest.approx(ratio)
     given = MetaConfig(population=population, training_intensity=3.0, train_batch_size=48)
