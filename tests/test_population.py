@@ -545,8 +545,9 @@ def test_meta_trainer_with_population_4_over_a_distribution_logs_every_episode(r
 
     meta = MetaConfig(episodes=4, num_actors=1, population=4, cpus_per_actor=0.5,
                       learning_starts=8, hidden=(16, 16), select_every=0)
-    # a task distribution (one preset member: 8 one-epoch steps, a start LR drawn per member)
-    qan = POP_QAN.replace(tasks=("digits-mlp",))
+    # a task distribution (one preset member: 8 one-epoch steps of 10 batches, a start LR drawn
+    # per member)
+    qan = POP_QAN.replace(tasks=("digits-mlp",), max_train_samples=320)
     mt = MetaTrainer(qan, meta, tmp_path / "run", log=lambda *_: None)
     try:
         assert mt.algo.config.num_envs_per_env_runner == 4 and mt.steps_per_episode == 8
