@@ -593,7 +593,8 @@ class MetaTrainer:
         self.log(f"episode {ep + 1:>4}/{target}  return {ret:8.3f}  val acc "
                  f"{acc:6.3f}  lr {lrs[0]:.3g} -> min {min(lrs):.3g} max {max(lrs):.3g} final "
                  f"{lrs[-1]:.3g}{'  DIVERGED' if diverged else ''}"
-                 f"{f'  RESCUED at step {rescued}' if rescued else ''}  ETA {eta:5.0f}s")
+                 f"{f'  RESCUED at step {rescued}' if rescued else ''}  ETA {eta:5.0f}s"
+                 f"{f'  [{task}]' if self.qan.tasks and (task := rows[-1].get('task')) else ''}")
 
     # --- outputs -------------------------------------------------------------------------------
     def save(self) -> None:

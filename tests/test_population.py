@@ -548,7 +548,8 @@ def test_meta_trainer_with_population_4_over_a_distribution_logs_every_episode(r
     # a task distribution (one preset member: 8 one-epoch steps of 10 batches, a start LR drawn
     # per member)
     qan = POP_QAN.replace(tasks=("digits-mlp",), max_train_samples=320)
-    mt = MetaTrainer(qan, meta, tmp_path / "run", log=lambda *_: None)
+    lines: list[str] = []
+    mt = MetaTrainer(qan, meta, tmp_path / "run", log=lines.append)
     try:
         assert mt.algo.config.num_envs_per_env_runner == 4 and mt.steps_per_episode == 8
         result = mt.train()
@@ -574,6 +575,9 @@ def test_meta_trainer_with_population_4_over_a_distribution_logs_every_episode(r
         first = sample_task(qan, min(seeds.values()))
         first_gen = [r for r in rows if r["global_episode"] in range(4)]
         assert {r["task"] for r in first_gen} == {describe(first).rsplit(" lr", 1)[0]}
+        shown = [t for t in lines if t.startswith("episode ")]  # each names its task
+        assert len(shown) == len(episodes) and all(t.endswith(
+            f"[{describe(first).rsplit(' lr', 1)[0]}]") for t in shown[:4])
         assert len({r["lr"] for r in first_gen if r["step"] == 0}) == 4
         assert all(r["q_values"] is not None for r in rows if r["action"] >= 0)
     finally:
