@@ -200,3 +200,22 @@ def test_single_element_groups_closed_form_matches_group_stats():
 
     x = torch.randn(50)
     assert torch.allclose(_single_stats(x), group_stats(x[:, None]), atol=1e-6)
+
+
+def test_numpy_sorts_and_the_linear_summary_give_the_torch_paths_numbers():
+    """The CPU fast paths are exact: NumPy's sort equals torch.sort (NaN last), and the Linear
+    layer's per-weight summary equals summarising the 12-column per-weight statistics."""
+    from qan_ray import features as fe
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 1, 1024), (3, 40, 17), (2, 5, fe.SORT_NUMPY_MIN - 1)):
+        x = torch.randn(shape, generator=g) * 2
+        x[0, 0, 3] = float("nan")
+        x[1, -1] = 0.0
+        assert torch.equal(fe.sorted_rows(x).nan_to_num(9.0),
+                           torch.sort(x, dim=-1).values.nan_to_num(9.0))
+    x = torch.randn(4, 300, generator=g) * 3
+    x[0, 5] = float("nan")
+    x[1] = 0.0
+    ref = fe._summarise(fe._single_stats(x), fe._single_medians(x))
+    assert torch.equal(fe._summarise_single(x).nan_to_num(9.0), ref.nan_to_num(9.0))
