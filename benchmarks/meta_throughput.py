@@ -10,10 +10,15 @@ side by side in one process, in alternating rounds:
 - population: --population K, 2 trainer actors, the same learner (replay ratio 16, batch 32);
 - population, population learner: --population K with the learner settings the population
   defaults to (MetaConfig: replay ratio and batch for K > 1).
-Each arm meta-trains from scratch for its episode count; the time counted is `train()` (sampling,
-learning, logging, checkpoints), not the algorithm's build. Episodes per hour = full episodes /
-that time (episodes cut at a generation's end are logged and not counted). Also reported: DQN
-updates per hour and the share of each iteration spent sampling and learning (RLlib's timers).
+Each arm meta-trains from scratch for about --budget seconds (in chunks of one episode per
+member and actor); the time counted is `train()` (sampling, learning, logging, checkpoints), not
+the algorithm's build. Episodes per hour = full episodes / that time (episodes cut at a
+generation's end are logged and not counted). On a machine other jobs share, wall time follows
+their load, so the script also counts the CPU seconds of the run's own processes (the driver,
+where the DQN learner runs, the EnvRunners and the trainer actors; Linux /proc) and reports
+episodes per CPU hour, which the other jobs move much less. Also measured, in one process and
+thread: the seconds of one control step of one network and of K networks on tasks drawn from the
+distribution (what populations can save before RLlib, the actors and the learner).
 
     python benchmarks/meta_throughput.py                  # the full run (appends its lines to
                                                           # results/population_speed.md)
@@ -69,10 +74,13 @@ def run_arm(name: str, population: int, budget: float, intensity: float, batch: 
         built = time.perf_counter() - t0
         seconds = 0.0
         try:
+            pids = run_pids(mt)
+            cpu0 = cpu_now(pids)
             while seconds < budget:
                 t1 = time.perf_counter()
                 result = mt.train(until=mt.progress["episodes"] + chunk)
                 seconds += time.perf_counter() - t1
+            cpu = cpu_now(pids) - cpu0
             done = mt.progress["episodes"]
             cut = mt.progress.get("truncated", 0)
             sampled = result["env_runners"]["num_env_steps_sampled_lifetime"]
@@ -82,14 +90,41 @@ def run_arm(name: str, population: int, budget: float, intensity: float, batch: 
     tasks = [t for t in lines if t.startswith("episode ")]
     row = {"arm": name, "population": population, "intensity": intensity, "batch": batch,
            "episodes": done, "cut": cut, "seconds": seconds, "build_s": built,
-           "episodes_per_hour": 3600.0 * done / seconds,
+           "episodes_per_hour": 3600.0 * done / seconds, "cpu_s": cpu,
+           "episodes_per_cpu_hour": 3600.0 * done / cpu,
            "steps_per_hour": 3600.0 * sampled / seconds,
-           "trained_per_hour": 3600.0 * trained / seconds, "logged": len(tasks)}
+           "trained_per_hour": 3600.0 * trained / seconds, "logged": len(tasks),
+           "load": os.getloadavg()[0]}
     log(f"  {name:<24} K={population:<3} ratio {intensity:>5.3g} batch {batch:>4}: {done} "
         f"episodes ({cut} cut) in {seconds:6.1f} s = {row['episodes_per_hour']:7.0f} episodes/h,"
-        f" {row['steps_per_hour']:7.0f} control steps/h (build {built:.0f} s, load "
+        f" {row['steps_per_hour']:7.0f} control steps/h, "
+        f"{row['episodes_per_cpu_hour']:7.0f} episodes per CPU hour (build {built:.0f} s, load "
         f"{os.getloadavg()[0]:.1f})", flush=True)
     return row
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_pids(mt) -> list[int]:
+    """The processes of a run besides the driver: its EnvRunners and their trainer actors."""
+    import ray
+
+    def pids(er):
+        actor = er.env.unwrapped._actor
+        return [os.getpid(), ray.get(actor.__ray_call__.remote(lambda a: os.getpid()))]
+
+    groups = mt.algo.env_runner_group.foreach_env_runner(pids, local_env_runner=False)
+    return [pid for group in groups for pid in group]
+
+
+def cpu_now(pids: list[int]) -> float:
+    """CPU seconds so far of the driver (the DQN learner runs in it) and `pids`."""
+    driver = os.times()
+    return driver.user + driver.system + sum(_cpu_seconds(p) for p in pids)
 
 
 def dqn_trained(algo) -> float:
@@ -186,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         return mean_sd([x[key] for x in rows if x["arm"] == name])
 
     single, _ = per("single", "episodes_per_hour")
+    single_cpu, _ = per("single", "episodes_per_cpu_hour")
     lines = [
         "# Meta-training throughput: populations over the generalist distribution",
         "",
@@ -196,20 +232,24 @@ def main(argv: list[str] | None = None) -> None:
         "and control problem, RLlib DQN from scratch.",
         "",
         "| arm | K | replay ratio | batch | episodes/h (mean +- sd) | control steps/h | "
-        "samples trained/h | x single |",
-        "|---|---|---|---|---|---|---|---|",
+        "samples trained/h | x single | episodes per CPU hour | x single |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, pop, intensity, batch in arms:
         eph, sd = per(name, "episodes_per_hour")
         sph, _ = per(name, "steps_per_hour")
         tph, _ = per(name, "trained_per_hour")
-        lines.append(f"| {name} | {pop} | {intensity:g} | {batch} | {eph:.0f} +- {sd:.0f} | "
-                     f"{sph:.0f} | {tph:.0f} | {eph / single:.2f} |")
-    lines += ["", "Per run:", "", "| arm | round | episodes | cut | seconds | episodes/h |",
-              "|---|---|---|---|---|---|"]
+        epc, _ = per(name, "episodes_per_cpu_hour")
+        lines.append(f"| {name} | {pop} | {intensity:.3g} | {batch} | {eph:.0f} +- {sd:.0f} | "
+                     f"{sph:.0f} | {tph:.0f} | {eph / single:.2f} | {epc:.0f} | "
+                     f"{epc / single_cpu:.2f} |")
+    lines += ["", "Per run (load: the 1-minute load average when the arm ended):", "",
+              "| arm | round | episodes | cut | seconds | CPU seconds | episodes/h | load |",
+              "|---|---|---|---|---|---|---|---|"]
     for i, x in enumerate(rows):
         lines.append(f"| {x['arm']} | {i // len(arms) + 1} | {x['episodes']} | {x['cut']} | "
-                     f"{x['seconds']:.1f} | {x['episodes_per_hour']:.0f} |")
+                     f"{x['seconds']:.1f} | {x['cpu_s']:.0f} | {x['episodes_per_hour']:.0f} | "
+                     f"{x['load']:.1f} |")
     if bound:
         weighted = (sum(b["steps"] * k * b["single_s"] for b in bound)
                     / sum(b["steps"] * b["population_s"] for b in bound))
