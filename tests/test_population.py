@@ -767,3 +767,27 @@ def test_distribution_generation_never_cuts_an_episode_that_just_started():
     _, _, _, _, info = venv.step(np.full(3, 2))
     assert info["generation"].tolist() == [2, 2, 2] and info["step"].tolist() == [0, 0, 0]
 
+
+
+def test_generalist_wide_trains_a_batchnorm_resnet_as_a_population():
+    import numpy as np
+
+    from qan_ray.vector_env import PopulationVectorEnv
+
+    wide = {"tasks": ("generalist-wide",), "holdout": ("cnn2d", "mnist1d-mlp", "mnist1d"),
+            "max_train_samples": 128, "guard": False}  # a small split; no rollback
+    venv = PopulationVectorEnv({**wide, "num_envs": 2})
+    venv.reset(seed=5)  # seed 5 draws digits/resnet, AdamW, half the split, 30% label noise
+    cfg = venv.cfg
+    assert (cfg.model, cfg.optimizer, cfg.max_train_samples, cfg.label_noise) == (
+        "resnet", "adamw", 64, 0.3) and cfg.weight_decay > 0
+    assert venv.trainer.data.n_train == 64 and venv.trainer.batches_per_epoch == 1
+    buffers = venv.trainer.stacked_buffers
+    assert buffers and all(b.shape[0] == 2 for b in buffers.values())
+    before = {n: b.clone() for n, b in buffers.items()}
+    obs, _, _, _, info = venv.step(np.full(2, venv.rule.keep_action))
+    assert np.isfinite(obs).all() and info["batches"].tolist() == [1, 1]
+    buffers = venv.trainer.stacked_buffers
+    means = [n for n in buffers if n.endswith("running_mean")]
+    assert means and all(not torch.equal(buffers[n], before[n]) for n in means)  # they moved
+    assert all(not torch.equal(buffers[n][0], buffers[n][1]) for n in means)  # each its own
