@@ -1,16 +1,22 @@
 """Convolutions as one matrix product each, for the population's vmapped forward.
 
 Under `torch.func.vmap` a convolution whose weight differs per member becomes one grouped
-convolution (groups = K) over the members' stacked channels; on a CPU that costs about as much
-as K separate convolutions, so a population of small CNNs gained little over K plain loops.
+convolution (groups = K) over the members' stacked channels; on a CPU, for the MNIST-1D CNN's
+strided 1-D convolutions, that cost about as much as K separate ones, so its population gained
+little over K plain loops.
 Written as im2col + matmul, the same convolution is a gather of the input patches (channels
 last, so the K x B patch rows are contiguous) and one batched matrix product per layer, which
 vmap turns into a single `bmm` over the members, and which torch.compile fuses well.
 
 `use_matmul_convs(module)` switches every plain Conv1d/Conv2d of a module (groups 1, zero
-padding, integer padding, no dilation) to this form in place; other convolutions keep torch's
-kernel. The numbers are the convolution's to float rounding (tests/test_population.py compares a
-member of a population with its single-network run, which uses torch's convolution).
+padding, integer padding, no dilation) to this form in place (`strided_1d_only`: only Conv1d
+layers with a stride above 1); other convolutions keep torch's kernel. Which wins depends on the
+layer: on a 2-core CPU at K = 32 (per mini-batch, CPU time) the MNIST-1D CNN's stride-2 1-D
+convolutions ran 1.2-1.6x faster as matmuls, while the 3x3 2-D convolutions of the small CNN and
+the residual CNNs and the stride-1 1-D convolutions of resnet1d ran 0.5-0.9x; so a population's
+default (`PopulationTrainer(conv="auto")`) switches the strided 1-D ones only. The numbers are
+the convolution's to float rounding (tests/test_popconv.py compares a member of a population with
+its single-network run, which uses torch's convolution).
 """
 
 from __future__ import annotations
@@ -87,12 +93,13 @@ def convertible(m: nn.Module) -> bool:
             and all(d == 1 for d in m.dilation))
 
 
-def use_matmul_convs(module: nn.Module) -> int:
-    """Switch the module's convertible convolutions to `matmul_conv` in place; returns how
-    many."""
+def use_matmul_convs(module: nn.Module, strided_1d_only: bool = False) -> int:
+    """Switch the module's convertible convolutions (`strided_1d_only`: those that are Conv1d with
+    a stride above 1) to `matmul_conv` in place; returns how many."""
     count = 0
     for m in module.modules():
-        if convertible(m):
+        if convertible(m) and (not strided_1d_only
+                               or (isinstance(m, nn.Conv1d) and m.stride[0] > 1)):
             m._patch_cache = {}
             m._conv_forward = types.MethodType(_forward, m)
             count += 1

@@ -90,8 +90,9 @@ class PopulationTrainer:
         off by default.
         conv: how K > 1 computes the model's convolutions: "matmul" (im2col + one batched
         matrix product per layer, qan_ray.popconv), "native" (torch's kernel, which vmap turns
-        into one grouped convolution), or "auto" (matmul on the CPU, where it measured about
-        1.5x the grouped convolution's speed on mnist1d-cnn at K = 32; native elsewhere)."""
+        into one grouped convolution), or "auto" (on the CPU the strided 1-D convolutions as
+        matmuls, where they measured 1.2-1.6x the grouped convolution's speed on mnist1d-cnn
+        at K = 32, the others native; native off the CPU)."""
         if seeds is None:
             if k is None:
                 k = 1
@@ -132,11 +133,11 @@ class PopulationTrainer:
         self._template = copy.deepcopy(template)
         if conv not in ("auto", "matmul", "native"):
             raise ValueError(f"conv is {conv!r}; it must be 'auto', 'matmul' or 'native'.")
-        if conv == "auto":
-            conv = "matmul" if self.device.type == "cpu" else "native"
+        if conv == "auto" and self.device.type != "cpu":
+            conv = "native"
         self.conv = "native" if self.direct else conv  # K = 1 runs the member module itself
-        if self.conv == "matmul":
-            popconv.use_matmul_convs(self._template)  # member modules keep torch's kernel
+        if self.conv != "native":  # member modules keep torch's kernel
+            popconv.use_matmul_convs(self._template, strided_1d_only=self.conv == "auto")
         # Buffers (BatchNorm's running statistics, its batch counter): one (K, *shape) tensor
         # each; a member module's buffers are views of its row, and the vmapped forward passes
         # them batched to functional_call, where each member updates its own row in place.

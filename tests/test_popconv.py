@@ -47,6 +47,10 @@ def test_only_plain_convolutions_are_switched():
                               torch.nn.Conv1d(4, 4, 3, dilation=2), torch.nn.Conv1d(4, 4, 3),
                               torch.nn.Conv1d(4, 4, 3, padding="same"),
                               torch.nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular"))
+    strided = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, stride=2), torch.nn.Conv1d(4, 4, 3),
+                                  torch.nn.Conv2d(4, 4, 3, stride=2))
+    assert popconv.use_matmul_convs(strided, strided_1d_only=True) == 1
+    assert popconv.switched(strided[0]) == 1 and popconv.switched(strided) == 1
     assert popconv.use_matmul_convs(net) == 2 and popconv.switched(net) == 2
     assert [popconv.convertible(m) for m in net] == [True, False, False, True, False, False]
     x = torch.randn(2, 2, 6, 6)
@@ -59,7 +63,7 @@ def test_a_cnn1d_population_member_equals_its_single_network_run():
     pop = PopulationTrainer(cfg, seeds=[3, 4, 5], data=data)  # CPU: matmul convolutions
     native = PopulationTrainer(cfg, seeds=[3, 4, 5], data=data, conv="native")
     one = PopulationTrainer(cfg, seeds=[4], data=data)  # K = 1: torch's convolution
-    assert (pop.conv, native.conv, one.conv) == ("matmul", "native", "native")
+    assert (pop.conv, native.conv, one.conv) == ("auto", "native", "native")
     assert (popconv.switched(pop._template), popconv.switched(native._template)) == (3, 0)
     assert popconv.switched(pop.member_model(1)) == 0  # member modules keep torch's kernel
     ref = [float(one.train(1)[0]) for _ in range(8)]
