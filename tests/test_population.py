@@ -634,7 +634,7 @@ def test_evaluate_baselines_as_populations_give_the_sequential_table():
 
     cfg = from_dict(task="digits-mlp", epochs_per_episode=1.0, lr=0.05)
     kw = dict(seeds=2, lr_grid=(0.02, 0.1), log=lambda *_: None,
-              adaptive=("warmup_cosine", "plateau", "hypergradient"))
+              adaptive=("warmup_cosine", "plateau", "hypergradient"), lr_free=())
     batched, best_b = run_baselines(cfg, population=True, **kw)
     sequential, best_s = run_baselines(cfg, population=False, **kw)
     assert best_b == best_s

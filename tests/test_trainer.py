@@ -159,5 +159,5 @@ def test_adamw_task_trains_with_decoupled_weight_decay():
     loss = tr.train(tr.batches_per_epoch * 2)
     assert loss < tr.initial_loss and tr.evaluate("val")[1] > 0.8
     assert " adamw " in describe(cfg)
-    with pytest.raises(ValueError, match=r"\('sgd', 'adam', 'adamw'\)"):
+    with pytest.raises(ValueError, match=r"\('sgd', 'adam', 'adamw', 'prodigy'"):
         from_dict(optimizer="adamw2")
