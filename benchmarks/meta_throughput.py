@@ -114,11 +114,17 @@ def run_pids(mt) -> list[int]:
     import ray
 
     def pids(er):
-        actor = er.env.unwrapped._actor
-        return [os.getpid(), ray.get(actor.__ray_call__.remote(lambda a: os.getpid()))]
+        env = er.env.unwrapped  # one ActorVectorEnv, or a gymnasium vector env of ActorEnvs
+        actors = [e.unwrapped._actor for e in getattr(env, "envs", [env])]
+        return [os.getpid(), *ray.get([a.__ray_call__.remote(lambda _: os.getpid())
+                                       for a in actors])]
 
     groups = mt.algo.env_runner_group.foreach_env_runner(pids, local_env_runner=False)
-    return [pid for group in groups for pid in group]
+    found = [pid for group in groups for pid in group]
+    if len(found) != 2 * mt.meta.num_actors:
+        raise RuntimeError(f"found the processes {found} of {mt.meta.num_actors} EnvRunners and "
+                           "their trainer actors; expected two per actor.")
+    return found
 
 
 def cpu_now(pids: list[int]) -> float:
