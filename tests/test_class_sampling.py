@@ -242,3 +242,18 @@ def test_the_guard_accepts_the_class_prior_of_an_imbalanced_split():
     ep.start(1, 0.05, 2.3, 2.3, 0.1, val_reference=prior)
     out = ep.step([0, 1], [2.0, 2.0], [2.5, 2.5], [0.3, 0.3], [2.3, 2.3], [False, False])
     assert out.rescued.tolist() == [True, False]
+
+
+def test_a_trainable_applies_each_class_decision_once():
+    from qan_ray.trainer import TargetTrainer
+    from trainables.targets import apply_hyperparams
+
+    tr = TargetTrainer(IMB)
+    tr.evaluate_classes("val")
+    apply_hyperparams(tr, {"class_action": 2, "class_decision": 1})
+    first = tr.class_shares
+    assert first != pytest.approx(tr.population.data_shares)
+    apply_hyperparams(tr, {"class_action": 2, "class_decision": 1})  # the same decision again
+    assert tr.class_shares == first
+    apply_hyperparams(tr, {"class_action": 2, "class_decision": 2})
+    assert tr.class_shares != pytest.approx(first)
