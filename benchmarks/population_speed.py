@@ -8,10 +8,18 @@ Evidence: for each task and K, in alternating rounds (so drift hits both sides):
 - population: `PopulationTrainer(cfg, k=K).train(batches)` (one host read).
 Throughput = member mini-batches per second (K x batches / seconds). We report mean +- sd over
 rounds, the ratio of the means, and a torch.profiler table of where the time goes at K = 32.
-The last line is `population_speedup_k32: <ratio>` (first task).
+The last lines are `meta_steps_speedup: <ratio>` (RLlib control steps/s, K = 32 vs 1),
+`population_speedup_k32: <ratio>` (first task) and `population_speedup_cnn1d_k32: <ratio>`
+(mnist1d-cnn; with --compile a line `population_speedup_cnn1d_k32_compile: <ratio>` before
+them: PopulationTrainer(compile=True) against the same bare loops). On a model whose default
+population switches convolutions to matmuls, the K = 32 rounds also time the population with
+torch's grouped convolutions (`conv="native"`), the path before `qan_ray.popconv`. Next to
+the wall-clock ratio, the ratio in this process's CPU time: steadier on a machine shared with
+other jobs.
 
     python benchmarks/population_speed.py                      # the full run (a quiet machine)
     python benchmarks/population_speed.py --quick              # a smoke run (a busy machine)
+    python benchmarks/population_speed.py --trainer-only       # the trainer tables alone
     python benchmarks/population_speed.py --device cuda        # on a GPU
 """
 
@@ -30,6 +38,7 @@ from pathlib import Path
 import torch
 from bare_loop import bare_member, bare_train
 
+from qan_ray import popconv
 from qan_ray.config import from_dict
 from qan_ray.data import load_data, resolve_device
 from qan_ray.population import PopulationTrainer
@@ -42,7 +51,9 @@ What one population mini-batch costs (PopulationTrainer.train), whatever K:
   the inputs (`aten::index`); a new permutation per member per epoch (`aten::randperm`, K per
   epoch);
 - forward/backward: `vmap(grad_and_value(functional_call))` turns each Linear into one `bmm`
-  (forward and backward) and each Conv into one grouped convolution (groups = K); the split of
+  (forward and backward); each strided 1-D Conv on the CPU is im2col (one gather of the input
+  patches, channels last) + one `bmm` (`qan_ray.popconv`), every other Conv torch's kernel,
+  which vmap turns into one grouped convolution (groups = K); the split of
   the flat (K, P) row into parameter views costs one `cat` in the backward (the gradient
   arrives flat);
 - cross-entropy from exp/sum/log/gather (`population.cross_entropy`): on the CPU, log_softmax
@@ -51,14 +62,17 @@ What one population mini-batch costs (PopulationTrainer.train), whatever K:
   `addcmul_` with the (K, 1) LR), about 9 for Adam.
 So the per-batch Python and dispatcher cost is a constant ~60 ops; a bare loop pays its own
 ~60 per member. The MLP (digits) is overhead-bound, so the ratio grows with K until the bmm
-arithmetic dominates. The 1-D CNN at batch 100 is arithmetic-bound on the CPU already at K = 1:
-`mkldnn_convolution` / `convolution_backward` of the grouped convolution take about as long as
-the K separate convolutions, and the population gains little there (a GPU, where one grouped
-kernel replaces K launches, is where it should pay off).
+arithmetic dominates. The 1-D CNN at batch 100 is arithmetic- and memory-bound on the CPU
+already at K = 1: the grouped convolution (`mkldnn_convolution` / `convolution_backward`) took
+about as long as the K separate convolutions (1.2x at K = 32 before `qan_ray.popconv`). As
+im2col + bmm the convolutions' arithmetic is one large matrix product per layer, and what is
+left is memory traffic: the patch gather and its backward (`index_add`), ReLU and its backward
+over K x B activations, which torch.compile fuses.
 torch.compile of the vmapped loss-and-gradient (PopulationTrainer(compile=True), `--compile`)
 fuses the elementwise work and removes most of the dispatcher cost: about 2-4x the eager
-population at K = 32 on the MLP and 0.7-2x on the 1-D CNN on this CPU, losses equal to 1e-6; the
-first call compiles (a minute cold, seconds with inductor's on-disk cache).
+population at K = 32 on the MLP and about 1.6-2x on the 1-D CNN (matmul convolutions) on this
+CPU, losses equal to 1e-6; the first call compiles (a minute or more cold, seconds with
+inductor's on-disk cache).
 At K = 1 (TargetTrainer, what the env and the Tune trainables run) the population trains member
 0 by a plain forward/backward of its module, whose gradients are views of one flat buffer, and
 steps the flat (1, P) tensor with the same foreach ops: no vmap, because vmap/functional_call
@@ -74,25 +88,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loops(cfg, data, device, k: int, batches: int) -> float:
-    """K sequential single-network loops; returns member mini-batches per second."""
+def bare_loops(cfg, data, device, k: int, batches: int) -> tuple[float, float]:
+    """K sequential single-network loops; returns member mini-batches per second of wall time
+    and of this process's CPU time."""
     members = [bare_member(cfg, data, device, cfg.seed + i) for i in range(k)]
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for model, opt, gen in members:
         bare_train(model, opt, gen, cfg, data, device, batches)
     _sync(device)
-    return k * batches / (time.perf_counter() - start)
+    return (k * batches / (time.perf_counter() - start),
+            k * batches / (time.process_time() - cpu))
 
 
-def population(cfg, data, device, k: int, batches: int, compile: bool = False) -> float:
-    pop = PopulationTrainer(cfg, k=k, data=data, device=device, compile=compile)
+def population(cfg, data, device, k: int, batches: int, compile: bool = False,
+               conv: str = "auto") -> tuple[float, float]:
+    pop = PopulationTrainer(cfg, k=k, data=data, device=device, compile=compile, conv=conv)
     pop.train(2)  # warm-up: vmap tracing, first permutation
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     pop.train(batches)
     _sync(device)
-    return k * batches / (time.perf_counter() - start)
+    return (k * batches / (time.perf_counter() - start),
+            k * batches / (time.process_time() - cpu))
 
 
 def _rllib_algo(k: int, ctx: dict, fragment: int, learning_starts: int, intensity: float,
@@ -269,11 +287,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="seeds of the evaluate baseline-grid timing (0 skips it)")
     p.add_argument("--overhead-ks", default="1,32",
                    help="population sizes of the control-overhead table ('' to skip)")
+    p.add_argument("--trainer-only", action="store_true",
+                   help="only the trainer tables (bare loops vs populations, compile, profiles): "
+                        "no RLlib, baseline-grid, overhead or env-step parts; the "
+                        "meta_steps_speedup line repeats the value in --out, labelled so")
     p.add_argument("--out", default=str(RESULTS))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if args.quick:
         args.ks, args.batches, args.rounds, args.rllib_iters = "1,8,32", 30, 2, 3
+    previous_meta = None
+    if args.trainer_only:
+        args.rllib_ks, args.grid_seeds, args.overhead_ks = "", 0, ""
+        old = Path(args.out).read_text().splitlines() if Path(args.out).exists() else []
+        previous_meta = next((ln.split(":", 1)[1].split()[0] for ln in old
+                              if ln.startswith("meta_steps_speedup:")), "nan")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     ks = [int(k) for k in args.ks.split(",")]
@@ -289,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         + (" (--quick: a smoke run, not the claim's measurement)." if args.quick else "."), "",
     ]
     speedup32: float | None = None
-    eager32 = float("nan")
+    cnn1d32 = cnn1d32_compile = float("nan")
+    eager32 = bare32 = float("nan")
     profiles: list[str] = []
     for task in args.tasks.split(","):
         try:
@@ -300,21 +329,38 @@ def main(argv: list[str] | None = None) -> None:
         data = load_data(cfg, device)
         lines += [f"## {task} (model {cfg.model}, batch {cfg.batch_size}, {cfg.optimizer}, "
                   f"momentum {cfg.momentum})", "",
-                  "| K | bare loops (batches/s) | population (batches/s) | speedup |",
-                  "|---|---|---|---|"]
+                  "| K | bare loops (batches/s) | population (batches/s) | speedup | "
+                  "speedup in CPU time | load |", "|---|---|---|---|---|---|"]
+        probe = PopulationTrainer(cfg, k=2, data=data, device=device)
+        convs = popconv.switched(probe._template) > 0  # the default switched some
+        native: list[tuple[float, float]] = []
         for k in ks:
             bare, pop = [], []
             for _ in range(args.rounds):
                 bare.append(bare_loops(cfg, data, device, k, args.batches))
                 pop.append(population(cfg, data, device, k, args.batches))
-            (bm, bs), (pm, ps) = mean_sd(bare), mean_sd(pop)
+                if convs and k == 32:
+                    native.append(population(cfg, data, device, k, args.batches,
+                                             conv="native"))
+            (bm, bs), (pm, ps) = mean_sd([b[0] for b in bare]), mean_sd([r[0] for r in pop])
+            bare_cpu = statistics.fmean(b[1] for b in bare)
             ratio = pm / bm
+            cpu_ratio = statistics.fmean(r[1] for r in pop) / bare_cpu
             if k == 32:
-                eager32 = pm
+                eager32, bare32 = pm, bm
                 if speedup32 is None:
                     speedup32 = ratio
-            lines.append(f"| {k} | {bm:.0f} +- {bs:.0f} | {pm:.0f} +- {ps:.0f} | {ratio:.2f}x |")
+                if task == "mnist1d-cnn":
+                    cnn1d32 = ratio
+            lines.append(f"| {k} | {bm:.0f} +- {bs:.0f} | {pm:.0f} +- {ps:.0f} | {ratio:.2f}x | "
+                         f"{cpu_ratio:.2f}x | {os.getloadavg()[0]:.1f} |")
             print(lines[-1], flush=True)
+            if native and k == 32:
+                nm, ns = mean_sd([r[0] for r in native])
+                ncpu = statistics.fmean(r[1] for r in native) / bare_cpu
+                lines.append(f"| 32, grouped convolutions (`conv='native'`, before) | | "
+                             f"{nm:.0f} +- {ns:.0f} | {nm / bm:.2f}x | {ncpu:.2f}x | |")
+                print(lines[-1], flush=True)
         lines.append("")
         if args.compile and 32 in ks:
             eager = PopulationTrainer(cfg, k=32, data=data, device=device)
@@ -322,11 +368,14 @@ def main(argv: list[str] | None = None) -> None:
             comp = PopulationTrainer(cfg, k=32, data=data, device=device, compile=True)
             drift = (comp.train(20) - eager.train(20)).abs().max().item()
             compile_s = time.perf_counter() - start
-            rates = [population(cfg, data, device, 32, args.batches, compile=True)
+            rates = [population(cfg, data, device, 32, args.batches, compile=True)[0]
                      for _ in range(args.rounds)]
             cm, cs = mean_sd(rates)
+            if task == "mnist1d-cnn":
+                cnn1d32_compile = cm / bare32
             lines += [f"torch.compile at K = 32: {cm:.0f} +- {cs:.0f} batches/s "
-                      f"({cm / eager32:.2f}x the eager population above); first call "
+                      f"({cm / eager32:.2f}x the eager population above, {cm / bare32:.2f}x "
+                      "the bare loops); first call "
                       f"{compile_s:.0f} s (compile); max loss "
                       f"difference to eager over 20 batches {drift:.1e}.", ""]
             print(lines[-2], flush=True)
@@ -397,9 +446,16 @@ def main(argv: list[str] | None = None) -> None:
                   *control_overhead(first, [int(k) for k in args.overhead_ks.split(",")]), ""]
     breakdown = env_step_breakdown(first, 32) if 32 in ks else ""
     lines += ["## Where the time goes", "", NOTES, breakdown, "", *profiles]
-    lines.append(f"meta_steps_speedup: {meta_speedup:.2f}")
+    if math.isfinite(cnn1d32_compile):
+        lines.append(f"population_speedup_cnn1d_k32_compile: {cnn1d32_compile:.2f}")
+    if previous_meta is not None:
+        lines += ["(--trainer-only: the meta_steps_speedup line repeats the previous full run's "
+                  "value; this run did not measure it)", f"meta_steps_speedup: {previous_meta}"]
+    else:
+        lines.append(f"meta_steps_speedup: {meta_speedup:.2f}")
     lines.append(f"population_speedup_k32: {speedup32:.2f}" if speedup32 is not None
                  else "population_speedup_k32: nan")
+    lines.append(f"population_speedup_cnn1d_k32: {cnn1d32:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
