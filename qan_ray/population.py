@@ -138,6 +138,8 @@ class PopulationTrainer:
         self.conv = "native" if self.direct else conv  # K = 1 runs the member module itself
         if self.conv != "native":  # member modules keep torch's kernel
             popconv.use_matmul_convs(self._template, strided_1d_only=self.conv == "auto")
+        if not self.direct:  # vmap runs eval-mode batch_norm member by member
+            popconv.use_affine_batchnorm_eval(self._template)
         # Buffers (BatchNorm's running statistics, its batch counter): one (K, *shape) tensor
         # each; a member module's buffers are views of its row, and the vmapped forward passes
         # them batched to functional_call, where each member updates its own row in place.

@@ -78,3 +78,33 @@ def test_a_cnn1d_population_member_equals_its_single_network_run():
                                                              float(ref_acc[0])), rel=1e-4)
     with pytest.raises(ValueError, match="conv is 'fast'; it must be 'auto', 'matmul' or"):
         PopulationTrainer(cfg, k=2, data=data, conv="fast")
+
+
+def test_eval_mode_batchnorm_is_the_affine_map_per_member_under_vmap():
+    from torch.func import functional_call
+
+    gen = torch.Generator().manual_seed(0)
+    for bn, shape in ((torch.nn.BatchNorm1d(4), (6, 4, 9)),
+                      (torch.nn.BatchNorm2d(4), (6, 4, 5, 5))):
+        torch.nn.init.normal_(bn.weight, generator=gen)
+        torch.nn.init.normal_(bn.bias, generator=gen)
+        ref = torch.nn.Sequential(bn)
+        net = torch.nn.Sequential(type(bn)(4))
+        net.load_state_dict(ref.state_dict())
+        assert popconv.use_affine_batchnorm_eval(net) == 1
+        x = torch.randn(shape, generator=gen)
+        net.train(), ref.train()
+        assert torch.allclose(net(x), ref(x), atol=1e-5)  # train mode: torch's kernel, stats too
+        assert torch.allclose(net[0].running_var, ref[0].running_var)
+        net.eval(), ref.eval()
+        assert torch.allclose(net(x), ref(x), atol=1e-5)
+        # 3 members' running statistics, stacked: each member's own eval
+        state = {n: torch.stack([t, t * 2, t + 1]) for n, t in net.state_dict().items()
+                 if t.is_floating_point()}
+        out = vmap(lambda s, xi, m=net: functional_call(m, s, (xi,)), in_dims=(0, None))(state, x)
+        for i in range(3):
+            ref.load_state_dict({**{n: v[i] for n, v in state.items()},
+                                 "0.num_batches_tracked": ref[0].num_batches_tracked})
+            assert torch.allclose(out[i], ref(x), atol=1e-5)
+    pop = PopulationTrainer(from_dict(task="digits-mlp", model="resnet"), k=2)
+    assert sum("forward" in vars(m) for m in pop._template.modules()) == 6  # its BatchNorms
