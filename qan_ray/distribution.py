@@ -395,7 +395,8 @@ def mean_episode_steps(cfg: QANConfig, samples: int = 64) -> float:
     return sum(episode_steps(sample_task(cfg, s)) for s in range(samples)) / samples
 
 
-__all__ = ["DISTRIBUTIONS", "GENERALIST", "WIDE", "LR_RANGES", "batches_per_epoch", "check_distribution",
+__all__ = ["DISTRIBUTIONS", "GENERALIST", "WIDE", "LR_RANGES", "batches_per_epoch",
+           "check_distribution",
            "config_from_args", "describe", "episode_steps", "families", "known_families",
            "load_config", "mean_episode_steps", "model_family", "optimizer_family", "sample_task",
            "task_lr_range", "trainer_key"]

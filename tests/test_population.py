@@ -538,7 +538,7 @@ def test_vector_env_with_meta_momentum_sets_the_reference():
 POP_QAN = from_dict(task="digits-mlp", epochs_per_episode=1.0)  # 35 batches -> 4 control steps
 
 
-def test_meta_trainer_with_population_4_over_a_distribution_logs_every_episode(ray_session, tmp_path):
+def test_meta_trainer_population_4_over_a_distribution_logs_every_episode(ray_session, tmp_path):
     from qan_ray.distribution import describe, sample_task
     from qan_ray.meta import MetaConfig, MetaTrainer
     from qan_ray.records import read_parts
